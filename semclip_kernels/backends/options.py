@@ -1,0 +1,33 @@
+"""Tiling and filtering options understood by the chunked backends."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PartitionOptions:
+    """Knobs of the tiled partition kernels.
+
+    `None` means "the backend's default for this shape and dtype"; backends
+    ignore the knobs they do not have (the reference backend ignores all).
+
+    block_rows, block_cols: tile of `S = τ·A·Cᵀ` held at once. They bound the
+        working memory (block_rows × block_cols float32), independent of B.
+    grad_filter_eps: skip a tile's gradient products when every softmax weight
+        in it (both directions) is below this value (0 disables filtering).
+        `None` picks the backend's exact-to-float32 default.
+    """
+
+    block_rows: int | None = None
+    block_cols: int | None = None
+    grad_filter_eps: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("block_rows", "block_cols"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        eps = self.grad_filter_eps
+        if eps is not None and not (0.0 <= eps < 1.0):
+            raise ValueError(f"grad_filter_eps must be in [0, 1) or None, got {eps!r}")

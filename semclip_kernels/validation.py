@@ -1,0 +1,151 @@
+"""Argument checking shared by every backend and by the distributed wrappers.
+
+Every error names the argument and the shape it expected, so a user who wires
+the loss into a training loop sees what is wrong without reading our code.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@dataclass(frozen=True)
+class SemCLIPInputs:
+    """Validated inputs, with the extras brought to a `[B, n, d]` layout."""
+
+    image: torch.Tensor  # [B, d]
+    text: torch.Tensor  # [B, d]
+    paraphrase: torch.Tensor | None  # [B, Pn, d]
+    negation: torch.Tensor | None  # [B, Mn, d]
+    logit_scale: torch.Tensor  # 0-dim, float32 (float64 for float64 features)
+
+    @property
+    def batch(self) -> int:
+        return self.image.shape[0]
+
+    @property
+    def n_paraphrases(self) -> int:
+        return 0 if self.paraphrase is None else self.paraphrase.shape[1]
+
+    @property
+    def n_negations(self) -> int:
+        return 0 if self.negation is None else self.negation.shape[1]
+
+
+def _check_tensor(name: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{name} must be float32, float16 or bfloat16 (float64 for checks), got {value.dtype}"
+        )
+    return value
+
+
+def _check_extra(name: str, value: object, ref: torch.Tensor) -> torch.Tensor | None:
+    """Paraphrases/negations: `[B, d]` (one per image) or `[B, n, d]`; returns `[B, n, d]`."""
+    if value is None:
+        return None
+    value = _check_tensor(name, value)
+    batch, dim = ref.shape
+    if value.dim() == 2:
+        value = value.unsqueeze(1)
+    elif value.dim() != 3:
+        raise ValueError(
+            f"{name} must have shape [B, d] or [B, n, d] = [{batch}, n, {dim}], "
+            f"got a {value.dim()}-d tensor of shape {list(value.shape)}"
+        )
+    if value.shape[0] != batch or value.shape[2] != dim:
+        raise ValueError(
+            f"{name} must have shape [B, d] or [B, n, d] with B={batch}, d={dim} "
+            f"(as image_features), got {list(value.shape)}"
+        )
+    if value.shape[1] == 0:
+        return None
+    return value
+
+
+def _check_scale(logit_scale: object, ref: torch.Tensor) -> torch.Tensor:
+    stat_dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
+    if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float, torch.Tensor)):
+        raise TypeError(
+            f"logit_scale must be a Python float or a 0-dim tensor, got {type(logit_scale).__name__}"
+        )
+    if isinstance(logit_scale, torch.Tensor):
+        if logit_scale.numel() != 1:
+            raise ValueError(
+                f"logit_scale must be a scalar (0-dim tensor), got shape {list(logit_scale.shape)}"
+            )
+        if not logit_scale.is_floating_point():
+            raise TypeError(f"logit_scale must be a floating-point tensor, got {logit_scale.dtype}")
+        if logit_scale.device != ref.device:
+            raise ValueError(
+                f"logit_scale is on {logit_scale.device} but the features are on {ref.device}"
+            )
+        if not bool(torch.isfinite(logit_scale.detach()).all()):
+            raise ValueError(f"logit_scale must be finite, got {logit_scale.detach().item()}")
+        return logit_scale.reshape(()).to(stat_dtype)
+    if not math.isfinite(logit_scale):
+        raise ValueError(f"logit_scale must be finite, got {logit_scale}")
+    return torch.tensor(float(logit_scale), dtype=stat_dtype, device=ref.device)
+
+
+def check_weight(name: str, value: object) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got shape {list(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float >= 0, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite float >= 0, got {value}")
+    return float(value)
+
+
+def check_inputs(
+    image_features: object,
+    text_features: object,
+    logit_scale: object,
+    paraphrase_features: object = None,
+    negation_features: object = None,
+) -> SemCLIPInputs:
+    """Validate the loss's tensors (SPEC section 2) and normalize their layout."""
+    image = _check_tensor("image_features", image_features)
+    text = _check_tensor("text_features", text_features)
+    if image.dim() != 2:
+        raise ValueError(
+            f"image_features must have shape [B, d], got {image.dim()}-d shape {list(image.shape)}"
+        )
+    if image.shape[0] == 0:
+        raise ValueError("image_features must have shape [B, d] with B >= 1, got B = 0")
+    if image.shape[1] == 0:
+        raise ValueError("image_features must have shape [B, d] with d >= 1, got d = 0")
+    if text.dim() != 2 or text.shape != image.shape:
+        raise ValueError(
+            f"text_features must have shape [B, d] = {list(image.shape)} (as image_features), "
+            f"got {list(text.shape)}"
+        )
+    paraphrase = _check_extra("paraphrase_features", paraphrase_features, image)
+    negation = _check_extra("negation_features", negation_features, image)
+
+    named = [("text_features", text), ("paraphrase_features", paraphrase), ("negation_features", negation)]
+    for name, tensor in named:
+        if tensor is None:
+            continue
+        if tensor.dtype != image.dtype:
+            raise TypeError(
+                f"{name} has dtype {tensor.dtype} but image_features has {image.dtype}: "
+                "all features must share one dtype"
+            )
+        if tensor.device != image.device:
+            raise ValueError(
+                f"{name} is on {tensor.device} but image_features is on {image.device}: "
+                "all features must be on one device"
+            )
+    scale = _check_scale(logit_scale, image)
+    return SemCLIPInputs(image, text, paraphrase, negation, scale)

@@ -1,0 +1,55 @@
+"""Installs semclip_kernels; builds the fused CPU kernel in csrc/ when its sources are present.
+
+    pip install --no-build-isolation -e ".[test]"
+
+`--no-build-isolation` lets the extension build against the torch already installed.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def extensions() -> tuple[list, dict]:
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    if not sources or os.environ.get("SEMCLIP_SKIP_CPP") == "1":
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+    extra_compile_args = ["-O3", "-std=c++17", "-fopenmp", "-march=native" if os.environ.get("SEMCLIP_NATIVE") == "1" else "-mavx2", "-mfma"]
+    ext = CppExtension(
+        name="semclip_kernels._C",
+        sources=sources,
+        extra_compile_args=extra_compile_args,
+        extra_link_args=["-fopenmp"],
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=False)}
+
+
+ext_modules, cmdclass = extensions()
+
+setup(
+    name="semclip-kernels",
+    version="0.1.0",
+    description="Fused, memory-lean SemCLIP contrastive losses (CLIP + paraphrases + negations) for PyTorch",
+    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["semclip_kernels", "semclip_kernels.*"]),
+    install_requires=["torch>=2.4"],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "train": ["open_clip_torch>=2.24", "matplotlib", "tqdm", "pillow", "torchvision"],
+        "bench": ["matplotlib", "tqdm", "psutil", "pytest-benchmark"],
+        "test": ["pytest>=7", "open_clip_torch>=2.24", "matplotlib", "tqdm", "psutil", "ruff", "pytest-benchmark"],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)
