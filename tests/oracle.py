@@ -22,8 +22,9 @@ def semclip_loss_float64(
     hard_negative_weight: float = 1.0,
 ) -> torch.Tensor:
     image, text = image.double(), text.double()
-    tau = logit_scale.double() if isinstance(logit_scale, torch.Tensor) else torch.tensor(float(logit_scale), dtype=torch.float64)
-    tau = tau.reshape(())
+    if not isinstance(logit_scale, torch.Tensor):
+        logit_scale = torch.tensor(float(logit_scale))
+    tau = logit_scale.double().reshape(())
     batch = image.shape[0]
     w, beta = paraphrase_weight, hard_negative_weight
     if paraphrase is not None and paraphrase.dim() == 2:
