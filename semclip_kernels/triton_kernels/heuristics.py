@@ -1,0 +1,78 @@
+"""Block sizes and launch parameters of the fused kernels, from a small table keyed on d and dtype.
+
+The call sites never pick a number: they ask `forward_config` / `backward_config`.
+`benchmarks/kernel_resources.py` compiles every entry for sm_80 and sm_90 and
+checks registers, spills and shared memory.
+
+Why these entries:
+- The forward keeps one float32 [BLOCK_M, BLOCK_N] accumulator; 128×128 with 8
+  warps is the usual tensor-core GEMM tile. Shared memory per pipeline stage is
+  (BLOCK_M + BLOCK_N)·BLOCK_D·itemsize = 32 KB for 16-bit (BLOCK_D 64) and for
+  float32 (BLOCK_D 32), so 3 stages (96 KB) fit sm_80 (163 KB) and sm_90 (227 KB).
+- The backward holds the dots, the softmax weights and dS of a tile, then the
+  [BLOCK_M, BLOCK_D] and [BLOCK_N, BLOCK_D] gradient slices: a 64×64 tile keeps
+  it in registers without spilling.
+- Small d (≤ 64) shrinks BLOCK_D to d rounded up, so no work is spent on padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_m: int
+    block_n: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+    group_m: int = 8
+
+
+# (kind, operand bytes) -> config for d > 64; see the module docstring.
+_TABLE: dict[tuple[str, int], KernelConfig] = {
+    ("forward", 2): KernelConfig(block_m=128, block_n=128, block_d=64, num_warps=8, num_stages=3),
+    ("forward", 4): KernelConfig(block_m=128, block_n=128, block_d=32, num_warps=8, num_stages=3),
+    ("forward", 8): KernelConfig(block_m=64, block_n=64, block_d=16, num_warps=4, num_stages=2),
+    ("backward", 2): KernelConfig(block_m=64, block_n=64, block_d=64, num_warps=4, num_stages=2),
+    ("backward", 4): KernelConfig(block_m=64, block_n=64, block_d=32, num_warps=4, num_stages=2),
+    ("backward", 8): KernelConfig(block_m=32, block_n=32, block_d=16, num_warps=4, num_stages=1),
+}
+MIN_BLOCK = 16  # smallest tl.dot dimension
+MAX_BLOCK = 256
+
+
+def _block_from_option(value: int) -> int:
+    """A user tile size (PartitionOptions) as a power of two tl.dot accepts."""
+    return min(MAX_BLOCK, max(MIN_BLOCK, triton.next_power_of_2(value)))
+
+
+def _config(
+    kind: str, dim: int, dtype: torch.dtype, block_rows: int | None, block_cols: int | None
+) -> KernelConfig:
+    config = _TABLE[(kind, dtype.itemsize)]
+    block_d = min(config.block_d, max(MIN_BLOCK, triton.next_power_of_2(dim)))
+    config = replace(config, block_d=block_d)
+    if block_rows is not None:
+        config = replace(config, block_m=_block_from_option(block_rows))
+    if block_cols is not None:
+        config = replace(config, block_n=_block_from_option(block_cols))
+    return config
+
+
+def forward_config(
+    dim: int, dtype: torch.dtype, block_rows: int | None = None, block_cols: int | None = None
+) -> KernelConfig:
+    """Launch configuration of `lse_forward_kernel` for features of size `dim` and `dtype`."""
+    return _config("forward", dim, dtype, block_rows, block_cols)
+
+
+def backward_config(
+    dim: int, dtype: torch.dtype, block_rows: int | None = None, block_cols: int | None = None
+) -> KernelConfig:
+    """Launch configuration of `backward_kernel` for features of size `dim` and `dtype`."""
+    return _config("backward", dim, dtype, block_rows, block_cols)
