@@ -59,6 +59,7 @@ class Point:
     device: str = "cpu"
     repeats: int = 3
     seed: int = 0
+    timed: bool = True  # False: peak memory only (no timed calls, no GEMM reference)
 
     @property
     def n_cols(self) -> int:
@@ -293,18 +294,18 @@ def measure_point(point: Point) -> dict:
     inputs = make_inputs(point)
     with PeakMemory(device) as memory:
         loss_value = forward_backward(loss_fn, inputs)  # measured, and the warm-up of the timing
-    seconds = median_seconds(lambda: forward_backward(loss_fn, inputs), point.repeats, device)
-    gemm_seconds = gemm_reference_seconds(point)
-    return {
+    result = {
         **dataclasses.asdict(point),
         "n_cols": point.n_cols,
-        "seconds": seconds,
-        "gemm_seconds": gemm_seconds,
-        "gemm_equivalents": seconds / gemm_seconds,
         "peak_extra_bytes": memory.extra_bytes,
         "memory_method": memory.method,
         "loss": loss_value,
     }
+    if point.timed:
+        seconds = median_seconds(lambda: forward_backward(loss_fn, inputs), point.repeats, device)
+        gemm_seconds = gemm_reference_seconds(point)
+        result.update(seconds=seconds, gemm_seconds=gemm_seconds, gemm_equivalents=seconds / gemm_seconds)
+    return result
 
 
 def run_point_in_subprocess(point: Point, timeout: float | None = None) -> dict:
