@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
+import platform
 
 from setuptools import find_packages, setup
 
@@ -21,7 +22,15 @@ def extensions() -> tuple[list, dict]:
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
-    extra_compile_args = ["-O3", "-std=c++17", "-fopenmp", "-march=native" if os.environ.get("SEMCLIP_NATIVE") == "1" else "-mavx2", "-mfma"]
+    # -fopenmp: at::parallel_for is a header template that runs serially without it (torch uses OpenMP).
+    # No -std flag: our sources are C++17, but torch >= 2.10 headers need C++20 and cpp_extension picks it.
+    extra_compile_args = ["-O3", "-fopenmp"]
+    if os.environ.get("SEMCLIP_NATIVE") == "1":
+        extra_compile_args.append("-march=native")
+    elif platform.machine().lower() in ("x86_64", "amd64"):
+        # Every x86-64 server of the last decade (and this AMD EPYC) has AVX2 + FMA; the vectorized exp
+        # in csrc/tile_math.h uses them. Other architectures build the portable scalar loops.
+        extra_compile_args += ["-mavx2", "-mfma"]
     ext = CppExtension(
         name="semclip_kernels._C",
         sources=sources,

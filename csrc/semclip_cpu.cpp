@@ -1,0 +1,370 @@
+// Fused CPU kernel of the SemCLIP partitions (SPEC §7):
+//
+//   row_lse_i = log Σ_c exp(S_ic + b_c),   col_lse_c = log Σ_i exp(S_ic) for c < Kq,   S = τ·A·Cᵀ
+//
+// and their backward by recomputation. Work is split over row blocks (one
+// thread owns a row block: its row statistics and its grad_rows); each tile of
+// S (block_rows × block_cols, sized to stay in L2) is produced by one BLAS call
+// on views of A and C and consumed at once. Nothing of M×K elements exists.
+//
+// One exponential per element and pass. A tile uses a single shift, its max M:
+// e_ic = exp(S_ic − M) gives the row sums Σ_c e_ic·β_c (β_c = exp b_c) and the
+// column sums Σ_i e_ic; in the backward dS_ic = e_ic·(u_i·β_c + v_c) with
+// u_i = g_row_i·exp(M − row_lse_i), v_c = g_col_c·exp(M − col_lse_c). A row or
+// column for which the shared shift is unsafe (its sum would lose precision to
+// underflow, or exp(M − lse) could overflow) is recomputed exactly with its own
+// shift; that happens only in tiles whose logits span > ~50 nats.
+//
+// Gradient filtering: every softmax weight of a tile is at most
+// exp(M + max b − min row_lse) (rows) and exp(M − min col_lse) (columns); when
+// both bounds are below eps the tile's gradient work (exp pass and both
+// products) is skipped. The default eps = 2^-24 / max(M, K) (float32; 2^-53 for
+// float64) keeps the total dropped weight of any row or column below float
+// resolution, i.e. the default is exact.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <mutex>
+#include <vector>
+
+#include "tile_math.h"
+
+namespace semclip {
+namespace {
+
+// A shared-shift row/column sum below exp(-50) may have lost relevant terms to underflow: recompute it.
+constexpr double kMinSharedSum = 1.9287498479639178e-22;  // exp(-50)
+// Backward: exp(M − lse) above exp(20) would let weights ≥ exp(-67) underflow in e = exp(S − M).
+constexpr double kMaxShiftExcess = 20.0;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Online log-sum-exp state (m, s) meaning log(s) + m; adds log(sum) + shift.
+template <typename T>
+inline void merge_lse(T& m, T& s, T shift, T sum) {
+  if (sum == 0) return;
+  if (shift <= m) {
+    s += sum * std::exp(shift - m);
+  } else {  // also the NaN path: NaN shifts propagate into s
+    s = s * std::exp(m - shift) + sum;
+    m = shift;
+  }
+}
+
+template <typename T>
+inline void merge_exact(T& m, T& s, const T* x, int64_t n, int64_t stride, const T* bias) {
+  // log Σ_k exp(x_k + bias_k) with its own max, merged into (m, s). bias may be null.
+  T shift = -std::numeric_limits<T>::infinity();
+  bool has_nan = false;
+  for (int64_t k = 0; k < n; ++k) {
+    const T xk = x[k * stride] + (bias ? bias[k] : T(0));
+    has_nan |= std::isnan(xk);
+    shift = std::max(shift, xk);
+  }
+  if (has_nan) {
+    m = s = std::numeric_limits<T>::quiet_NaN();
+    return;
+  }
+  if (shift == -std::numeric_limits<T>::infinity()) return;
+  T sum = 0;
+  for (int64_t k = 0; k < n; ++k) sum += std::exp(x[k * stride] + (bias ? bias[k] : T(0)) - shift);
+  merge_lse(m, s, shift, sum);
+}
+
+struct Tile {
+  int64_t r0, nr, c0, nc, nq;  // rows [r0, r0+nr), columns [c0, c0+nc), the first nq of them queries
+};
+
+Tile make_tile(int64_t rb, int64_t cb, int64_t M, int64_t K, int64_t Kq, int64_t br, int64_t bc) {
+  Tile t;
+  t.r0 = rb * br;
+  t.nr = std::min(br, M - t.r0);
+  t.c0 = cb * bc;
+  t.nc = std::min(bc, K - t.c0);
+  t.nq = std::max<int64_t>(0, std::min(t.nc, Kq - t.c0));
+  return t;
+}
+
+// S_tile = τ·A[rows]·C[cols]ᵀ into the front of a thread's tile buffer.
+at::Tensor logits_tile(const at::Tensor& buffer, const at::Tensor& rows, const at::Tensor& cols, const Tile& t,
+                       double scale) {
+  at::Tensor S = buffer.narrow(0, 0, t.nr * t.nc).view({t.nr, t.nc});
+  // beta = 0: the buffer's old content is ignored (not even NaNs propagate).
+  at::addmm_out(S, S, rows.narrow(0, t.r0, t.nr), cols.narrow(0, t.c0, t.nc).t(), /*beta=*/0, /*alpha=*/scale);
+  return S;
+}
+
+template <typename T>
+std::vector<at::Tensor> forward_impl(const at::Tensor& rows, const at::Tensor& cols, double scale,
+                                     const at::Tensor& col_bias, int64_t Kq, int64_t br, int64_t bc) {
+  const int64_t M = rows.size(0), K = cols.size(0);
+  const auto opts = rows.options();
+  const at::Tensor col_weight = col_bias.exp().contiguous();  // β_c multiplies the row sums
+  const T* w = col_weight.data_ptr<T>();
+  const T* bias = col_bias.data_ptr<T>();
+  const int64_t n_rb = ceil_div(M, br), n_cb = ceil_div(K, bc);
+
+  at::Tensor row_m = at::full({M}, -std::numeric_limits<double>::infinity(), opts);
+  at::Tensor row_s = at::zeros({M}, opts);
+  // Column statistics: one (m, s) pair per query column and thread, merged after the parallel loop.
+  const int n_threads = at::get_num_threads();
+  at::Tensor col_m = at::full({n_threads, Kq}, -std::numeric_limits<double>::infinity(), opts);
+  at::Tensor col_s = at::zeros({n_threads, Kq}, opts);
+
+  at::parallel_for(0, n_rb, 1, [&](int64_t rb_begin, int64_t rb_end) {
+    const int tid = at::get_thread_num();
+    at::Tensor buffer = at::empty({br * bc}, opts);
+    std::vector<T> col_sum(bc), row_sum(br);
+    T* rm = row_m.data_ptr<T>();
+    T* rs = row_s.data_ptr<T>();
+    T* cm = col_m.data_ptr<T>() + tid * Kq;
+    T* cs = col_s.data_ptr<T>() + tid * Kq;
+    for (int64_t rb = rb_begin; rb < rb_end; ++rb) {
+      for (int64_t cb = 0; cb < n_cb; ++cb) {
+        const Tile t = make_tile(rb, cb, M, K, Kq, br, bc);
+        const at::Tensor S_tile = logits_tile(buffer, rows, cols, t, scale);
+        const T* S = S_tile.data_ptr<T>();
+        const T shift = max_of(S, t.nr * t.nc);
+        std::fill(col_sum.begin(), col_sum.begin() + t.nq, T(0));
+        for (int64_t i = 0; i < t.nr; ++i)
+          row_sum[i] = row_exp_sums(S + i * t.nc, w + t.c0, t.nc, t.nq, shift, col_sum.data());
+        for (int64_t i = 0; i < t.nr; ++i) {
+          const int64_t r = t.r0 + i;
+          if (row_sum[i] >= kMinSharedSum)
+            merge_lse(rm[r], rs[r], shift, row_sum[i]);
+          else  // the tile max is far above this row's: redo it with its own max (also NaN rows)
+            merge_exact(rm[r], rs[r], S + i * t.nc, t.nc, 1, bias + t.c0);
+        }
+        for (int64_t j = 0; j < t.nq; ++j) {
+          const int64_t c = t.c0 + j;
+          if (col_sum[j] >= kMinSharedSum)
+            merge_lse(cm[c], cs[c], shift, col_sum[j]);
+          else
+            merge_exact<T>(cm[c], cs[c], S + j, t.nr, t.nc, nullptr);
+        }
+      }
+    }
+  });
+
+  at::Tensor row_lse = row_m + row_s.log();
+  at::Tensor col_lse = at::empty({Kq}, opts);
+  T* out = col_lse.data_ptr<T>();
+  const T* cm = col_m.data_ptr<T>();
+  const T* cs = col_s.data_ptr<T>();
+  for (int64_t c = 0; c < Kq; ++c) {
+    T m = -std::numeric_limits<T>::infinity(), s = 0;
+    for (int tid = 0; tid < n_threads; ++tid) {
+      const T tm = cm[tid * Kq + c], ts = cs[tid * Kq + c];
+      if (std::isnan(tm) || std::isnan(ts)) {
+        m = s = std::numeric_limits<T>::quiet_NaN();
+      } else if (ts > 0) {
+        merge_lse(m, s, tm, ts);
+      }
+    }
+    out[c] = m + std::log(s);
+  }
+  return {row_lse, col_lse};
+}
+
+template <typename T>
+std::vector<at::Tensor> backward_impl(const at::Tensor& rows, const at::Tensor& cols, double scale,
+                                      const at::Tensor& col_bias, int64_t Kq, const at::Tensor& row_lse,
+                                      const at::Tensor& col_lse, const at::Tensor& g_row, const at::Tensor& g_col,
+                                      bool need_rows, bool need_cols, bool need_scale, int64_t br, int64_t bc,
+                                      double eps) {
+  const int64_t M = rows.size(0), K = cols.size(0);
+  const auto opts = rows.options();
+  const int64_t n_rb = ceil_div(M, br), n_cb = ceil_div(K, bc);
+  at::Tensor grad_rows = need_rows ? at::zeros_like(rows) : at::Tensor();
+  at::Tensor grad_cols = need_cols ? at::zeros_like(cols) : at::Tensor();
+  const int n_threads = at::get_num_threads();
+  std::vector<double> scale_dot(n_threads, 0.0);  // Σ dS ⊙ S per thread (dτ = Σ dS ⊙ A·Cᵀ = that / τ)
+  std::vector<double> scale_dot_raw(n_threads, 0.0);  // only for τ == 0, where S carries no A·Cᵀ
+  std::atomic<int64_t> skipped{0}, exact_lines{0};
+  if (!need_rows && !need_cols && !need_scale) {
+    return {grad_rows, grad_cols, at::zeros({}, opts), at::zeros({3}, at::kLong)};
+  }
+
+  const at::Tensor col_weight = col_bias.exp().contiguous();
+  const T* w = col_weight.data_ptr<T>();
+  const T* bias = col_bias.data_ptr<T>();
+  const T* rl = row_lse.data_ptr<T>();
+  const T* cl = col_lse.data_ptr<T>();
+  const T* gr = g_row.data_ptr<T>();
+  const T* gc = g_col.data_ptr<T>();
+
+  // Per-block bounds for the filter: min row_lse per row block, max bias and min col_lse per column block.
+  const T inf = std::numeric_limits<T>::infinity();
+  std::vector<T> rb_min_lse(n_rb, inf), cb_max_bias(n_cb, -inf), cb_min_col_lse(n_cb, inf);
+  for (int64_t r = 0; r < M; ++r) rb_min_lse[r / br] = std::min(rb_min_lse[r / br], rl[r]);
+  for (int64_t c = 0; c < K; ++c) cb_max_bias[c / bc] = std::max(cb_max_bias[c / bc], bias[c]);
+  for (int64_t c = 0; c < Kq; ++c) cb_min_col_lse[c / bc] = std::min(cb_min_col_lse[c / bc], cl[c]);
+  const double log_eps = eps > 0 ? std::log(eps) : -std::numeric_limits<double>::infinity();
+
+  // grad_cols rows of a column block are shared by all row blocks: a lock per column block, and each
+  // thread starts its sweep at a different column block so the two rarely meet.
+  std::vector<std::mutex> col_locks(n_cb);
+
+  at::parallel_for(0, n_rb, 1, [&](int64_t rb_begin, int64_t rb_end) {
+    const int tid = at::get_thread_num();
+    at::Tensor s_buffer = at::empty({br * bc}, opts);
+    at::Tensor g_buffer = at::empty({br * bc}, opts);
+    std::vector<T> u(br), v(bc);
+    std::vector<int64_t> exact_rows, exact_cols;
+    const int64_t offset = tid * n_cb / std::max(n_threads, 1);
+    for (int64_t rb = rb_begin; rb < rb_end; ++rb) {
+      for (int64_t k = 0; k < n_cb; ++k) {
+        const int64_t cb = (k + offset) % n_cb;
+        const Tile t = make_tile(rb, cb, M, K, Kq, br, bc);
+        const at::Tensor S_tile = logits_tile(s_buffer, rows, cols, t, scale);
+        const T* S = S_tile.data_ptr<T>();
+        const T shift = max_of(S, t.nr * t.nc);
+
+        // Filter: skip when every row weight and every column weight of the tile is below eps.
+        const double row_bound = double(shift) + cb_max_bias[cb] - rb_min_lse[rb];
+        const double col_bound = t.nq > 0 ? double(shift) - cb_min_col_lse[cb] : -inf;
+        if (row_bound < log_eps && col_bound < log_eps) {
+          skipped.fetch_add(1, std::memory_order_relaxed);
+          continue;
+        }
+
+        exact_rows.clear();
+        exact_cols.clear();
+        for (int64_t i = 0; i < t.nr; ++i) {
+          const T g = gr[t.r0 + i], excess = shift - rl[t.r0 + i];
+          u[i] = 0;
+          if (g == 0) continue;
+          if (excess <= kMaxShiftExcess)
+            u[i] = g * std::exp(excess);
+          else
+            exact_rows.push_back(i);  // also NaN
+        }
+        for (int64_t j = 0; j < t.nc; ++j) {
+          v[j] = 0;
+          if (j >= t.nq) continue;
+          const T g = gc[t.c0 + j], excess = shift - cl[t.c0 + j];
+          if (g == 0) continue;
+          if (excess <= kMaxShiftExcess)
+            v[j] = g * std::exp(excess);
+          else
+            exact_cols.push_back(j);
+        }
+
+        at::Tensor G_tile = g_buffer.narrow(0, 0, t.nr * t.nc).view({t.nr, t.nc});
+        T* G = G_tile.data_ptr<T>();
+        double dot = 0;
+        for (int64_t i = 0; i < t.nr; ++i)
+          dot += row_grad_logits(S + i * t.nc, w + t.c0, v.data(), t.nc, shift, u[i], G + i * t.nc);
+        for (int64_t i : exact_rows) {
+          const T g = gr[t.r0 + i], lse = rl[t.r0 + i];
+          for (int64_t j = 0; j < t.nc; ++j) {
+            const T s = S[i * t.nc + j], p = g * std::exp(s + bias[t.c0 + j] - lse);
+            G[i * t.nc + j] += p;
+            dot += double(p) * s;
+          }
+        }
+        for (int64_t j : exact_cols) {
+          const T g = gc[t.c0 + j], lse = cl[t.c0 + j];
+          for (int64_t i = 0; i < t.nr; ++i) {
+            const T s = S[i * t.nc + j], p = g * std::exp(s - lse);
+            G[i * t.nc + j] += p;
+            dot += double(p) * s;
+          }
+        }
+        exact_lines.fetch_add(int64_t(exact_rows.size() + exact_cols.size()), std::memory_order_relaxed);
+        scale_dot[tid] += dot;
+
+        const at::Tensor row_tile = rows.narrow(0, t.r0, t.nr);
+        const at::Tensor col_tile = cols.narrow(0, t.c0, t.nc);
+        if (need_scale && scale == 0)
+          scale_dot_raw[tid] += (G_tile * at::mm(row_tile, col_tile.t())).sum().item<double>();
+        if (need_rows) grad_rows.narrow(0, t.r0, t.nr).addmm_(G_tile, col_tile, /*beta=*/1, /*alpha=*/scale);
+        if (need_cols) {
+          std::lock_guard<std::mutex> lock(col_locks[cb]);
+          grad_cols.narrow(0, t.c0, t.nc).addmm_(G_tile.t(), row_tile, /*beta=*/1, /*alpha=*/scale);
+        }
+      }
+    }
+  });
+
+  double grad_scale = 0;
+  for (int tid = 0; tid < n_threads; ++tid) grad_scale += scale == 0 ? scale_dot_raw[tid] : scale_dot[tid] / scale;
+  at::Tensor stats = at::empty({3}, at::kLong);
+  stats[0] = n_rb * n_cb;
+  stats[1] = skipped.load();
+  stats[2] = exact_lines.load();
+  return {grad_rows, grad_cols, at::scalar_tensor(grad_scale, opts), stats};
+}
+
+void check_inputs(const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& col_bias, int64_t Kq,
+                  int64_t br, int64_t bc) {
+  TORCH_CHECK(rows.device().is_cpu() && cols.device().is_cpu(), "semclip_kernels._C runs on CPU tensors");
+  TORCH_CHECK(rows.dim() == 2 && cols.dim() == 2 && rows.size(1) == cols.size(1), "rows [M, d], cols [K, d]");
+  TORCH_CHECK(rows.scalar_type() == cols.scalar_type() && rows.scalar_type() == col_bias.scalar_type(),
+              "rows, cols and col_bias must share one dtype");
+  TORCH_CHECK(rows.scalar_type() == at::kFloat || rows.scalar_type() == at::kDouble,
+              "semclip_kernels._C computes in float32 or float64 (upcast half precision first)");
+  TORCH_CHECK(rows.is_contiguous() && cols.is_contiguous() && col_bias.is_contiguous(), "inputs must be contiguous");
+  TORCH_CHECK(col_bias.dim() == 1 && col_bias.size(0) == cols.size(0), "col_bias must be [K]");
+  TORCH_CHECK(0 <= Kq && Kq <= cols.size(0), "need 0 <= n_query_cols <= K");
+  TORCH_CHECK(br >= 1 && bc >= 1, "block sizes must be positive");
+}
+
+}  // namespace
+
+std::vector<at::Tensor> forward(const at::Tensor& rows, const at::Tensor& cols, double scale,
+                                const at::Tensor& col_bias, int64_t n_query_cols, int64_t block_rows,
+                                int64_t block_cols) {
+  check_inputs(rows, cols, col_bias, n_query_cols, block_rows, block_cols);
+  at::NoGradGuard no_grad;
+  if (rows.scalar_type() == at::kDouble)
+    return forward_impl<double>(rows, cols, scale, col_bias, n_query_cols, block_rows, block_cols);
+  return forward_impl<float>(rows, cols, scale, col_bias, n_query_cols, block_rows, block_cols);
+}
+
+std::vector<at::Tensor> backward(const at::Tensor& rows, const at::Tensor& cols, double scale,
+                                 const at::Tensor& col_bias, int64_t n_query_cols, const at::Tensor& row_lse,
+                                 const at::Tensor& col_lse, const at::Tensor& grad_row_lse,
+                                 const at::Tensor& grad_col_lse, bool need_rows, bool need_cols, bool need_scale,
+                                 int64_t block_rows, int64_t block_cols, double grad_filter_eps) {
+  check_inputs(rows, cols, col_bias, n_query_cols, block_rows, block_cols);
+  for (const at::Tensor* t : {&row_lse, &col_lse, &grad_row_lse, &grad_col_lse})
+    TORCH_CHECK(t->scalar_type() == rows.scalar_type() && t->is_contiguous() && t->dim() == 1,
+                "statistics and their gradients must be contiguous 1-d tensors of the inputs' dtype");
+  TORCH_CHECK(row_lse.size(0) == rows.size(0) && grad_row_lse.size(0) == rows.size(0), "row statistics must be [M]");
+  TORCH_CHECK(col_lse.size(0) == n_query_cols && grad_col_lse.size(0) == n_query_cols,
+              "column statistics must be [n_query_cols]");
+  at::NoGradGuard no_grad;
+  if (rows.scalar_type() == at::kDouble)
+    return backward_impl<double>(rows, cols, scale, col_bias, n_query_cols, row_lse, col_lse, grad_row_lse,
+                                 grad_col_lse, need_rows, need_cols, need_scale, block_rows, block_cols,
+                                 grad_filter_eps);
+  return backward_impl<float>(rows, cols, scale, col_bias, n_query_cols, row_lse, col_lse, grad_row_lse,
+                              grad_col_lse, need_rows, need_cols, need_scale, block_rows, block_cols,
+                              grad_filter_eps);
+}
+
+bool has_avx2() {
+#ifdef SEMCLIP_HAVE_AVX2
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace semclip
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "Fused CPU kernel of the SemCLIP partitions (row and query-column log-sum-exps of tau*A*C^T)";
+  m.def("forward", &semclip::forward, "(rows, cols, scale, col_bias, n_query_cols, block_rows, block_cols) -> "
+        "[row_lse, col_lse]");
+  m.def("backward", &semclip::backward,
+        "(rows, cols, scale, col_bias, n_query_cols, row_lse, col_lse, grad_row_lse, grad_col_lse, need_rows, "
+        "need_cols, need_scale, block_rows, block_cols, grad_filter_eps) -> [grad_rows, grad_cols, grad_scale, "
+        "stats = (tiles, skipped tiles, exactly recomputed rows+columns)]");
+  m.def("has_avx2", &semclip::has_avx2, "whether the vectorized exp was compiled in");
+}
