@@ -1,0 +1,370 @@
+"""The distributed SemCLIP loss on Gloo (CPU), 2 and 4 ranks, against float64 evaluations.
+
+Spawning a world is the slow part, so each world size is spawned once (a
+module-scoped fixture): every rank runs every configuration (backend × mode ×
+local_loss/gather_with_grad × with/without extras, plus open_clip's ClipLoss
+and the error cases), saves what it got, and the tests below compare in the
+parent process against
+- the float64 oracle of SPEC section 1 on the concatenated batch (global loss
+  and gradients, SPEC section 5), and
+- an explicit float64 per-rank form written here in open_clip's style (this
+  rank's rows against materialized global logits), which pins the per-rank
+  values and open_clip's gradient semantics of all four combinations;
+  its mean over ranks is itself checked against the oracle.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import itertools
+import math
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from oracle import make_case, max_norm_rel_err, semclip_loss_float64
+
+import semclip_kernels as sk
+
+BATCH, DIM, TAU = 3, 8, 14.3  # local batch per rank
+CPU_BACKENDS = sk.available_backends("cpu")
+MODES = ("gather", "ring")
+COMBOS = list(itertools.product((False, True), (False, True)))  # (local_loss, gather_with_grad)
+# name: (Pn, Mn, paraphrase_weight, hard_negative_weight)
+EXTRAS = {"plain": (None, None, 1.0, 1.0), "extras": (2, 1, 0.7, 1.5)}
+TILES = {"block_rows": 2, "block_cols": 4}  # several ragged tiles even at this size
+FROZEN_COMBOS = [(False, True), (True, True), (False, False)]
+NAMES = ("image", "text", "paraphrase", "negation", "logit_scale")
+
+
+def global_case(world_size: int, extras: str, seed: int = 0):
+    n_para, n_neg, _, _ = EXTRAS[extras]
+    return make_case(world_size * BATCH, DIM, n_para, n_neg, tau=TAU, seed=seed + world_size)
+
+
+def rank_slice(rank: int) -> slice:
+    return slice(rank * BATCH, (rank + 1) * BATCH)
+
+
+def local_leaves(case, rank: int) -> list[torch.Tensor | None]:
+    """This rank's rows of the global case as fresh leaves (None for absent extras)."""
+    rows = rank_slice(rank)
+    out = []
+    for tensor in (case.image, case.text, case.paraphrase, case.negation):
+        out.append(None if tensor is None else tensor.detach()[rows].clone().requires_grad_())
+    out.append(case.logit_scale.detach().clone().requires_grad_())
+    return out
+
+
+def load_open_clip_loss():
+    """open_clip's loss.py on its own: `import open_clip` takes seconds per process."""
+    spec = importlib.util.find_spec("open_clip")
+    path = os.path.join(os.path.dirname(spec.origin), "loss.py")
+    module_spec = importlib.util.spec_from_file_location("open_clip_loss_only", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+# --------------------------------------------------------------------------- the worker (one per rank)
+
+
+def _run(fn, *args):
+    """(loss, grads) of one evaluation, or the error text (so one bad config fails one test)."""
+    try:
+        return fn(*args)
+    except Exception:  # noqa: BLE001 - reported by the parent's assertion
+        return traceback.format_exc()
+
+
+def _semclip(rank, world_size, leaves, backend, mode, local_loss, gather_with_grad, extras):
+    _, _, w, beta = EXTRAS[extras]
+    loss_fn = sk.SemCLIPLoss(
+        local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank, world_size=world_size,
+        paraphrase_weight=w, hard_negative_weight=beta, backend=backend, distributed_mode=mode, **TILES,
+    )
+    image, text, para, neg, scale = leaves
+    loss = loss_fn(image, text, scale, paraphrase_features=para, negation_features=neg)
+    loss.backward()
+    return loss.detach(), [None if t is None else t.grad for t in leaves]
+
+
+def _open_clip(rank, world_size, open_clip_loss, leaves, local_loss, gather_with_grad):
+    clip = open_clip_loss.ClipLoss(
+        local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank, world_size=world_size
+    )
+    loss = clip(leaves[0], leaves[1], leaves[4])
+    loss.backward()
+    return loss.detach(), [None if t is None else t.grad for t in leaves]
+
+
+def _bad_layout(rank, world_size, mode, batch, n_para):
+    feats = [torch.randn(batch, DIM) for _ in range(2)]
+    para = torch.randn(batch, n_para, DIM)
+    loss_fn = sk.SemCLIPLoss(rank=rank, world_size=world_size, backend="torch", distributed_mode=mode)
+    loss_fn(feats[0], feats[1], 10.0, paraphrase_features=para)
+    return "no error"
+
+
+def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    results = {}
+    for extras in EXTRAS:
+        case = global_case(world_size, extras)
+        for backend, mode, (local_loss, gwg) in itertools.product(CPU_BACKENDS, MODES, COMBOS):
+            results[(backend, mode, local_loss, gwg, extras)] = _run(
+                _semclip, rank, world_size, local_leaves(case, rank), backend, mode, local_loss, gwg, extras
+            )
+
+    open_clip_loss = load_open_clip_loss()
+    plain = global_case(world_size, "plain")
+    for local_loss, gwg in COMBOS:
+        results[("open_clip", local_loss, gwg)] = _run(
+            _open_clip, rank, world_size, open_clip_loss, local_leaves(plain, rank), local_loss, gwg
+        )
+
+    # A frozen image tower: no gradient for it, the text side still exact.
+    extra = global_case(world_size, "extras")
+    for mode, (local_loss, gwg) in itertools.product(MODES, FROZEN_COMBOS):
+        leaves = local_leaves(extra, rank)
+        leaves[0].requires_grad_(False)
+        results[("frozen_image", mode, local_loss, gwg)] = _run(
+            _semclip, rank, world_size, leaves, "torch", mode, local_loss, gwg, "extras"
+        )
+
+    # Bad layouts are rejected on every rank with a clear error (and nobody hangs).
+    for mode in MODES:
+        results[("uneven", mode)] = _run(_bad_layout, rank, world_size, mode, BATCH + rank, 1)
+        results[("paraphrase_count", mode)] = _run(_bad_layout, rank, world_size, mode, BATCH, 1 + rank)
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world{w}")
+def world(request, tmp_path_factory):
+    world_size = request.param
+    out_dir = tmp_path_factory.mktemp(f"world{world_size}")
+    mp.spawn(_worker, args=(world_size, _free_port(), str(out_dir)), nprocs=world_size, join=True)
+    ranks = [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+    return world_size, ranks
+
+
+# --------------------------------------------------------------------------- float64 expectations
+
+
+def oracle_global(case, w, beta):
+    """SPEC section 1 on the concatenated batch: (L, grads of the five leaves)."""
+    leaves = [None if t is None else t.detach().double().requires_grad_() for t in
+              (case.image, case.text, case.paraphrase, case.negation, case.logit_scale)]
+    image, text, para, neg, scale = leaves
+    loss = semclip_loss_float64(image, text, scale, para, neg, paraphrase_weight=w, hard_negative_weight=beta)
+    loss.backward()
+    return loss.detach(), [None if t is None else t.grad for t in leaves]
+
+
+def rank_loss_float64(rank, image_r, text_r, para_r, all_image, all_text, all_para, all_neg, tau, w, beta):
+    """Rank r's share in open_clip's local_loss form, materialized in float64.
+
+    Its images against every column of the global batch; its captions and
+    paraphrases against every image. The positive of image→text is read off the
+    global columns (`all_*`), that of text→image off the global images, as
+    open_clip reads `logits[i, labels[i]]`.
+    """
+    offset = rank * BATCH
+    own = torch.arange(BATCH)
+    col_blocks = [all_text]
+    bias = [torch.zeros(all_text.shape[0], dtype=torch.float64)]
+    if all_para is not None:
+        col_blocks.append(all_para.reshape(-1, DIM))
+        bias.append(torch.zeros(all_para.shape[0] * all_para.shape[1], dtype=torch.float64))
+    if all_neg is not None:
+        col_blocks.append(all_neg.reshape(-1, DIM))
+        bias.append(torch.full((all_neg.shape[0] * all_neg.shape[1],), math.log(beta), dtype=torch.float64))
+    logits_per_image = tau * image_r @ torch.cat(col_blocks).T + torch.cat(bias)
+    z = torch.logsumexp(logits_per_image, dim=1)
+    i2t = z - logits_per_image[own, offset + own]
+    logits_per_text = tau * text_r @ all_image.T
+    t2i = torch.logsumexp(logits_per_text, dim=1) - logits_per_text[own, offset + own]
+    n_para = 0
+    if para_r is not None:
+        n_para = para_r.shape[1]
+        own_para = all_para[offset : offset + BATCH]  # [B, Pn, d], columns of image→text
+        i2t = i2t + w * (z[:, None] - tau * torch.einsum("bd,bpd->bp", image_r, own_para)).sum(1)
+        logits_per_para = tau * torch.einsum("bpd,kd->bpk", para_r, all_image)
+        para_pos = logits_per_para[own, :, offset + own]  # [B, Pn]
+        t2i = t2i + w * (torch.logsumexp(logits_per_para, dim=2) - para_pos).sum(1)
+    return (i2t.mean() + t2i.mean()) / (2 * (1 + w * n_para))
+
+
+def per_rank_expectation(case, world_size, gather_with_grad, w, beta):
+    """local_loss=True: per-rank float64 losses and each rank's gradients (list over ranks).
+
+    gather_with_grad: the global features are shared leaves, so each rank's feature gradient is
+    Σ_s d loss_s / d(its rows); without, the gathered copies are constants and each rank
+    differentiates its own rows only. τ: d loss_r / dτ on rank r.
+    """
+    base = [None if t is None else t.detach().double() for t in (case.image, case.text, case.paraphrase, case.negation)]
+    taus = [case.logit_scale.detach().double().requires_grad_() for _ in range(world_size)]
+    losses, grads = [], []
+    if gather_with_grad:
+        shared = [None if t is None else t.clone().requires_grad_() for t in base]
+        image, text, para, neg = shared
+        for r in range(world_size):
+            rows = rank_slice(r)
+            losses.append(rank_loss_float64(r, image[rows], text[rows], None if para is None else para[rows],
+                                            image, text, para, neg, taus[r], w, beta))
+        torch.stack(losses).sum().backward()
+        for r in range(world_size):
+            rows = rank_slice(r)
+            grads.append([None if t is None else t.grad[rows] for t in shared] + [taus[r].grad])
+        # The negations of this rank enter others' image→text partitions: their gradient is shared too.
+        return [loss.detach() for loss in losses], grads
+    image, text, para, neg = base
+    for r in range(world_size):
+        rows = rank_slice(r)
+        own = [None if t is None else t[rows].clone().requires_grad_() for t in (image, text, para)]
+        loss = rank_loss_float64(r, own[0], own[1], own[2], image, text, para, neg, taus[r], w, beta)
+        loss.backward()
+        losses.append(loss.detach())
+        # Negations are columns only: constants here, so no gradient (open_clip's semantics).
+        grads.append([own[0].grad, own[1].grad, None if own[2] is None else own[2].grad,
+                      None if neg is None else torch.zeros_like(neg[rows]), taus[r].grad])
+    return losses, grads
+
+
+def expected(case, world_size, local_loss, gather_with_grad, w, beta):
+    """Per rank: (loss, [grads of image, text, paraphrase, negation, τ]) in float64."""
+    if local_loss:
+        return list(zip(*per_rank_expectation(case, world_size, gather_with_grad, w, beta)))
+    loss, grads = oracle_global(case, w, beta)
+    feature_factor = world_size if gather_with_grad else 1
+    out = []
+    for r in range(world_size):
+        rows = rank_slice(r)
+        out.append((loss, [None if g is None else feature_factor * g[rows] for g in grads[:4]] + [grads[4]]))
+    return out
+
+
+def assert_close(got, want, what, loss_tol=1e-5, grad_tol=1e-4):
+    assert not isinstance(got, str), f"{what} raised:\n{got}"
+    loss, grads = got
+    ref_loss, ref_grads = want
+    assert abs(float(loss) - float(ref_loss)) <= loss_tol * abs(float(ref_loss)), (
+        f"{what}: loss {float(loss)!r} vs {float(ref_loss)!r}"
+    )
+    for name, grad, ref in zip(NAMES, grads, ref_grads):
+        err = max_norm_rel_err(grad, ref)
+        assert err <= grad_tol, f"{what}: grad of {name} off by {err:.2e} (rel. max-norm)"
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_per_rank_float64_form_matches_oracle():
+    """The test's per-rank float64 form is itself pinned to SPEC section 1 (mean over ranks, Σ gradients)."""
+    for world_size, extras in itertools.product((2, 4), EXTRAS):
+        _, _, w, beta = EXTRAS[extras]
+        case = global_case(world_size, extras)
+        losses, grads = per_rank_expectation(case, world_size, True, w, beta)
+        ref_loss, ref_grads = oracle_global(case, w, beta)
+        assert abs(float(torch.stack(losses).mean() - ref_loss)) <= 1e-12 * abs(float(ref_loss))
+        for k, name in enumerate(NAMES[:4]):
+            if ref_grads[k] is None:
+                continue
+            got = torch.cat([grads[r][k] for r in range(world_size)]) / world_size
+            assert max_norm_rel_err(got, ref_grads[k]) <= 1e-12, name
+        tau_grad = sum(grads[r][4] for r in range(world_size)) / world_size
+        assert max_norm_rel_err(tau_grad, ref_grads[4]) <= 1e-12
+
+
+@pytest.mark.parametrize("extras", list(EXTRAS))
+@pytest.mark.parametrize("local_loss,gather_with_grad", COMBOS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_matches_float64(world, backend, mode, local_loss, gather_with_grad, extras):
+    world_size, ranks = world
+    _, _, w, beta = EXTRAS[extras]
+    case = global_case(world_size, extras)
+    key = (backend, mode, local_loss, gather_with_grad, extras)
+    want = expected(case, world_size, local_loss, gather_with_grad, w, beta)
+    for r in range(world_size):
+        assert_close(ranks[r][key], want[r], f"{key} rank {r}/{world_size}")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_local_loss_with_grad_gives_global_loss_and_gradients(world, backend, mode):
+    """SPEC section 5: mean of per-rank losses = L, rank gradients / world_size = global gradient rows."""
+    world_size, ranks = world
+    for extras in EXTRAS:
+        _, _, w, beta = EXTRAS[extras]
+        case = global_case(world_size, extras)
+        ref_loss, ref_grads = oracle_global(case, w, beta)
+        got = [ranks[r][(backend, mode, True, True, extras)] for r in range(world_size)]
+        for r, item in enumerate(got):
+            assert not isinstance(item, str), f"rank {r} raised:\n{item}"
+        mean_loss = sum(float(loss) for loss, _ in got) / world_size
+        assert abs(mean_loss - float(ref_loss)) <= 1e-5 * abs(float(ref_loss))
+        for k, name in enumerate(NAMES[:4]):
+            if ref_grads[k] is None:
+                assert all(grads[k] is None for _, grads in got)
+                continue
+            global_grad = torch.cat([grads[k] for _, grads in got]) / world_size
+            err = max_norm_rel_err(global_grad, ref_grads[k])
+            assert err <= 1e-4, f"{extras}: grad of {name} off by {err:.2e}"
+        tau_grad = sum(grads[4] for _, grads in got) / world_size
+        assert max_norm_rel_err(tau_grad, ref_grads[4]) <= 1e-4
+
+
+@pytest.mark.parametrize("local_loss,gather_with_grad", COMBOS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_equals_open_clip_without_extras(world, backend, mode, local_loss, gather_with_grad):
+    world_size, ranks = world
+    for r in range(world_size):
+        reference = ranks[r][("open_clip", local_loss, gather_with_grad)]
+        assert not isinstance(reference, str), reference
+        ref_loss, ref_grads = reference
+        assert_close(ranks[r][(backend, mode, local_loss, gather_with_grad, "plain")], (ref_loss, ref_grads),
+                     f"rank {r} vs open_clip ClipLoss({local_loss=}, {gather_with_grad=})")
+
+
+@pytest.mark.parametrize("local_loss,gather_with_grad", FROZEN_COMBOS)
+@pytest.mark.parametrize("mode", MODES)
+def test_frozen_image_tower(world, mode, local_loss, gather_with_grad):
+    world_size, ranks = world
+    _, _, w, beta = EXTRAS["extras"]
+    want = expected(global_case(world_size, "extras"), world_size, local_loss, gather_with_grad, w, beta)
+    for r in range(world_size):
+        got = ranks[r][("frozen_image", mode, local_loss, gather_with_grad)]
+        assert not isinstance(got, str), got
+        loss, grads = got
+        assert grads[0] is None
+        assert_close((loss, [None] + grads[1:]), (want[r][0], [None] + list(want[r][1][1:])), f"frozen image, rank {r}")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bad_layouts_rejected_on_every_rank(world, mode):
+    world_size, ranks = world
+    for r in range(world_size):
+        uneven = ranks[r][("uneven", mode)]
+        assert "ValueError" in uneven and "same local batch size on every rank" in uneven, uneven
+        assert str([BATCH + k for k in range(world_size)]) in uneven, uneven
+        para = ranks[r][("paraphrase_count", mode)]
+        assert "ValueError" in para and "paraphrases per image Pn differs across ranks" in para, para
