@@ -17,8 +17,8 @@ import torch
 
 from .options import PartitionOptions
 
-DEFAULT_BLOCK_ROWS = 1024
-DEFAULT_BLOCK_COLS = 2048
+DEFAULT_BLOCK_ROWS = 256
+DEFAULT_BLOCK_COLS = 1024
 
 
 def is_available(device: torch.device) -> tuple[bool, str]:
