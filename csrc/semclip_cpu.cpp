@@ -17,8 +17,9 @@
 //
 // Gradient filtering: every softmax weight of a tile is at most
 // exp(M + max b − min row_lse) (rows) and exp(M − min col_lse) (columns); when
-// both bounds are below eps the tile's gradient work (exp pass and both
-// products) is skipped. The default eps = 2^-24 / max(M, K) (float32; 2^-53 for
+// both bounds are below eps the tile's gradient work is skipped entirely: M is
+// the tile max the forward recorded (one number per tile), so a skipped tile
+// costs neither its recomputation nor its two gradient products. The default eps = 2^-24 / max(M, K) (float32; 2^-53 for
 // float64) keeps the total dropped weight of any row or column below float
 // resolution, i.e. the default is exact.
 #include <torch/extension.h>
@@ -28,6 +29,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <condition_variable>
 #include <mutex>
 #include <vector>
 
@@ -75,6 +77,23 @@ inline void merge_exact(T& m, T& s, const T* x, int64_t n, int64_t stride, const
   merge_lse(m, s, shift, sum);
 }
 
+// The row blocks split into n_parts contiguous parts, one per thread, processed by at::parallel_for.
+// Parts (not thread ids) index the per-part accumulators, so results depend only on the thread count.
+struct Parts {
+  int64_t n_rb, count;
+  explicit Parts(int64_t n_row_blocks)
+      : n_rb(n_row_blocks), count(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_row_blocks))) {}
+  int64_t begin(int64_t part) const { return part * n_rb / count; }
+  int64_t end(int64_t part) const { return (part + 1) * n_rb / count; }
+  // fn(part) for every part; a thread given several parts runs them in increasing order.
+  template <typename F>
+  void run(const F& fn) const {
+    at::parallel_for(0, count, 1, [&](int64_t first, int64_t last) {
+      for (int64_t part = first; part < last; ++part) fn(part);
+    });
+  }
+};
+
 struct Tile {
   int64_t r0, nr, c0, nc, nq;  // rows [r0, r0+nr), columns [c0, c0+nc), the first nq of them queries
 };
@@ -111,24 +130,26 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& rows, const at::Tensor& c
   at::Tensor row_m = at::full({M}, -std::numeric_limits<double>::infinity(), opts);
   at::Tensor row_s = at::zeros({M}, opts);
   // Column statistics: one (m, s) pair per query column and thread, merged after the parallel loop.
-  const int n_threads = at::get_num_threads();
-  at::Tensor col_m = at::full({n_threads, Kq}, -std::numeric_limits<double>::infinity(), opts);
-  at::Tensor col_s = at::zeros({n_threads, Kq}, opts);
+  // Each tile's max, kept for the backward's filter: it skips a tile before recomputing its logits.
+  at::Tensor tile_max = at::empty({n_rb, n_cb}, opts);
+  const Parts parts(n_rb);
+  at::Tensor col_m = at::full({parts.count, Kq}, -std::numeric_limits<double>::infinity(), opts);
+  at::Tensor col_s = at::zeros({parts.count, Kq}, opts);
 
-  at::parallel_for(0, n_rb, 1, [&](int64_t rb_begin, int64_t rb_end) {
-    const int tid = at::get_thread_num();
+  parts.run([&](int64_t part) {
     at::Tensor buffer = at::empty({br * bc}, opts);
     std::vector<T> col_sum(bc), row_sum(br);
     T* rm = row_m.data_ptr<T>();
     T* rs = row_s.data_ptr<T>();
-    T* cm = col_m.data_ptr<T>() + tid * Kq;
-    T* cs = col_s.data_ptr<T>() + tid * Kq;
-    for (int64_t rb = rb_begin; rb < rb_end; ++rb) {
+    T* cm = col_m.data_ptr<T>() + part * Kq;
+    T* cs = col_s.data_ptr<T>() + part * Kq;
+    for (int64_t rb = parts.begin(part); rb < parts.end(part); ++rb) {
       for (int64_t cb = 0; cb < n_cb; ++cb) {
         const Tile t = make_tile(rb, cb, M, K, Kq, br, bc);
         const at::Tensor S_tile = logits_tile(buffer, rows, cols, t, scale);
         const T* S = S_tile.data_ptr<T>();
         const T shift = max_of(S, t.nr * t.nc);
+        tile_max.data_ptr<T>()[rb * n_cb + cb] = shift;
         std::fill(col_sum.begin(), col_sum.begin() + t.nq, T(0));
         for (int64_t i = 0; i < t.nr; ++i)
           row_sum[i] = row_exp_sums(S + i * t.nc, w + t.c0, t.nc, t.nq, shift, col_sum.data());
@@ -157,8 +178,8 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& rows, const at::Tensor& c
   const T* cs = col_s.data_ptr<T>();
   for (int64_t c = 0; c < Kq; ++c) {
     T m = -std::numeric_limits<T>::infinity(), s = 0;
-    for (int tid = 0; tid < n_threads; ++tid) {
-      const T tm = cm[tid * Kq + c], ts = cs[tid * Kq + c];
+    for (int64_t part = 0; part < parts.count; ++part) {
+      const T tm = cm[part * Kq + c], ts = cs[part * Kq + c];
       if (std::isnan(tm) || std::isnan(ts)) {
         m = s = std::numeric_limits<T>::quiet_NaN();
       } else if (ts > 0) {
@@ -167,13 +188,14 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& rows, const at::Tensor& c
     }
     out[c] = m + std::log(s);
   }
-  return {row_lse, col_lse};
+  return {row_lse, col_lse, tile_max};
 }
 
 template <typename T>
 std::vector<at::Tensor> backward_impl(const at::Tensor& rows, const at::Tensor& cols, double scale,
                                       const at::Tensor& col_bias, int64_t Kq, const at::Tensor& row_lse,
-                                      const at::Tensor& col_lse, const at::Tensor& g_row, const at::Tensor& g_col,
+                                      const at::Tensor& col_lse, const at::Tensor& tile_max,
+                                      const at::Tensor& g_row, const at::Tensor& g_col,
                                       bool need_rows, bool need_cols, bool need_scale, int64_t br, int64_t bc,
                                       double eps) {
   const int64_t M = rows.size(0), K = cols.size(0);
@@ -181,9 +203,9 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& rows, const at::Tensor& 
   const int64_t n_rb = ceil_div(M, br), n_cb = ceil_div(K, bc);
   at::Tensor grad_rows = need_rows ? at::zeros_like(rows) : at::Tensor();
   at::Tensor grad_cols = need_cols ? at::zeros_like(cols) : at::Tensor();
-  const int n_threads = at::get_num_threads();
-  std::vector<double> scale_dot(n_threads, 0.0);  // Σ dS ⊙ S per thread (dτ = Σ dS ⊙ A·Cᵀ = that / τ)
-  std::vector<double> scale_dot_raw(n_threads, 0.0);  // only for τ == 0, where S carries no A·Cᵀ
+  const Parts parts(n_rb);
+  std::vector<double> scale_dot(parts.count, 0.0);  // Σ dS ⊙ S per part (dτ = Σ dS ⊙ A·Cᵀ = that / τ)
+  std::vector<double> scale_dot_raw(parts.count, 0.0);  // only for τ == 0, where S carries no A·Cᵀ
   std::atomic<int64_t> skipped{0}, exact_lines{0};
   if (!need_rows && !need_cols && !need_scale) {
     return {grad_rows, grad_cols, at::zeros({}, opts), at::zeros({3}, at::kLong)};
@@ -196,6 +218,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& rows, const at::Tensor& 
   const T* cl = col_lse.data_ptr<T>();
   const T* gr = g_row.data_ptr<T>();
   const T* gc = g_col.data_ptr<T>();
+  const T* fwd_tile_max = tile_max.data_ptr<T>();
 
   // Per-block bounds for the filter: min row_lse per row block, max bias and min col_lse per column block.
   const T inf = std::numeric_limits<T>::infinity();
@@ -205,32 +228,35 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& rows, const at::Tensor& 
   for (int64_t c = 0; c < Kq; ++c) cb_min_col_lse[c / bc] = std::min(cb_min_col_lse[c / bc], cl[c]);
   const double log_eps = eps > 0 ? std::log(eps) : -std::numeric_limits<double>::infinity();
 
-  // grad_cols rows of a column block are shared by all row blocks: a lock per column block, and each
-  // thread starts its sweep at a different column block so the two rarely meet.
-  std::vector<std::mutex> col_locks(n_cb);
+  // grad_cols of a column block collects from every part. Each part sums its own contributions in a
+  // private block_cols × d buffer, then adds it to grad_cols in part order (0, 1, …): deterministic,
+  // and the parts sweep the column blocks in the same order, so a part rarely waits for its turn.
+  std::vector<int64_t> deposits(n_cb, 0);  // parts that have added their share of each column block
+  std::mutex deposit_mutex;
+  std::condition_variable deposit_done;
 
-  at::parallel_for(0, n_rb, 1, [&](int64_t rb_begin, int64_t rb_end) {
-    const int tid = at::get_thread_num();
+  parts.run([&](int64_t part) {
     at::Tensor s_buffer = at::empty({br * bc}, opts);
     at::Tensor g_buffer = at::empty({br * bc}, opts);
+    at::Tensor col_grad_buffer = need_cols ? at::empty({bc, rows.size(1)}, opts) : at::Tensor();
     std::vector<T> u(br), v(bc);
     std::vector<int64_t> exact_rows, exact_cols;
-    const int64_t offset = tid * n_cb / std::max(n_threads, 1);
-    for (int64_t rb = rb_begin; rb < rb_end; ++rb) {
-      for (int64_t k = 0; k < n_cb; ++k) {
-        const int64_t cb = (k + offset) % n_cb;
+    for (int64_t cb = 0; cb < n_cb; ++cb) {
+      bool col_grad_live = false;  // whether col_grad_buffer holds this column block's sum yet
+      for (int64_t rb = parts.begin(part); rb < parts.end(part); ++rb) {
         const Tile t = make_tile(rb, cb, M, K, Kq, br, bc);
-        const at::Tensor S_tile = logits_tile(s_buffer, rows, cols, t, scale);
-        const T* S = S_tile.data_ptr<T>();
-        const T shift = max_of(S, t.nr * t.nc);
-
-        // Filter: skip when every row weight and every column weight of the tile is below eps.
-        const double row_bound = double(shift) + cb_max_bias[cb] - rb_min_lse[rb];
-        const double col_bound = t.nq > 0 ? double(shift) - cb_min_col_lse[cb] : -inf;
+        // Filter: skip when every row weight and every column weight of the tile is below eps, judged from
+        // the tile max the forward recorded, so a skipped tile costs no product at all.
+        const double fwd_max = fwd_tile_max[rb * n_cb + cb];
+        const double row_bound = fwd_max + cb_max_bias[cb] - rb_min_lse[rb];
+        const double col_bound = t.nq > 0 ? fwd_max - cb_min_col_lse[cb] : -inf;
         if (row_bound < log_eps && col_bound < log_eps) {
           skipped.fetch_add(1, std::memory_order_relaxed);
           continue;
         }
+        const at::Tensor S_tile = logits_tile(s_buffer, rows, cols, t, scale);
+        const T* S = S_tile.data_ptr<T>();
+        const T shift = max_of(S, t.nr * t.nc);
 
         exact_rows.clear();
         exact_cols.clear();
@@ -276,23 +302,37 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& rows, const at::Tensor& 
           }
         }
         exact_lines.fetch_add(int64_t(exact_rows.size() + exact_cols.size()), std::memory_order_relaxed);
-        scale_dot[tid] += dot;
+        scale_dot[part] += dot;
 
         const at::Tensor row_tile = rows.narrow(0, t.r0, t.nr);
         const at::Tensor col_tile = cols.narrow(0, t.c0, t.nc);
         if (need_scale && scale == 0)
-          scale_dot_raw[tid] += (G_tile * at::mm(row_tile, col_tile.t())).sum().item<double>();
+          scale_dot_raw[part] += (G_tile * at::mm(row_tile, col_tile.t())).sum().item<double>();
         if (need_rows) grad_rows.narrow(0, t.r0, t.nr).addmm_(G_tile, col_tile, /*beta=*/1, /*alpha=*/scale);
         if (need_cols) {
-          std::lock_guard<std::mutex> lock(col_locks[cb]);
-          grad_cols.narrow(0, t.c0, t.nc).addmm_(G_tile.t(), row_tile, /*beta=*/1, /*alpha=*/scale);
+          at::Tensor col_grad = col_grad_buffer.narrow(0, 0, t.nc);
+          col_grad.addmm_(G_tile.t(), row_tile, /*beta=*/col_grad_live ? 1 : 0, /*alpha=*/scale);
+          col_grad_live = true;
         }
+      }
+      if (need_cols) {
+        std::unique_lock<std::mutex> lock(deposit_mutex);
+        deposit_done.wait(lock, [&] { return deposits[cb] == part; });
+        lock.unlock();
+        if (col_grad_live) {
+          const int64_t c0 = cb * bc, nc = std::min(bc, K - c0);
+          grad_cols.narrow(0, c0, nc).add_(col_grad_buffer.narrow(0, 0, nc));
+        }
+        lock.lock();
+        deposits[cb] += 1;
+        deposit_done.notify_all();
       }
     }
   });
 
   double grad_scale = 0;
-  for (int tid = 0; tid < n_threads; ++tid) grad_scale += scale == 0 ? scale_dot_raw[tid] : scale_dot[tid] / scale;
+  for (int64_t part = 0; part < parts.count; ++part)
+    grad_scale += scale == 0 ? scale_dot_raw[part] : scale_dot[part] / scale;
   at::Tensor stats = at::empty({3}, at::kLong);
   stats[0] = n_rb * n_cb;
   stats[1] = skipped.load();
@@ -328,7 +368,8 @@ std::vector<at::Tensor> forward(const at::Tensor& rows, const at::Tensor& cols, 
 
 std::vector<at::Tensor> backward(const at::Tensor& rows, const at::Tensor& cols, double scale,
                                  const at::Tensor& col_bias, int64_t n_query_cols, const at::Tensor& row_lse,
-                                 const at::Tensor& col_lse, const at::Tensor& grad_row_lse,
+                                 const at::Tensor& col_lse, const at::Tensor& tile_max,
+                                 const at::Tensor& grad_row_lse,
                                  const at::Tensor& grad_col_lse, bool need_rows, bool need_cols, bool need_scale,
                                  int64_t block_rows, int64_t block_cols, double grad_filter_eps) {
   check_inputs(rows, cols, col_bias, n_query_cols, block_rows, block_cols);
@@ -338,12 +379,16 @@ std::vector<at::Tensor> backward(const at::Tensor& rows, const at::Tensor& cols,
   TORCH_CHECK(row_lse.size(0) == rows.size(0) && grad_row_lse.size(0) == rows.size(0), "row statistics must be [M]");
   TORCH_CHECK(col_lse.size(0) == n_query_cols && grad_col_lse.size(0) == n_query_cols,
               "column statistics must be [n_query_cols]");
+  TORCH_CHECK(tile_max.scalar_type() == rows.scalar_type() && tile_max.is_contiguous() &&
+                  tile_max.numel() == ceil_div(rows.size(0), block_rows) * ceil_div(cols.size(0), block_cols),
+              "tile_max must be the forward's [row blocks, column blocks] tensor for these block sizes");
   at::NoGradGuard no_grad;
   if (rows.scalar_type() == at::kDouble)
-    return backward_impl<double>(rows, cols, scale, col_bias, n_query_cols, row_lse, col_lse, grad_row_lse,
+    return backward_impl<double>(rows, cols, scale, col_bias, n_query_cols, row_lse, col_lse, tile_max,
+                                 grad_row_lse,
                                  grad_col_lse, need_rows, need_cols, need_scale, block_rows, block_cols,
                                  grad_filter_eps);
-  return backward_impl<float>(rows, cols, scale, col_bias, n_query_cols, row_lse, col_lse, grad_row_lse,
+  return backward_impl<float>(rows, cols, scale, col_bias, n_query_cols, row_lse, col_lse, tile_max, grad_row_lse,
                               grad_col_lse, need_rows, need_cols, need_scale, block_rows, block_cols,
                               grad_filter_eps);
 }
@@ -361,9 +406,9 @@ bool has_avx2() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused CPU kernel of the SemCLIP partitions (row and query-column log-sum-exps of tau*A*C^T)";
   m.def("forward", &semclip::forward, "(rows, cols, scale, col_bias, n_query_cols, block_rows, block_cols) -> "
-        "[row_lse, col_lse]");
+        "[row_lse, col_lse, tile_max (the max logit of each tile, for the backward's filter)]");
   m.def("backward", &semclip::backward,
-        "(rows, cols, scale, col_bias, n_query_cols, row_lse, col_lse, grad_row_lse, grad_col_lse, need_rows, "
+        "(rows, cols, scale, col_bias, n_query_cols, row_lse, col_lse, tile_max, grad_row_lse, grad_col_lse, need_rows, "
         "need_cols, need_scale, block_rows, block_cols, grad_filter_eps) -> [grad_rows, grad_cols, grad_scale, "
         "stats = (tiles, skipped tiles, exactly recomputed rows+columns)]");
   m.def("has_avx2", &semclip::has_avx2, "whether the vectorized exp was compiled in");

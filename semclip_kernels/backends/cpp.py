@@ -69,8 +69,8 @@ class CppPartitions(torch.autograd.Function):
         block_rows = options.block_rows or DEFAULT_BLOCK_ROWS
         block_cols = options.block_cols or DEFAULT_BLOCK_COLS
         tau = float(scale)
-        row_lse, col_lse = _C.forward(rows_c, cols_c, tau, col_bias_c, n_query_cols, block_rows, block_cols)
-        ctx.save_for_backward(rows_c, cols_c, col_bias_c, row_lse, col_lse)
+        row_lse, col_lse, tile_max = _C.forward(rows_c, cols_c, tau, col_bias_c, n_query_cols, block_rows, block_cols)
+        ctx.save_for_backward(rows_c, cols_c, col_bias_c, row_lse, col_lse, tile_max)
         ctx.tau = tau
         ctx.n_query_cols = n_query_cols
         ctx.blocks = (block_rows, block_cols)
@@ -80,7 +80,7 @@ class CppPartitions(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_row_lse: torch.Tensor | None, grad_col_lse: torch.Tensor | None):
-        rows_c, cols_c, col_bias_c, row_lse, col_lse = ctx.saved_tensors
+        rows_c, cols_c, col_bias_c, row_lse, col_lse, tile_max = ctx.saved_tensors
         need_rows, need_cols, need_scale = ctx.needs_input_grad[:3]
         dtype = rows_c.dtype
         grad_row_lse = torch.zeros_like(row_lse) if grad_row_lse is None else grad_row_lse.to(dtype).contiguous()
@@ -89,8 +89,8 @@ class CppPartitions(torch.autograd.Function):
         if eps is None:
             eps = default_grad_filter_eps(rows_c.shape[0], cols_c.shape[0], dtype)
         grad_rows, grad_cols, grad_scale, stats = _C.backward(
-            rows_c, cols_c, ctx.tau, col_bias_c, ctx.n_query_cols, row_lse, col_lse, grad_row_lse, grad_col_lse,
-            need_rows, need_cols, need_scale, *ctx.blocks, eps,
+            rows_c, cols_c, ctx.tau, col_bias_c, ctx.n_query_cols, row_lse, col_lse, tile_max,
+            grad_row_lse, grad_col_lse, need_rows, need_cols, need_scale, *ctx.blocks, eps,
         )
         tiles, skipped, exact_lines = stats.tolist()
         last_backward_stats.update(tiles=tiles, skipped=skipped, exact_lines=exact_lines)
