@@ -69,11 +69,13 @@ def _upcast_dot(dtype: torch.dtype) -> bool:
 def default_grad_filter_eps(n_rows: int, n_cols: int, dtype: torch.dtype) -> float:
     """The exact-to-float32 filter threshold.
 
-    A row's softmax has at most `n_cols` weights and a column's at most `n_rows`;
-    if every skipped weight is below `u / max(n_rows, n_cols)` (u = the unit
-    roundoff of the statistics dtype, 2^-24 for float32), the mass dropped from
-    any row or column is below `u` of its total (1): smaller than the rounding
-    of the float32 accumulation that the unfiltered kernel performs anyway.
+    The kernel compares each weight with the softmax mass of the row or column
+    gradient it feeds (backward.py). A row has at most `n_cols` weights and a
+    column at most `n_rows`; if every skipped weight is below
+    `u / max(n_rows, n_cols)` of that mass (u = the unit roundoff of the
+    statistics dtype, 2^-24 for float32), every row and column loses less than
+    `u` of its mass: less than the rounding of the float32 accumulation that the
+    unfiltered kernel performs anyway.
     """
     unit_roundoff = torch.finfo(_stat_dtype(dtype)).eps / 2
     return unit_roundoff / max(n_rows, n_cols, 1)
@@ -121,26 +123,27 @@ class FusedPartitions(torch.autograd.Function):
         scale_stat = scale.detach().to(stat_dtype).reshape(1).contiguous()
         col_bias = col_bias.detach().to(stat_dtype).contiguous()
         row_lse = torch.full((n_rows,), -math.inf, dtype=stat_dtype, device=rows.device)
-        col_lse = torch.full((n_query_cols,), -math.inf, dtype=stat_dtype, device=rows.device)
+        # Partitions of every column (not only the queries): the backward's filter uses them.
+        all_col_lse = torch.full((n_cols,), -math.inf, dtype=stat_dtype, device=rows.device)
         config = forward_config(dim, rows.dtype, options.block_rows, options.block_cols)
         if n_rows > 0 and n_cols > 0:
             row_locks = torch.zeros(triton.cdiv(n_rows, config.block_m), dtype=torch.int32, device=rows.device)
             col_locks = torch.zeros(triton.cdiv(n_cols, config.block_n), dtype=torch.int32, device=rows.device)
             lse_forward_kernel[_grid(n_rows, n_cols, config)](
-                rows, cols, scale_stat, col_bias, row_lse, col_lse, row_locks, col_locks,
-                n_rows, n_cols, n_query_cols, dim,
+                rows, cols, scale_stat, col_bias, row_lse, all_col_lse, row_locks, col_locks,
+                n_rows, n_cols, dim,
                 rows.stride(0), rows.stride(1), cols.stride(0), cols.stride(1),
                 **_common_constexprs(rows.dtype, config),
             )  # fmt: skip
-        ctx.save_for_backward(rows, cols, scale_stat, col_bias, row_lse, col_lse)
+        ctx.save_for_backward(rows, cols, scale_stat, col_bias, row_lse, all_col_lse)
         ctx.n_query_cols = n_query_cols
         ctx.options = options
         ctx.scale_dtype = scale.dtype
-        return row_lse, col_lse
+        return row_lse, all_col_lse[:n_query_cols].clone()
 
     @staticmethod
     def backward(ctx, grad_row_lse: torch.Tensor | None, grad_col_lse: torch.Tensor | None):
-        rows, cols, scale_stat, col_bias, row_lse, col_lse = ctx.saved_tensors
+        rows, cols, scale_stat, col_bias, row_lse, all_col_lse = ctx.saved_tensors
         need_rows, need_cols, need_scale = ctx.needs_input_grad[:3]
         n_rows, dim = rows.shape
         n_cols = cols.shape[0]
@@ -160,11 +163,12 @@ class FusedPartitions(torch.autograd.Function):
         if eps is None:
             eps = default_grad_filter_eps(n_rows, n_cols, rows.dtype)
         grid = _grid(n_rows, n_cols, config)
+        max_row_lse = row_lse.max().reshape(1) if n_rows > 0 else grad_scale
 
         if (need_rows or need_cols or need_scale) and (has_row_grad or has_col_grad) and grid[0] > 0:
             dummy = grad_scale  # stands in for pointers a constexpr flag keeps unused
             backward_kernel[grid](
-                rows, cols, scale_stat, col_bias, row_lse, col_lse,
+                rows, cols, scale_stat, col_bias, row_lse, all_col_lse, max_row_lse,
                 grad_row_lse.contiguous() if has_row_grad else dummy,
                 grad_col_lse.contiguous() if has_col_grad else dummy,
                 grad_rows if need_rows else dummy,
@@ -177,7 +181,7 @@ class FusedPartitions(torch.autograd.Function):
                 NEED_GRAD_ROWS=need_rows,
                 NEED_GRAD_COLS=need_cols,
                 NEED_GRAD_SCALE=need_scale,
-                FILTER=eps > 0,
+                FILTER=eps > 0 and has_row_grad,  # see backward.py: the filter needs the row direction
                 **_common_constexprs(rows.dtype, config),
             )  # fmt: skip
         _last_backward.update(tiles=grid[0], skipped_tiles=skipped_tiles)

@@ -13,11 +13,24 @@ grad_cols (three M×K×d products for the whole backward). The gradient products
 loop over d in BLOCK_D slices and accumulate into float32 (float64) buffers with
 atomic adds, so any d works and no program holds more than one tile.
 
-Gradient filtering (FILTER): when every p and q of the tile is below
-`filter_eps`, the tile's products are skipped (one relaxed atomic increments
-the skipped-tile counter instead). `filter_eps` is chosen by the caller; its
-default keeps every row's and column's dropped softmax mass below float32's
-unit roundoff (see `backends/triton_fused.py`).
+Gradient filtering (FILTER): the tile's products are skipped (one relaxed
+atomic increments the skipped-tile counter instead) when every weight of the
+tile, measured against the softmax mass its row or column gradient is made of,
+is below `filter_eps`:
+
+    p_ic               (row i's mass Σ_c p_ic is 1)
+    q_ic               (query column c's mass Σ_i q_ic is 1)
+    p_ic / mass_lb_c   (column c's row-direction mass Σ_i p_ic ≥ mass_lb_c =
+                        exp(bias_c + col_lse_c − max_i row_lse_i), col_lse over all rows)
+
+The third term protects columns that are nobody's query (negations): their
+gradient is made only of row-softmax weights, which may all be tiny. The
+factor 1/mass_lb_c is clamped at e^80: a weight it would still let through is
+below 1e-35 · filter_eps, under float32's normal range. `filter_eps` is chosen
+by the caller; its default keeps every row's and column's dropped mass below
+float32's unit roundoff (see `backends/triton_fused.py`). The filter assumes
+the upstream gradients g_row are of one magnitude (they are all 1/(2B) in the
+loss); the caller turns it off when there is no g_row.
 """
 
 from __future__ import annotations
@@ -35,7 +48,8 @@ def backward_kernel(
     scale_ptr,
     col_bias_ptr,
     row_lse_ptr,
-    col_lse_ptr,
+    col_lse_ptr,  # [n_cols]: column partitions over every row, query or not
+    max_row_lse_ptr,  # [1]: max_i row_lse_i (for the filter's column-mass bound)
     grad_row_lse_ptr,
     grad_col_lse_ptr,
     grad_rows_ptr,  # [n_rows, dim] accumulator (zeros), contiguous
@@ -89,9 +103,16 @@ def backward_kernel(
         row_softmax = tl.where(row_in[:, None] & col_in[None, :], row_softmax, 0.0)
         grad_logits += g_row[:, None] * row_softmax
         max_weight = tl.maximum(max_weight, tl.max(row_softmax))
+    col_lse = tl.load(col_lse_ptr + offs_n, mask=col_in, other=0.0).to(ACC_DTYPE)
+    if FILTER:
+        # 1 / (lower bound of column c's row-softmax mass), as a per-column factor.
+        max_row_lse = tl.load(max_row_lse_ptr).to(ACC_DTYPE)
+        log_inv_mass = tl.minimum(max_row_lse - col_bias - col_lse, 80.0)
+        col_relative = row_softmax * tl.exp(log_inv_mass)[None, :]
+        col_relative = tl.where(row_softmax > 0, col_relative, 0.0)
+        max_weight = tl.maximum(max_weight, tl.max(col_relative))
     if HAS_COL_GRAD:
         is_query = offs_n < n_query_cols
-        col_lse = tl.load(col_lse_ptr + offs_n, mask=is_query, other=0.0).to(ACC_DTYPE)
         g_col = tl.load(grad_col_lse_ptr + offs_n, mask=is_query, other=0.0).to(ACC_DTYPE)
         col_softmax = tl.exp(logits - col_lse[None, :])
         col_softmax = tl.where(row_in[:, None] & is_query[None, :], col_softmax, 0.0)
@@ -99,6 +120,7 @@ def backward_kernel(
         max_weight = tl.maximum(max_weight, tl.max(col_softmax))
 
     # NaN weights compare false and are never filtered: they reach the gradients.
+    # (The caller sets FILTER only with HAS_ROW_GRAD, which defines row_softmax and col_bias.)
     skip = False
     if FILTER:
         skip = max_weight < filter_eps

@@ -10,8 +10,10 @@ Why these entries:
   (BLOCK_M + BLOCK_N)·BLOCK_D·itemsize = 32 KB for 16-bit (BLOCK_D 64) and for
   float32 (BLOCK_D 32), so 3 stages (96 KB) fit sm_80 (163 KB) and sm_90 (227 KB).
 - The backward holds the dots, the softmax weights and dS of a tile, then the
-  [BLOCK_M, BLOCK_D] and [BLOCK_N, BLOCK_D] gradient slices: a 64×64 tile keeps
-  it in registers without spilling.
+  [BLOCK_M, BLOCK_D] and [BLOCK_N, BLOCK_D] gradient slices, plus 2-D pointer
+  tensors for the atomic adds: a 64×64 tile with BLOCK_D 32 compiles without
+  spills (16-bit: 4 warps, ~180 registers; float32: 8 warps, as 4 warps spill
+  4 KB on the full-float32 FMA path). Measured with benchmarks/kernel_resources.py.
 - Small d (≤ 64) shrinks BLOCK_D to d rounded up, so no work is spent on padding.
 """
 
@@ -38,8 +40,8 @@ _TABLE: dict[tuple[str, int], KernelConfig] = {
     ("forward", 2): KernelConfig(block_m=128, block_n=128, block_d=64, num_warps=8, num_stages=3),
     ("forward", 4): KernelConfig(block_m=128, block_n=128, block_d=32, num_warps=8, num_stages=3),
     ("forward", 8): KernelConfig(block_m=64, block_n=64, block_d=16, num_warps=4, num_stages=2),
-    ("backward", 2): KernelConfig(block_m=64, block_n=64, block_d=64, num_warps=4, num_stages=2),
-    ("backward", 4): KernelConfig(block_m=64, block_n=64, block_d=32, num_warps=4, num_stages=2),
+    ("backward", 2): KernelConfig(block_m=64, block_n=64, block_d=32, num_warps=4, num_stages=2),
+    ("backward", 4): KernelConfig(block_m=64, block_n=64, block_d=32, num_warps=8, num_stages=2),
     ("backward", 8): KernelConfig(block_m=32, block_n=32, block_d=16, num_warps=4, num_stages=1),
 }
 MIN_BLOCK = 16  # smallest tl.dot dimension

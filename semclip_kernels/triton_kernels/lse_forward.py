@@ -4,12 +4,16 @@ One program per [BLOCK_M, BLOCK_N] tile. It computes the tile's dots on chip
 (looping over d), then reduces the tile both ways:
 
     row direction:    logsumexp_c (S_ic + bias_c)   over every column c of the tile
-    column direction: logsumexp_i S_ic             over every row i, query columns only
+    column direction: logsumexp_i S_ic             over every row i, for every column
 
 and merges each partial result into the global `row_lse` / `col_lse` with an exact
 log-add-exp, under a per-row-block (per-column-block) lock, as Cut Cross-Entropy
 does. A program holds at most one lock at a time, so there is no deadlock. Both
 directions come from the same tile: the forward costs one M×K×d product.
+
+The column direction runs on every column, not only the query columns: the
+partitions of the other columns (negations) cost no product and give the
+backward's gradient filter a lower bound on each column's softmax mass.
 """
 
 from __future__ import annotations
@@ -27,12 +31,11 @@ def lse_forward_kernel(
     scale_ptr,
     col_bias_ptr,
     row_lse_ptr,  # [n_rows], initialised to -inf
-    col_lse_ptr,  # [n_query_cols], initialised to -inf
+    col_lse_ptr,  # [n_cols], initialised to -inf
     row_locks_ptr,  # [cdiv(n_rows, BLOCK_M)] int32 zeros
-    col_locks_ptr,  # [cdiv(n_query_cols, BLOCK_N)] int32 zeros
+    col_locks_ptr,  # [cdiv(n_cols, BLOCK_N)] int32 zeros
     n_rows,
     n_cols,
-    n_query_cols,
     dim,
     stride_row_m,
     stride_row_d,
@@ -60,14 +63,12 @@ def lse_forward_kernel(
     scale = tl.load(scale_ptr).to(ACC_DTYPE)
     logits = dots * scale
 
-    # Column direction first: query columns see the unbiased logits of the real rows.
-    if col_block * BLOCK_N < n_query_cols:
-        is_query = offs_n < n_query_cols
-        tile_col_lse = logsumexp(tl.where(row_in[:, None], logits, float("-inf")), axis=0)
-        acquire(col_locks_ptr + col_block)
-        col_lse = tl.load(col_lse_ptr + offs_n, mask=is_query, other=float("-inf"), cache_modifier=".cg")
-        tl.store(col_lse_ptr + offs_n, logaddexp(col_lse, tile_col_lse), mask=is_query)
-        release(col_locks_ptr + col_block)
+    # Column direction first: columns see the unbiased logits of the real rows.
+    tile_col_lse = logsumexp(tl.where(row_in[:, None], logits, float("-inf")), axis=0)
+    acquire(col_locks_ptr + col_block)
+    col_lse = tl.load(col_lse_ptr + offs_n, mask=col_in, other=float("-inf"), cache_modifier=".cg")
+    tl.store(col_lse_ptr + offs_n, logaddexp(col_lse, tile_col_lse), mask=col_in)
+    release(col_locks_ptr + col_block)
 
     # Row direction: every real column, with its bias (log β on negations, or -inf).
     col_bias = tl.load(col_bias_ptr + offs_n, mask=col_in, other=float("-inf")).to(ACC_DTYPE)
