@@ -9,6 +9,7 @@ filtering on / off; TF32 or full float32 dots for float32 inputs). Configuration
 that compile to the same kernel are compiled once.
 
     python -m benchmarks.kernel_resources [--json PATH] [--dims 256 512] [--arch 80 90]
+        [--dtypes bfloat16 float32] [--defaults-only]
 
 Goal: no spills (STACK = LOCAL = 0) and shared memory within each architecture's
 per-block limit. The exit status is 1 if a kernel misses it.
@@ -28,12 +29,14 @@ import torch
 import triton
 import triton.language as tl
 
+from semclip_kernels.triton_kernels import tl_utils
 from semclip_kernels.triton_kernels.backward import backward_kernel
 from semclip_kernels.triton_kernels.heuristics import KernelConfig, backward_config, forward_config
 from semclip_kernels.triton_kernels.lse_forward import lse_forward_kernel
 
 DIMS = (256, 512, 768, 1024)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ARCHS = (80, 90)
 # Largest dynamic shared memory one block may use (CUDA programming guide, compute capabilities table).
 SHARED_LIMIT_BYTES = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
@@ -187,14 +190,14 @@ def format_row(r: Resources) -> str:
     tile = f"{r.block_m}x{r.block_n}x{r.block_d}"
     dims = ",".join(map(str, r.dims))
     return (
-        f"sm_{r.arch:<3} {r.kernel:<12} {r.variant:<18} {r.dtype:<9} {dims:<16} {tile:<11} "
-        f"{r.num_warps:>2}/{r.num_stages:<2} {r.registers:>4} {r.stack_bytes:>6} {r.local_bytes:>6} "
+        f"sm_{r.arch:<3} {r.kernel:<12} {r.variant:<23} {r.dtype:<9} {dims:<16} {tile:<11} "
+        f"{r.num_warps:>2}/{r.num_stages:<2}  {r.registers:>4} {r.stack_bytes:>6} {r.local_bytes:>6} "
         f"{r.shared_bytes // 1024:>5}K/{r.shared_limit_bytes // 1024}K  {'ok' if r.ok else 'MISS'}"
     )
 
 
 HEADER = (
-    f"{'arch':<7}{'kernel':<13}{'variant':<19}{'dtype':<10}{'d':<17}{'tile MxNxD':<12}"
+    f"{'arch':<7}{'kernel':<13}{'variant':<24}{'dtype':<10}{'d':<17}{'tile MxNxD':<12}"
     f"{'w/st':<6}{'regs':>4} {'stack':>6} {'local':>6} {'shared/limit':>12}"
 )
 
@@ -204,15 +207,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="also write the table as JSON")
     parser.add_argument("--dims", type=int, nargs="+", default=list(DIMS))
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=sorted(SHARED_LIMIT_BYTES))
+    parser.add_argument("--dtypes", nargs="+", default=list(_DTYPE_NAMES), choices=list(_DTYPE_NAMES))
     parser.add_argument("--defaults-only", action="store_true", help="only the default variant of each kernel")
     args = parser.parse_args(argv)
+    if tl_utils.INTERPRETED:
+        # Kernels defined under TRITON_INTERPRET=1 are interpreter objects and cannot be compiled:
+        # run this script again in a child process without it.
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        cmd = [sys.executable, "-m", "benchmarks.kernel_resources", *(sys.argv[1:] if argv is None else argv)]
+        return subprocess.run(cmd, env=env).returncode
     ok, reason = cuda_target_status()
     if not ok:
         print(f"cannot compile for CUDA here: {reason}", file=sys.stderr)
         return 2
     print(f"triton {triton.__version__}; tile MxNxD, w/st = num_warps/num_stages; stack/local = spill bytes")
     rows = sweep(
-        args.dims, DTYPES, args.arch, args.defaults_only,
+        args.dims, [_DTYPE_NAMES[name] for name in args.dtypes], args.arch, args.defaults_only,
         log=lambda r: print(f"compiled {r.kernel} {r.variant} {r.dtype} sm_{r.arch}", file=sys.stderr, flush=True),
     )  # fmt: skip
     print(HEADER)
