@@ -234,13 +234,15 @@ class _RingPartitions(torch.autograd.Function):
                 tau = scale.detach().requires_grad_(need_scale)
                 row_part, query_part = _block_partitions(rows, queries, block_leaf, tau, col_bias, config)
                 # lse = logaddexp over blocks of the partials, so d lse / d partial = exp(partial − lse).
-                outputs, weights = [], []
+                # Backpropagated as a scalar surrogate Σ partial·weight: the same gradient, and no
+                # grad_outputs tensor (whose first use imports sympy, seconds per process).
+                surrogate = None
                 for part, lse, grad in ((row_part, row_lse, grad_row_lse), (query_part, query_lse, grad_query_lse)):
                     if part.requires_grad:
-                        outputs.append(part)
-                        weights.append(grad * torch.exp(part.detach() - lse))
+                        term = (part * (grad * torch.exp(part.detach() - lse))).sum()
+                        surrogate = term if surrogate is None else surrogate + term
                 leaves = [leaf for leaf in (rows, queries, block_leaf, tau) if leaf.requires_grad]
-                grads = torch.autograd.grad(outputs, leaves, weights, allow_unused=True) if outputs else ()
+                grads = torch.autograd.grad(surrogate, leaves, allow_unused=True) if surrogate is not None else ()
             grad_of = {id(leaf): grad for leaf, grad in zip(leaves, grads)}
             if grad_of.get(id(rows)) is not None:
                 grad_image += grad_of[id(rows)]
