@@ -26,15 +26,16 @@ from training.synthetic import SyntheticTriplets, layout_key  # noqa: E402
 from training.train import TrainConfig, train, warmup_cosine  # noqa: E402
 
 # The vocabulary, restated independently of training/synthetic.py.
-COLOR = {"red": "red", "crimson": "red", "green": "green", "emerald": "green", "blue": "blue", "azure": "blue",
-         "yellow": "yellow", "golden": "yellow", "purple": "purple", "violet": "purple", "white": "white",
-         "ivory": "white"}
+COLOR = {"red": "red", "crimson": "red", "orange": "orange", "amber": "orange", "yellow": "yellow",
+         "golden": "yellow", "green": "green", "emerald": "green", "cyan": "cyan", "turquoise": "cyan",
+         "blue": "blue", "azure": "blue", "purple": "purple", "violet": "purple", "white": "white", "ivory": "white"}
 SHAPE = {"circle": "circle", "disk": "circle", "square": "square", "box": "square", "triangle": "triangle",
-         "wedge": "triangle", "diamond": "diamond", "rhombus": "diamond", "cross": "cross", "plus sign": "cross"}
+         "wedge": "triangle", "diamond": "diamond", "rhombus": "diamond", "cross": "cross", "plus sign": "cross",
+         "ring": "ring", "hoop": "ring", "bar": "bar", "stripe": "bar"}
 SLOT = {"on the left": "left", "at the left": "left", "in the middle": "middle", "in the center": "middle",
         "on the right": "right", "at the right": "right"}
-RGB = {"red": (220, 40, 40), "green": (40, 185, 60), "blue": (50, 90, 235), "yellow": (235, 215, 40),
-       "purple": (155, 60, 205), "white": (240, 240, 240)}
+RGB = {"red": (220, 35, 35), "orange": (245, 140, 20), "yellow": (235, 225, 40), "green": (40, 185, 60),
+       "cyan": (40, 215, 225), "blue": (45, 80, 235), "purple": (160, 55, 210), "white": (240, 240, 240)}
 
 _alt = lambda words: "|".join(sorted(words, key=len, reverse=True))  # noqa: E731
 PHRASE = re.compile(rf"\b(a|an|no) ({_alt(COLOR)}) ({_alt(SHAPE)}) ({_alt(SLOT)})")
@@ -112,8 +113,9 @@ def test_synthetic_images_show_the_described_objects(small_splits):
     for index, item in enumerate(train_set.items[:60]):
         image = train_set.images[index].numpy().astype(np.float64)
         for obj in item.objects:
-            # The centre pixel is inside every shape; its colour is the object's (±15% tint and noise).
-            pixel = image[:, int(obj.cy), int(obj.cx)]
+            # The centre pixel is inside every shape but the ring (sampled on its band); colour ±15% tint and noise.
+            y = obj.cy + (0.75 * obj.radius if obj.shape == "ring" else 0.0)
+            pixel = image[:, int(y), int(obj.cx)]
             expected = np.array(RGB[obj.color], dtype=np.float64)
             nearest = min(RGB, key=lambda name: np.abs(np.array(RGB[name]) - pixel).sum())
             assert nearest == obj.color, (pixel, expected, train_set.captions[index])

@@ -1,6 +1,6 @@
 """Procedural triplet data: coloured shapes at positions, with captions, paraphrases and negations.
 
-A scene holds 1 to 3 objects, each a distinct colour and a distinct shape, in
+A scene holds 1 to 3 objects (8 colours, 7 shapes), each a distinct colour and shape, in
 distinct horizontal slots (left / middle / right), drawn anti-aliased on a noisy
 background. A caption is a *claim*: a list of object phrases ("a red circle on
 the left") in random order, optionally followed by a true absence clause
@@ -29,21 +29,25 @@ import torch
 from torch.utils.data import Dataset
 
 COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40),
+    "red": (220, 35, 35),
+    "orange": (245, 140, 20),
+    "yellow": (235, 225, 40),
     "green": (40, 185, 60),
-    "blue": (50, 90, 235),
-    "yellow": (235, 215, 40),
-    "purple": (155, 60, 205),
+    "cyan": (40, 215, 225),
+    "blue": (45, 80, 235),
+    "purple": (160, 55, 210),
     "white": (240, 240, 240),
 }
-SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring", "bar")
 SLOTS = ("left", "middle", "right")
 
 COLOR_WORDS = {
     "red": ("red", "crimson"),
-    "green": ("green", "emerald"),
-    "blue": ("blue", "azure"),
+    "orange": ("orange", "amber"),
     "yellow": ("yellow", "golden"),
+    "green": ("green", "emerald"),
+    "cyan": ("cyan", "turquoise"),
+    "blue": ("blue", "azure"),
     "purple": ("purple", "violet"),
     "white": ("white", "ivory"),
 }
@@ -53,6 +57,8 @@ SHAPE_WORDS = {
     "triangle": ("triangle", "wedge"),
     "diamond": ("diamond", "rhombus"),
     "cross": ("cross", "plus sign"),
+    "ring": ("ring", "hoop"),
+    "bar": ("bar", "stripe"),
 }
 SLOT_WORDS = {
     "left": ("on the left", "at the left"),
@@ -64,6 +70,9 @@ ABSENCE_WORDS = ("and no", "but no", "with no")
 NEGATION_TYPES = ("negate", "affirm", "swap_color", "swap_position", "move")
 OBJECT_COUNT_PROBS = (0.2, 0.4, 0.4)  # scenes with 1, 2, 3 objects
 SPLIT_IDS = {"train": 0, "val": 1}
+# Share of captions with an absence clause ("... and no green cross"). Negation words are
+# rare in real captions, which is why contrastive training on captions alone learns to ignore them.
+ABSENCE_PROB = 0.1
 
 
 def indefinite_article(word: str) -> str:
@@ -166,6 +175,11 @@ def shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, radius: float) -> np.
     if shape == "triangle":  # apex up, base at dy = +radius
         depth = (dy + radius) / (2.0 * radius)  # 0 at the apex, 1 at the base
         return (dy <= radius) & (dy >= -radius) & (np.abs(dx) <= depth * radius * 1.1)
+    if shape == "ring":
+        distance2 = dx * dx + dy * dy
+        return (distance2 <= radius * radius) & (distance2 >= (radius * 0.5) ** 2)
+    if shape == "bar":  # a wide, short horizontal rectangle
+        return (np.abs(dx) <= radius * 1.1) & (np.abs(dy) <= radius * 0.45)
     if shape == "cross":
         arm = radius * 0.38
         return ((np.abs(dx) <= arm) & (np.abs(dy) <= radius)) | ((np.abs(dy) <= arm) & (np.abs(dx) <= radius))
@@ -310,7 +324,7 @@ class SyntheticItem:
 
 def generate_items(
     split: str, size: int, seed: int, image_size: int, n_paraphrases: int, n_negations: int,
-    absence_prob: float = 0.5, exclude_layouts: set | None = None, unique_layouts: bool = False,
+    absence_prob: float = ABSENCE_PROB, exclude_layouts: set | None = None, unique_layouts: bool = False,
 ) -> tuple[list[SyntheticItem], np.ndarray]:
     """`size` items and their uint8 images `[size, 3, H, W]`, deterministic in (split, seed)."""
     rng = np.random.default_rng([seed, SPLIT_IDS[split]])
@@ -355,10 +369,12 @@ class SyntheticTriplets(Dataset):
         n_paraphrases: int = 1,
         n_negations: int = 2,
         val_size: int = 1000,
+        absence_prob: float = ABSENCE_PROB,
     ) -> None:
         if split not in SPLIT_IDS:
             raise ValueError(f"split must be one of {tuple(SPLIT_IDS)}, got {split!r}")
-        val_kwargs = dict(seed=seed, image_size=image_size, n_paraphrases=n_paraphrases, n_negations=n_negations)
+        val_kwargs = dict(seed=seed, image_size=image_size, n_paraphrases=n_paraphrases, n_negations=n_negations,
+                          absence_prob=absence_prob)
         if split == "val":
             self.items, images = generate_items("val", size, unique_layouts=True, **val_kwargs)
         else:

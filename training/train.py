@@ -53,6 +53,7 @@ class TrainConfig:
     paraphrases_per_image: int = 1  # Pn used by the loss per step
     negations_per_image: int = 1  # Mn used by the loss per step (cycled through each item's negations)
     synthetic_negations: int = 3  # negations generated per synthetic scene (all are evaluated)
+    absence_prob: float = 0.1  # share of synthetic captions that end with a true "and no <object>" clause
     # model
     model: str = TINY_MODEL_NAME
     pretrained: str | None = None
@@ -115,7 +116,8 @@ def build_datasets(config: TrainConfig, bundle: ModelBundle, need_train: bool = 
         from .synthetic import SyntheticTriplets
 
         common = dict(seed=config.seed, image_size=bundle.image_size, n_paraphrases=config.paraphrases_per_image,
-                      n_negations=config.synthetic_negations, val_size=config.val_size)
+                      n_negations=config.synthetic_negations, val_size=config.val_size,
+                      absence_prob=config.absence_prob)
         val_set = SyntheticTriplets("val", size=config.val_size, **common)
         train_set = SyntheticTriplets("train", size=config.train_size, **common) if need_train else None
         return train_set, val_set
@@ -293,9 +295,14 @@ def train(config: TrainConfig, resume: str | None = None, stop_after: int | None
 
         done = step + 1
         window_images += config.batch_size
+        if done % config.log_every == 0 or done == config.steps:
+            logged_loss = loss.detach().clone()
+            if world.world_size > 1:  # each rank holds its local loss; their mean is the global batch's loss
+                dist.all_reduce(logged_loss)
+                logged_loss /= world.world_size
         if world.is_main and (done % config.log_every == 0 or done == config.steps):
             elapsed = time.perf_counter() - window_start
-            record = {"kind": "train", "step": done, "epoch": epoch, "loss": loss.item(),
+            record = {"kind": "train", "step": done, "epoch": epoch, "loss": logged_loss.item(),
                       "lr": scheduler.get_last_lr()[0], "logit_scale": logit_scale.item(),
                       "grad_norm": grad_norm.item(), "images_per_s": window_images / elapsed}
             append_jsonl(metrics_path, record)
