@@ -123,7 +123,8 @@ def compile_resources(kernel, constexprs: dict, dtype: torch.dtype, config: Kern
     compiled = triton.compile(
         ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs),
         target=GPUTarget("cuda", arch, 32),
-        options=dict(num_warps=config.num_warps, num_stages=config.num_stages),
+        options=dict(num_warps=config.num_warps, num_stages=config.num_stages)
+        | ({} if config.maxnreg is None else {"maxnreg": config.maxnreg}),
     )
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])

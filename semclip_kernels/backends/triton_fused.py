@@ -93,7 +93,9 @@ def _grid(n_rows: int, n_cols: int, config: KernelConfig) -> tuple[int]:
 
 
 def _common_constexprs(dtype: torch.dtype, config: KernelConfig) -> dict[str, object]:
+    launch = {} if config.maxnreg is None or tl_utils.INTERPRETED else {"maxnreg": config.maxnreg}
     return dict(
+        **launch,
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         BLOCK_D=config.block_d,

@@ -12,9 +12,11 @@ Why these entries:
   128×128 the full-float32 (FMA) dot needs 255 registers and spills on sm_90.
 - The backward holds the dots, the softmax weights and dS of a tile, then the
   [BLOCK_M, BLOCK_D] and [BLOCK_N, BLOCK_D] gradient slices, plus 2-D pointer
-  tensors for the atomic adds: a 64×64 tile with BLOCK_D 32 compiles without
-  spills (16-bit: 4 warps, ~180 registers; float32: 8 warps, as 4 warps spill
-  4 KB on the full-float32 FMA path). Measured with benchmarks/kernel_resources.py.
+  tensors for the atomic adds: a 64×64 tile compiles without spills (16-bit:
+  BLOCK_D 32, 4 warps, ~180 registers). float32 needs 8 warps (4 warps spill
+  4 KB on the full-float32 FMA path), BLOCK_D 16 and an explicit register cap
+  of 128: left alone, ptxas squeezes some variants to 80 registers and spills.
+  Measured with benchmarks/kernel_resources.py.
 - Small d (≤ 64) shrinks BLOCK_D to d rounded up, so no work is spent on padding.
 """
 
@@ -34,6 +36,7 @@ class KernelConfig:
     num_warps: int
     num_stages: int
     group_m: int = 8
+    maxnreg: int | None = None  # register cap passed to ptxas (None: ptxas decides)
 
 
 # (kind, operand bytes) -> config for d > 64; see the module docstring.
@@ -42,7 +45,7 @@ _TABLE: dict[tuple[str, int], KernelConfig] = {
     ("forward", 4): KernelConfig(block_m=128, block_n=64, block_d=32, num_warps=8, num_stages=3),
     ("forward", 8): KernelConfig(block_m=64, block_n=64, block_d=16, num_warps=4, num_stages=2),
     ("backward", 2): KernelConfig(block_m=64, block_n=64, block_d=32, num_warps=4, num_stages=2),
-    ("backward", 4): KernelConfig(block_m=64, block_n=64, block_d=32, num_warps=8, num_stages=2),
+    ("backward", 4): KernelConfig(block_m=64, block_n=64, block_d=16, num_warps=8, num_stages=2, maxnreg=128),
     ("backward", 8): KernelConfig(block_m=32, block_n=32, block_d=16, num_warps=4, num_stages=1),
 }
 MIN_BLOCK = 16  # smallest tl.dot dimension
