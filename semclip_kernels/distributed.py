@@ -135,14 +135,13 @@ def _wait(works: list[dist.Work]) -> None:
 def _block_partitions(
     image: torch.Tensor,
     queries: torch.Tensor,
-    block: torch.Tensor,
+    block_cols: torch.Tensor,
+    block_images: torch.Tensor,
     scale: torch.Tensor,
     col_bias: torch.Tensor,
     config: _RingConfig,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Partial partitions against one travelling block `[C_s; I_s]`: local images × C_s, local queries × I_s."""
-    n_cols = col_bias.shape[0]
-    block_cols, block_images = block[:n_cols], block[n_cols:]
     image_bias = torch.zeros(block_images.shape[0], dtype=col_bias.dtype, device=col_bias.device)
     row_part, _ = partitions(image, block_cols, scale, col_bias, 0, backend=config.backend, options=config.options)
     query_part, _ = partitions(
@@ -185,7 +184,10 @@ class _RingPartitions(torch.autograd.Function):
                     dist.P2POp(dist.isend, block, config.next_rank, tag=_DATA_TAG),
                     dist.P2POp(dist.irecv, incoming, config.prev_rank, tag=_DATA_TAG),
                 ])
-            row_part, query_part = _block_partitions(image, queries, block, scale, col_bias, config)
+            n_cols = cols.shape[0]
+            row_part, query_part = _block_partitions(
+                image, queries, block[:n_cols], block[n_cols:], scale, col_bias, config
+            )
             torch.logaddexp(row_lse, row_part, out=row_lse)
             torch.logaddexp(query_lse, query_part, out=query_lse)
             _wait(works)
@@ -230,9 +232,13 @@ class _RingPartitions(torch.autograd.Function):
             with torch.enable_grad():
                 rows = image.detach().requires_grad_(need_image)
                 queries = cols[:n_query].detach().requires_grad_(need_cols)
-                block_leaf = block.detach().requires_grad_(remote_grad)
+                # Only what requires grad on every rank gets gradient work (a frozen tower costs none).
+                block_cols = block[:n_cols].detach().requires_grad_(remote_grad and need_cols)
+                block_images = block[n_cols:].detach().requires_grad_(remote_grad and need_image)
                 tau = scale.detach().requires_grad_(need_scale)
-                row_part, query_part = _block_partitions(rows, queries, block_leaf, tau, col_bias, config)
+                row_part, query_part = _block_partitions(
+                    rows, queries, block_cols, block_images, tau, col_bias, config
+                )
                 # lse = logaddexp over blocks of the partials, so d lse / d partial = exp(partial − lse).
                 # Backpropagated as a scalar surrogate Σ partial·weight: the same gradient, and no
                 # grad_outputs tensor (whose first use imports sympy, seconds per process).
@@ -241,7 +247,7 @@ class _RingPartitions(torch.autograd.Function):
                     if part.requires_grad:
                         term = (part * (grad * torch.exp(part.detach() - lse))).sum()
                         surrogate = term if surrogate is None else surrogate + term
-                leaves = [leaf for leaf in (rows, queries, block_leaf, tau) if leaf.requires_grad]
+                leaves = [leaf for leaf in (rows, queries, block_cols, block_images, tau) if leaf.requires_grad]
                 grads = torch.autograd.grad(surrogate, leaves, allow_unused=True) if surrogate is not None else ()
             grad_of = {id(leaf): grad for leaf, grad in zip(leaves, grads)}
             if grad_of.get(id(rows)) is not None:
@@ -252,9 +258,10 @@ class _RingPartitions(torch.autograd.Function):
                 grad_scale += grad_of[id(tau)]
 
             if remote_grad:
-                block_grad = grad_of.get(id(block_leaf))
-                block_grad = torch.zeros_like(block, dtype=stat_dtype) if block_grad is None else block_grad
-                block_grad = block_grad.to(stat_dtype)
+                block_grad = torch.zeros(block.shape, dtype=stat_dtype, device=block.device)
+                for part, leaf in ((block_grad[:n_cols], block_cols), (block_grad[n_cols:], block_images)):
+                    if grad_of.get(id(leaf)) is not None:
+                        part.copy_(grad_of[id(leaf)])
                 if incoming_grad is not None:
                     _wait(grad_works)  # the gradient of this block accumulated by the previous ranks
                     block_grad += incoming_grad
