@@ -152,6 +152,16 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
             _semclip, rank, world_size, leaves, "torch", mode, local_loss, gwg, "extras"
         )
 
+    # A non-finite feature on rank 0 makes every rank's loss NaN; nobody crashes or hangs.
+    for mode, (local_loss, gwg) in itertools.product(MODES, [(False, False), (True, True)]):
+        leaves = local_leaves(extra, rank)
+        if rank == 0:
+            with torch.no_grad():
+                leaves[0][0, 0] = float("nan")
+        results[("nan", mode, local_loss, gwg)] = _run(
+            _semclip, rank, world_size, leaves, "torch", mode, local_loss, gwg, "extras"
+        )
+
     # Bad layouts are rejected on every rank with a clear error (and nobody hangs).
     for mode in MODES:
         results[("uneven", mode)] = _run(_bad_layout, rank, world_size, mode, BATCH + rank, 1)
@@ -389,6 +399,16 @@ def test_bfloat16(world, mode, local_loss, gather_with_grad):
         assert all(g.dtype == torch.bfloat16 for g in got[1][:4]), [g.dtype for g in got[1][:4]]
         # The features are the float32 case rounded to bfloat16: compare with the float32 expectation at 2e-2.
         assert_close(got, want[r], f"bfloat16 rank {r}", loss_tol=2e-2, grad_tol=2e-2)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_nan_feature_propagates_to_every_rank(world, mode):
+    world_size, ranks = world
+    for local_loss, gather_with_grad in [(False, False), (True, True)]:
+        for r in range(world_size):
+            got = ranks[r][("nan", mode, local_loss, gather_with_grad)]
+            assert not isinstance(got, str), got
+            assert torch.isnan(got[0]), f"rank {r}: loss {float(got[0])} with a NaN feature on rank 0"
 
 
 @pytest.mark.parametrize("mode", MODES)
