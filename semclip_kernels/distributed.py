@@ -30,10 +30,10 @@ import torch.distributed as dist
 
 from .backends import BACKENDS, partitions
 from .backends.options import PartitionOptions
+from .loss import DISTRIBUTED_MODES as MODES
 from .loss import build_columns, combine_partitions, positive_logits
 from .validation import SUPPORTED_DTYPES, SemCLIPInputs, check_inputs, check_weight
 
-MODES = ("gather", "ring")
 _DATA_TAG, _GRAD_TAG = 7301, 7302  # distinct tags: feature blocks and gradient blocks never match each other
 
 # Collectives under their current names, with the older names as fallback.

@@ -21,6 +21,9 @@ from .backends import BACKENDS, partitions
 from .backends.options import PartitionOptions
 from .validation import SemCLIPInputs, check_inputs, check_weight
 
+# "gather": all-gather the columns (open_clip's way); "ring": column blocks travel rank to rank (Inf-CL's way).
+DISTRIBUTED_MODES = ("gather", "ring")
+
 
 def build_columns(
     inputs: SemCLIPInputs, paraphrase_weight: float, hard_negative_weight: float
@@ -154,6 +157,8 @@ class SemCLIPLoss(nn.Module):
             raise ValueError("use_horovod is not supported: SemCLIPLoss runs on torch.distributed")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if distributed_mode not in DISTRIBUTED_MODES:
+            raise ValueError(f"distributed_mode must be one of {DISTRIBUTED_MODES}, got {distributed_mode!r}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         self.local_loss = local_loss
