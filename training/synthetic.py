@@ -10,7 +10,8 @@ training and their paraphrases use the whole vocabulary.
 
 - A paraphrase states the same claims in other words and/or order.
 - A negation is a minimal edit of the caption, keeping its wording, that makes it
-  false for the image: "a" -> "no" on a present object (`negate`), "no" -> "a"
+  false for the image: "a" -> "no" on a present object (`negate`), an absence
+  clause naming a present object, "... and no blue square" (`deny`), "no" -> "a"
   in the absence clause (`affirm`), two objects' colours swapped (`swap_color`),
   two objects' positions swapped (`swap_position`), or an object moved to an
   empty slot (`move`).
@@ -67,7 +68,7 @@ SLOT_WORDS = {
 }
 ABSENCE_WORDS = ("and no", "but no", "with no")
 
-NEGATION_TYPES = ("negate", "affirm", "swap_color", "swap_position", "move")
+NEGATION_TYPES = ("negate", "deny", "affirm", "swap_color", "swap_position", "move")
 OBJECT_COUNT_PROBS = (0.2, 0.4, 0.4)  # scenes with 1, 2, 3 objects
 SPLIT_IDS = {"train": 0, "val": 1}
 # Share of captions with an absence clause ("... and no green cross"). Negation words are
@@ -274,6 +275,16 @@ def negation_edits(claim: Claim, objects: tuple[SceneObject, ...]) -> list[tuple
         edits.append(("negate", Claim(tuple(edited), claim.absence)))
     if claim.absence is not None:
         edits.append(("affirm", Claim(phrases, replace(claim.absence, affirmed=True))))
+    for phrase in phrases:
+        # Deny an object that is there, in the caption's own words: "... and no blue square". The
+        # negation then holds *more* words that match the image than the caption: a bag-of-words
+        # text encoder prefers it, one that reads "no" does not (CC-Neg's failure mode).
+        if claim.absence is None:
+            denial = Absence(phrase.color, phrase.shape, False, 0, phrase.color_word, phrase.shape_word)
+        else:
+            denial = replace(claim.absence, color=phrase.color, shape=phrase.shape, color_word=phrase.color_word,
+                             shape_word=phrase.shape_word)
+        edits.append(("deny", Claim(phrases, denial)))
     occupied = {p.slot for p in phrases}
     for i in range(len(phrases)):
         for j in range(i + 1, len(phrases)):
