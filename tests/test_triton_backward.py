@@ -76,7 +76,7 @@ def assert_matches_oracle(case: Case, w=1.0, beta=1.0, loss_tol=1e-5, grad_tol=1
 EXTRAS = [(None, None), (1, None), (None, 1), (1, 1), (3, 2), (2, 4)]
 
 
-@pytest.mark.parametrize("batch,dim", [(13, 40), (21, 129)])
+@pytest.mark.parametrize("batch,dim", [(13, 40), (21, 72)])  # d: 2 and 3 ragged BLOCK_D slices
 @pytest.mark.parametrize("n_para,n_neg", EXTRAS)
 def test_gradients_match_oracle(batch, dim, n_para, n_neg):
     case = on_device(make_case(batch, dim, n_para, n_neg, tau=14.3, seed=batch + dim, extra_as_2d=True))
@@ -125,7 +125,7 @@ def test_frozen_inputs(frozen):
 
 def test_gradcheck_float64():
     # float64 end to end (the kernels accumulate in float64 for float64 inputs).
-    case = on_device(make_case(6, 5, 1, 1, tau=3.0, dtype=torch.float64, seed=1))
+    case = on_device(make_case(4, 3, 1, 1, tau=3.0, dtype=torch.float64, seed=1))
     scale = case.logit_scale.detach().double().requires_grad_()
 
     def loss(image, text, tau, para, neg):

@@ -187,3 +187,13 @@ def test_availability_and_precision_switches(monkeypatch):
     assert triton_fused._dot_precision(torch.float32) == "ieee"
     monkeypatch.setattr(triton_fused.tl_utils, "INTERPRETED", True)
     assert triton_fused._upcast_dot(torch.bfloat16) is True
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_forward_and_backward_slice_d_alike(dtype):
+    # The backward recomputes the forward's dots; both must round alike (same BLOCK_D) so that the
+    # recomputed softmax weights are normalized by the forward's log-partitions.
+    from semclip_kernels.triton_kernels.heuristics import backward_config, forward_config
+
+    for dim in (1, 8, 17, 64, 129, 512, 1280):
+        assert forward_config(dim, dtype).block_d == backward_config(dim, dtype).block_d

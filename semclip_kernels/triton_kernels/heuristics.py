@@ -5,19 +5,21 @@ The call sites never pick a number: they ask `forward_config` / `backward_config
 checks registers, spills and shared memory.
 
 Why these entries:
+- BLOCK_D is one value per dtype for both kernels (see `_BLOCK_D`).
 - The forward keeps one float32 [BLOCK_M, BLOCK_N] accumulator; 128×128 with 8
   warps is the usual tensor-core GEMM tile. Shared memory per pipeline stage is
-  (BLOCK_M + BLOCK_N)·BLOCK_D·itemsize = 32 KB for 16-bit (BLOCK_D 64), so 3
-  stages (96 KB) fit sm_80 (163 KB) and sm_90 (227 KB). float32 uses 128×64: at
-  128×128 the full-float32 (FMA) dot needs 255 registers and spills on sm_90.
+  (BLOCK_M + BLOCK_N)·BLOCK_D·itemsize = 16 KB for 16-bit, so 4 stages fit
+  sm_80 (163 KB) and sm_90 (227 KB). float32 uses 128×64: at 128×128 the
+  full-float32 (FMA) dot needs 255 registers and spills on sm_90.
 - The backward holds the dots, the softmax weights and dS of a tile, then the
   [BLOCK_M, BLOCK_D] and [BLOCK_N, BLOCK_D] gradient slices, plus 2-D pointer
   tensors for the atomic adds: a 64×64 tile compiles without spills (16-bit:
-  BLOCK_D 32, 4 warps, ~180 registers). float32 needs 8 warps (4 warps spill
-  4 KB on the full-float32 FMA path), BLOCK_D 16 and an explicit register cap
-  of 128: left alone, ptxas squeezes some variants to 80 registers and spills.
+  4 warps, ~180 registers). float32 needs 8 warps (4 warps spill 4 KB on the
+  full-float32 FMA path) and an explicit register cap of 168: left alone,
+  ptxas squeezes some variants to 80 registers and spills; at 128 it spills
+  on sm_80.
   Measured with benchmarks/kernel_resources.py.
-- Small d (≤ 64) shrinks BLOCK_D to d rounded up, so no work is spent on padding.
+- Small d shrinks BLOCK_D to d rounded up (at least 16), so no work is spent on padding.
 """
 
 from __future__ import annotations
@@ -39,15 +41,21 @@ class KernelConfig:
     maxnreg: int | None = None  # register cap passed to ptxas (None: ptxas decides)
 
 
-# (kind, operand bytes) -> config for d > 64; see the module docstring.
+# BLOCK_D per operand size, shared by the forward and the backward: the backward's recomputed
+# dots must round exactly like the forward's (same d-slices, same dot), or its softmax weights
+# stop summing to 1 against the forward's log-partitions; with logits in the thousands that
+# costs 1e-4 in the gradients (tests/test_triton_backward.py::test_large_logits_default_blocks).
+_BLOCK_D = {2: 32, 4: 32, 8: 16}
+# (kind, operand bytes) -> config for d >= BLOCK_D; see the module docstring.
 _TABLE: dict[tuple[str, int], KernelConfig] = {
-    ("forward", 2): KernelConfig(block_m=128, block_n=128, block_d=64, num_warps=8, num_stages=3),
+    ("forward", 2): KernelConfig(block_m=128, block_n=128, block_d=32, num_warps=8, num_stages=4),
     ("forward", 4): KernelConfig(block_m=128, block_n=64, block_d=32, num_warps=8, num_stages=3),
     ("forward", 8): KernelConfig(block_m=64, block_n=64, block_d=16, num_warps=4, num_stages=2),
     ("backward", 2): KernelConfig(block_m=64, block_n=64, block_d=32, num_warps=4, num_stages=2),
-    ("backward", 4): KernelConfig(block_m=64, block_n=64, block_d=16, num_warps=8, num_stages=2, maxnreg=128),
+    ("backward", 4): KernelConfig(block_m=64, block_n=64, block_d=32, num_warps=8, num_stages=2, maxnreg=168),
     ("backward", 8): KernelConfig(block_m=32, block_n=32, block_d=16, num_warps=4, num_stages=1),
 }
+assert all(config.block_d == _BLOCK_D[size] for (_, size), config in _TABLE.items())
 MIN_BLOCK = 16  # smallest tl.dot dimension
 MAX_BLOCK = 256
 
