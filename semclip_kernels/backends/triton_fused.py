@@ -13,6 +13,7 @@ this module is first imported.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -88,6 +89,11 @@ def last_backward_stats() -> dict[str, int]:
     return {"tiles": int(_last_backward["tiles"]), "skipped_tiles": int(_last_backward["skipped_tiles"].item())}
 
 
+def _on_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it the tensors' device."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
 def _grid(n_rows: int, n_cols: int, config: KernelConfig) -> tuple[int]:
     return (triton.cdiv(n_rows, config.block_m) * triton.cdiv(n_cols, config.block_n),)
 
@@ -131,12 +137,13 @@ class FusedPartitions(torch.autograd.Function):
         if n_rows > 0 and n_cols > 0:
             row_locks = torch.zeros(triton.cdiv(n_rows, config.block_m), dtype=torch.int32, device=rows.device)
             col_locks = torch.zeros(triton.cdiv(n_cols, config.block_n), dtype=torch.int32, device=rows.device)
-            lse_forward_kernel[_grid(n_rows, n_cols, config)](
-                rows, cols, scale_stat, col_bias, row_lse, all_col_lse, row_locks, col_locks,
-                n_rows, n_cols, dim,
-                rows.stride(0), rows.stride(1), cols.stride(0), cols.stride(1),
-                **_common_constexprs(rows.dtype, config),
-            )  # fmt: skip
+            with _on_device(rows):
+                lse_forward_kernel[_grid(n_rows, n_cols, config)](
+                    rows, cols, scale_stat, col_bias, row_lse, all_col_lse, row_locks, col_locks,
+                    n_rows, n_cols, dim,
+                    rows.stride(0), rows.stride(1), cols.stride(0), cols.stride(1),
+                    **_common_constexprs(rows.dtype, config),
+                )  # fmt: skip
         ctx.save_for_backward(rows, cols, scale_stat, col_bias, row_lse, all_col_lse)
         ctx.n_query_cols = n_query_cols
         ctx.options = options
@@ -169,23 +176,24 @@ class FusedPartitions(torch.autograd.Function):
 
         if (need_rows or need_cols or need_scale) and (has_row_grad or has_col_grad) and grid[0] > 0:
             dummy = grad_scale  # stands in for pointers a constexpr flag keeps unused
-            backward_kernel[grid](
-                rows, cols, scale_stat, col_bias, row_lse, all_col_lse, max_row_lse,
-                grad_row_lse.contiguous() if has_row_grad else dummy,
-                grad_col_lse.contiguous() if has_col_grad else dummy,
-                grad_rows if need_rows else dummy,
-                grad_cols if need_cols else dummy,
-                grad_scale, skipped_tiles, eps,
-                n_rows, n_cols, n_query_cols, dim,
-                rows.stride(0), rows.stride(1), cols.stride(0), cols.stride(1),
-                HAS_ROW_GRAD=has_row_grad,
-                HAS_COL_GRAD=has_col_grad,
-                NEED_GRAD_ROWS=need_rows,
-                NEED_GRAD_COLS=need_cols,
-                NEED_GRAD_SCALE=need_scale,
-                FILTER=eps > 0 and has_row_grad,  # see backward.py: the filter needs the row direction
-                **_common_constexprs(rows.dtype, config),
-            )  # fmt: skip
+            with _on_device(rows):
+                backward_kernel[grid](
+                    rows, cols, scale_stat, col_bias, row_lse, all_col_lse, max_row_lse,
+                    grad_row_lse.contiguous() if has_row_grad else dummy,
+                    grad_col_lse.contiguous() if has_col_grad else dummy,
+                    grad_rows if need_rows else dummy,
+                    grad_cols if need_cols else dummy,
+                    grad_scale, skipped_tiles, eps,
+                    n_rows, n_cols, n_query_cols, dim,
+                    rows.stride(0), rows.stride(1), cols.stride(0), cols.stride(1),
+                    HAS_ROW_GRAD=has_row_grad,
+                    HAS_COL_GRAD=has_col_grad,
+                    NEED_GRAD_ROWS=need_rows,
+                    NEED_GRAD_COLS=need_cols,
+                    NEED_GRAD_SCALE=need_scale,
+                    FILTER=eps > 0 and has_row_grad,  # see backward.py: the filter needs the row direction
+                    **_common_constexprs(rows.dtype, config),
+                )  # fmt: skip
         _last_backward.update(tiles=grid[0], skipped_tiles=skipped_tiles)
         return (
             grad_rows.to(rows.dtype) if need_rows else None,
