@@ -25,8 +25,9 @@ is below `filter_eps`:
 
 The third term protects columns that are nobody's query (negations): their
 gradient is made only of row-softmax weights, which may all be tiny. The
-factor 1/mass_lb_c is clamped at e^80: a weight it would still let through is
-below 1e-35 · filter_eps, under float32's normal range. `filter_eps` is chosen
+factor 1/mass_lb_c is clamped at e^80 (so p_ic·factor cannot overflow float32):
+a weight skipped because of the clamp is below e^-80·filter_eps ≈ 2e-35·filter_eps,
+under float32's normal range. `filter_eps` is chosen
 by the caller; its default keeps every row's and column's dropped mass below
 float32's unit roundoff (see `backends/triton_fused.py`). The filter assumes
 the upstream gradients g_row are of one magnitude (they are all 1/(2B) in the
