@@ -3,7 +3,8 @@
 A scene holds 1 to 3 objects (8 colours, 7 shapes), each a distinct colour and shape, in
 distinct horizontal slots (left / middle / right), drawn anti-aliased on a noisy
 background. A caption is a *claim*: a list of object phrases ("a red circle on
-the left") in random order, optionally followed by a true absence clause
+the left") in random order (in training, sometimes leaving one object out, as
+real captions do), optionally followed by a true absence clause
 ("and no green cross"). Words are drawn from synonym sets ("red"/"crimson",
 "square"/"box", "on the left"/"at the left"), so both the captions seen in
 training and their paraphrases use the whole vocabulary.
@@ -73,7 +74,10 @@ OBJECT_COUNT_PROBS = (0.2, 0.4, 0.4)  # scenes with 1, 2, 3 objects
 SPLIT_IDS = {"train": 0, "val": 1}
 # Share of captions with an absence clause ("... and no green cross"). Negation words are
 # rare in real captions, which is why contrastive training on captions alone learns to ignore them.
-ABSENCE_PROB = 0.1
+ABSENCE_PROB = 0.02
+# Share of training captions that leave one object out. Validation captions describe every
+# object, so that retrieval has exactly one right answer.
+PARTIAL_PROB = 0.3
 
 
 def indefinite_article(word: str) -> str:
@@ -229,9 +233,14 @@ def layout_key(objects: tuple[SceneObject, ...]) -> frozenset:
     return frozenset((o.color, o.shape, o.slot) for o in objects)
 
 
-def sample_claim(rng: np.random.Generator, objects: tuple[SceneObject, ...], absence_prob: float) -> Claim:
-    """A true caption: every object in random order, random synonyms, maybe an absence clause."""
+def sample_claim(
+    rng: np.random.Generator, objects: tuple[SceneObject, ...], absence_prob: float, partial_prob: float = 0.0
+) -> Claim:
+    """A true caption: the objects in random order (one left out with probability `partial_prob`,
+    as real captions leave things out), random synonyms, maybe an absence clause."""
     order = rng.permutation(len(objects))
+    if len(objects) > 1 and partial_prob > 0 and rng.random() < partial_prob:
+        order = order[:-1]
     phrases = tuple(
         Phrase(o.color, o.shape, o.slot, False, int(rng.integers(2)), int(rng.integers(2)), int(rng.integers(2)))
         for o in (objects[i] for i in order)
@@ -275,17 +284,19 @@ def negation_edits(claim: Claim, objects: tuple[SceneObject, ...]) -> list[tuple
         edits.append(("negate", Claim(tuple(edited), claim.absence)))
     if claim.absence is not None:
         edits.append(("affirm", Claim(phrases, replace(claim.absence, affirmed=True))))
-    for phrase in phrases:
-        # Deny an object that is there, in the caption's own words: "... and no blue square". The
-        # negation then holds *more* words that match the image than the caption: a bag-of-words
-        # text encoder prefers it, one that reads "no" does not (CC-Neg's failure mode).
+    wording = {(p.color, p.shape): (p.color_word, p.shape_word) for p in phrases}
+    for obj in objects:
+        # Deny an object that is there (mentioned or not), in the caption's words: "... and no blue
+        # square". The negation then holds *more* words that match the image than the caption: a
+        # bag-of-words text encoder prefers it, one that reads "no" does not (CC-Neg's failure mode).
+        color_word, shape_word = wording.get((obj.color, obj.shape), (0, 0))
         if claim.absence is None:
-            denial = Absence(phrase.color, phrase.shape, False, 0, phrase.color_word, phrase.shape_word)
+            denial = Absence(obj.color, obj.shape, False, 0, color_word, shape_word)
         else:
-            denial = replace(claim.absence, color=phrase.color, shape=phrase.shape, color_word=phrase.color_word,
-                             shape_word=phrase.shape_word)
+            denial = replace(claim.absence, color=obj.color, shape=obj.shape, color_word=color_word,
+                             shape_word=shape_word)
         edits.append(("deny", Claim(phrases, denial)))
-    occupied = {p.slot for p in phrases}
+    occupied = {o.slot for o in objects}
     for i in range(len(phrases)):
         for j in range(i + 1, len(phrases)):
             a, b = phrases[i], phrases[j]
@@ -335,7 +346,8 @@ class SyntheticItem:
 
 def generate_items(
     split: str, size: int, seed: int, image_size: int, n_paraphrases: int, n_negations: int,
-    absence_prob: float = ABSENCE_PROB, exclude_layouts: set | None = None, unique_layouts: bool = False,
+    absence_prob: float = ABSENCE_PROB, partial_prob: float = 0.0, exclude_layouts: set | None = None,
+    unique_layouts: bool = False,
 ) -> tuple[list[SyntheticItem], np.ndarray]:
     """`size` items and their uint8 images `[size, 3, H, W]`, deterministic in (split, seed)."""
     rng = np.random.default_rng([seed, SPLIT_IDS[split]])
@@ -355,7 +367,7 @@ def generate_items(
             if key in seen:
                 continue
             seen.add(key)
-        caption = sample_claim(rng, objects, absence_prob)
+        caption = sample_claim(rng, objects, absence_prob, partial_prob)
         paraphrases = tuple(reword(rng, caption) for _ in range(n_paraphrases))
         negations = sample_negations(rng, caption, objects, n_negations)
         images[len(items)] = render(objects, image_size, rng)
@@ -381,6 +393,7 @@ class SyntheticTriplets(Dataset):
         n_negations: int = 2,
         val_size: int = 1000,
         absence_prob: float = ABSENCE_PROB,
+        partial_prob: float = PARTIAL_PROB,
     ) -> None:
         if split not in SPLIT_IDS:
             raise ValueError(f"split must be one of {tuple(SPLIT_IDS)}, got {split!r}")
@@ -391,7 +404,8 @@ class SyntheticTriplets(Dataset):
         else:
             val_layouts = {layout_key(item.objects) for item in
                            generate_items("val", val_size, unique_layouts=True, **val_kwargs)[0]}
-            self.items, images = generate_items("train", size, exclude_layouts=val_layouts, **val_kwargs)
+            self.items, images = generate_items("train", size, exclude_layouts=val_layouts, partial_prob=partial_prob,
+                                                **val_kwargs)
         self.images = torch.from_numpy(images)
         self.captions = [item.caption.text() for item in self.items]
         self.paraphrases = [[p.text() for p in item.paraphrases] for item in self.items]

@@ -53,7 +53,8 @@ class TrainConfig:
     paraphrases_per_image: int = 1  # Pn used by the loss per step
     negations_per_image: int = 1  # Mn used by the loss per step (cycled through each item's negations)
     synthetic_negations: int = 3  # negations generated per synthetic scene (all are evaluated)
-    absence_prob: float = 0.1  # share of synthetic captions that end with a true "and no <object>" clause
+    absence_prob: float = 0.02  # share of synthetic captions that end with a true "and no <object>" clause
+    partial_prob: float = 0.3  # share of synthetic training captions that leave one object out
     # model
     model: str = TINY_MODEL_NAME
     pretrained: str | None = None
@@ -117,7 +118,7 @@ def build_datasets(config: TrainConfig, bundle: ModelBundle, need_train: bool = 
 
         common = dict(seed=config.seed, image_size=bundle.image_size, n_paraphrases=config.paraphrases_per_image,
                       n_negations=config.synthetic_negations, val_size=config.val_size,
-                      absence_prob=config.absence_prob)
+                      absence_prob=config.absence_prob, partial_prob=config.partial_prob)
         val_set = SyntheticTriplets("val", size=config.val_size, **common)
         train_set = SyntheticTriplets("train", size=config.train_size, **common) if need_train else None
         return train_set, val_set
