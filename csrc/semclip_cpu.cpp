@@ -251,99 +251,110 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& rows, const at::Tensor& 
   std::mutex deposit_mutex;
   std::condition_variable deposit_done;
 
+  bool part_failed = false;  // set (under deposit_mutex) when a part throws, so no other part waits forever
   parts.run([&](int64_t part) {
-    const FlushDenormals flush_denormals;
-    at::Tensor s_buffer = at::empty({br * bc}, opts);
-    at::Tensor g_buffer = at::empty({br * bc}, opts);
-    at::Tensor col_grad_buffer = need_cols ? at::empty({bc, rows.size(1)}, opts) : at::Tensor();
-    std::vector<T> u(br), v(bc);
-    std::vector<int64_t> exact_rows, exact_cols;
-    for (int64_t cb = 0; cb < n_cb; ++cb) {
-      bool col_grad_live = false;  // whether col_grad_buffer holds this column block's sum yet
-      for (int64_t rb = parts.begin(part); rb < parts.end(part); ++rb) {
-        const Tile t = make_tile(rb, cb, M, K, Kq, br, bc);
-        // Filter: skip when every row weight and every column weight of the tile is below eps, judged from
-        // the tile max the forward recorded, so a skipped tile costs no product at all.
-        const double fwd_max = fwd_tile_max[rb * n_cb + cb];
-        const double row_bound = fwd_max + cb_max_bias[cb] - rb_min_lse[rb];
-        const double col_bound = t.nq > 0 ? fwd_max - cb_min_col_lse[cb] : -inf;
-        if (row_bound < log_eps && col_bound < log_eps) {
-          skipped.fetch_add(1, std::memory_order_relaxed);
-          continue;
-        }
-        const at::Tensor S_tile = logits_tile(s_buffer, rows, cols, t, scale);
-        const T* S = S_tile.data_ptr<T>();
-        const T shift = fwd_tile_max[rb * n_cb + cb];  // the same products as the forward's: no max pass
-
-        exact_rows.clear();
-        exact_cols.clear();
-        for (int64_t i = 0; i < t.nr; ++i) {
-          const T g = gr[t.r0 + i], excess = shift - rl[t.r0 + i];
-          u[i] = 0;
-          if (g == 0) continue;
-          if (excess <= kMaxShiftExcess)
-            u[i] = g * std::exp(excess);
-          else
-            exact_rows.push_back(i);  // also NaN
-        }
-        for (int64_t j = 0; j < t.nc; ++j) {
-          v[j] = 0;
-          if (j >= t.nq) continue;
-          const T g = gc[t.c0 + j], excess = shift - cl[t.c0 + j];
-          if (g == 0) continue;
-          if (excess <= kMaxShiftExcess)
-            v[j] = g * std::exp(excess);
-          else
-            exact_cols.push_back(j);
-        }
-
-        at::Tensor G_tile = g_buffer.narrow(0, 0, t.nr * t.nc).view({t.nr, t.nc});
-        T* G = G_tile.data_ptr<T>();
-        double dot = 0;
-        for (int64_t i = 0; i < t.nr; ++i)
-          dot += row_grad_logits(S + i * t.nc, w + t.c0, v.data(), t.nc, shift, u[i], G + i * t.nc);
-        for (int64_t i : exact_rows) {
-          const T g = gr[t.r0 + i], lse = rl[t.r0 + i];
-          for (int64_t j = 0; j < t.nc; ++j) {
-            const T s = S[i * t.nc + j], p = g * std::exp(s + bias[t.c0 + j] - lse);
-            G[i * t.nc + j] += p;
-            dot += double(p) * s;
+    try {
+      const FlushDenormals flush_denormals;
+      at::Tensor s_buffer = at::empty({br * bc}, opts);
+      at::Tensor g_buffer = at::empty({br * bc}, opts);
+      at::Tensor col_grad_buffer = need_cols ? at::empty({bc, rows.size(1)}, opts) : at::Tensor();
+      std::vector<T> u(br), v(bc);
+      std::vector<int64_t> exact_rows, exact_cols;
+      for (int64_t cb = 0; cb < n_cb; ++cb) {
+        bool col_grad_live = false;  // whether col_grad_buffer holds this column block's sum yet
+        for (int64_t rb = parts.begin(part); rb < parts.end(part); ++rb) {
+          const Tile t = make_tile(rb, cb, M, K, Kq, br, bc);
+          // Filter: skip when every row weight and every column weight of the tile is below eps, judged from
+          // the tile max the forward recorded, so a skipped tile costs no product at all.
+          const double fwd_max = fwd_tile_max[rb * n_cb + cb];
+          const double row_bound = fwd_max + cb_max_bias[cb] - rb_min_lse[rb];
+          const double col_bound = t.nq > 0 ? fwd_max - cb_min_col_lse[cb] : -inf;
+          if (row_bound < log_eps && col_bound < log_eps) {
+            skipped.fetch_add(1, std::memory_order_relaxed);
+            continue;
           }
-        }
-        for (int64_t j : exact_cols) {
-          const T g = gc[t.c0 + j], lse = cl[t.c0 + j];
+          const at::Tensor S_tile = logits_tile(s_buffer, rows, cols, t, scale);
+          const T* S = S_tile.data_ptr<T>();
+          const T shift = fwd_tile_max[rb * n_cb + cb];  // the same products as the forward's: no max pass
+
+          exact_rows.clear();
+          exact_cols.clear();
           for (int64_t i = 0; i < t.nr; ++i) {
-            const T s = S[i * t.nc + j], p = g * std::exp(s - lse);
-            G[i * t.nc + j] += p;
-            dot += double(p) * s;
+            const T g = gr[t.r0 + i], excess = shift - rl[t.r0 + i];
+            u[i] = 0;
+            if (g == 0) continue;
+            if (excess <= kMaxShiftExcess)
+              u[i] = g * std::exp(excess);
+            else
+              exact_rows.push_back(i);  // also NaN
+          }
+          for (int64_t j = 0; j < t.nc; ++j) {
+            v[j] = 0;
+            if (j >= t.nq) continue;
+            const T g = gc[t.c0 + j], excess = shift - cl[t.c0 + j];
+            if (g == 0) continue;
+            if (excess <= kMaxShiftExcess)
+              v[j] = g * std::exp(excess);
+            else
+              exact_cols.push_back(j);
+          }
+
+          at::Tensor G_tile = g_buffer.narrow(0, 0, t.nr * t.nc).view({t.nr, t.nc});
+          T* G = G_tile.data_ptr<T>();
+          double dot = 0;
+          for (int64_t i = 0; i < t.nr; ++i)
+            dot += row_grad_logits(S + i * t.nc, w + t.c0, v.data(), t.nc, shift, u[i], G + i * t.nc);
+          for (int64_t i : exact_rows) {
+            const T g = gr[t.r0 + i], lse = rl[t.r0 + i];
+            for (int64_t j = 0; j < t.nc; ++j) {
+              const T s = S[i * t.nc + j], p = g * std::exp(s + bias[t.c0 + j] - lse);
+              G[i * t.nc + j] += p;
+              dot += double(p) * s;
+            }
+          }
+          for (int64_t j : exact_cols) {
+            const T g = gc[t.c0 + j], lse = cl[t.c0 + j];
+            for (int64_t i = 0; i < t.nr; ++i) {
+              const T s = S[i * t.nc + j], p = g * std::exp(s - lse);
+              G[i * t.nc + j] += p;
+              dot += double(p) * s;
+            }
+          }
+          exact_lines.fetch_add(int64_t(exact_rows.size() + exact_cols.size()), std::memory_order_relaxed);
+          scale_dot[part] += dot;
+
+          const at::Tensor row_tile = rows.narrow(0, t.r0, t.nr);
+          const at::Tensor col_tile = cols.narrow(0, t.c0, t.nc);
+          if (need_scale && scale == 0)
+            scale_dot_raw[part] += (G_tile * at::mm(row_tile, col_tile.t())).sum().item<double>();
+          if (need_rows) grad_rows.narrow(0, t.r0, t.nr).addmm_(G_tile, col_tile, /*beta=*/1, /*alpha=*/scale);
+          if (need_cols) {
+            at::Tensor col_grad = col_grad_buffer.narrow(0, 0, t.nc);
+            col_grad.addmm_(G_tile.t(), row_tile, /*beta=*/col_grad_live ? 1 : 0, /*alpha=*/scale);
+            col_grad_live = true;
           }
         }
-        exact_lines.fetch_add(int64_t(exact_rows.size() + exact_cols.size()), std::memory_order_relaxed);
-        scale_dot[part] += dot;
-
-        const at::Tensor row_tile = rows.narrow(0, t.r0, t.nr);
-        const at::Tensor col_tile = cols.narrow(0, t.c0, t.nc);
-        if (need_scale && scale == 0)
-          scale_dot_raw[part] += (G_tile * at::mm(row_tile, col_tile.t())).sum().item<double>();
-        if (need_rows) grad_rows.narrow(0, t.r0, t.nr).addmm_(G_tile, col_tile, /*beta=*/1, /*alpha=*/scale);
         if (need_cols) {
-          at::Tensor col_grad = col_grad_buffer.narrow(0, 0, t.nc);
-          col_grad.addmm_(G_tile.t(), row_tile, /*beta=*/col_grad_live ? 1 : 0, /*alpha=*/scale);
-          col_grad_live = true;
+          std::unique_lock<std::mutex> lock(deposit_mutex);
+          deposit_done.wait(lock, [&] { return deposits[cb] == part || part_failed; });
+          TORCH_CHECK(!part_failed, "semclip_kernels._C: another part of the backward failed");
+          lock.unlock();
+          if (col_grad_live) {
+            const int64_t c0 = cb * bc, nc = std::min(bc, K - c0);
+            grad_cols.narrow(0, c0, nc).add_(col_grad_buffer.narrow(0, 0, nc));
+          }
+          lock.lock();
+          deposits[cb] += 1;
+          deposit_done.notify_all();
         }
       }
-      if (need_cols) {
-        std::unique_lock<std::mutex> lock(deposit_mutex);
-        deposit_done.wait(lock, [&] { return deposits[cb] == part; });
-        lock.unlock();
-        if (col_grad_live) {
-          const int64_t c0 = cb * bc, nc = std::min(bc, K - c0);
-          grad_cols.narrow(0, c0, nc).add_(col_grad_buffer.narrow(0, 0, nc));
-        }
-        lock.lock();
-        deposits[cb] += 1;
-        deposit_done.notify_all();
+    } catch (...) {
+      {
+        std::lock_guard<std::mutex> lock(deposit_mutex);
+        part_failed = true;
       }
+      deposit_done.notify_all();
+      throw;
     }
   });
 
