@@ -24,8 +24,8 @@ except ImportError as error:  # not built: `auto` falls back, `cpp` explains how
 else:
     _IMPORT_ERROR = ""
 
-# 256 × 512 float32 logits (512 KiB) plus the gradient tile fit the 1 MiB L2 of a core; measured in
-# benchmarks/bench_cpu_kernel.py against other shapes.
+# 256 × 512 float32 logits (512 KiB) plus the gradient tile fit the 1 MiB L2 of a core; other shapes
+# measured no faster (docs/cpu_kernel.md).
 DEFAULT_BLOCK_ROWS = 256
 DEFAULT_BLOCK_COLS = 512
 
