@@ -245,12 +245,15 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& rows, const at::Tensor& 
   const double log_eps = eps > 0 ? std::log(eps) : -std::numeric_limits<double>::infinity();
 
   // grad_cols of a column block collects from every part. Each part sums its own contributions in a
-  // private block_cols × d buffer, then adds it to grad_cols in part order (0, 1, …): deterministic,
-  // and the parts sweep the column blocks in the same order, so a part rarely waits for its turn.
+  // private block_cols × d buffer, then adds it to grad_cols: with more than two parts in part order
+  // (0, 1, …), deterministic, and the parts sweep the column blocks in the same order, so a part rarely
+  // waits for its turn; with two parts in either order (see below).
   std::vector<int64_t> deposits(n_cb, 0);  // parts that have added their share of each column block
   std::mutex deposit_mutex;
   std::condition_variable deposit_done;
 
+  const bool ordered_deposits = parts.count > 2;
+  std::vector<std::mutex> col_locks(ordered_deposits ? 0 : n_cb);
   bool part_failed = false;  // set (under deposit_mutex) when a part throws, so no other part waits forever
   parts.run([&](int64_t part) {
     try {
@@ -260,6 +263,10 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& rows, const at::Tensor& 
       at::Tensor col_grad_buffer = need_cols ? at::empty({bc, rows.size(1)}, opts) : at::Tensor();
       std::vector<T> u(br), v(bc);
       std::vector<int64_t> exact_rows, exact_cols;
+      const auto add_col_grad = [&](int64_t cb) {
+        const int64_t c0 = cb * bc, nc = std::min(bc, K - c0);
+        grad_cols.narrow(0, c0, nc).add_(col_grad_buffer.narrow(0, 0, nc));
+      };
       for (int64_t cb = 0; cb < n_cb; ++cb) {
         bool col_grad_live = false;  // whether col_grad_buffer holds this column block's sum yet
         for (int64_t rb = parts.begin(part); rb < parts.end(part); ++rb) {
@@ -334,18 +341,20 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& rows, const at::Tensor& 
             col_grad_live = true;
           }
         }
-        if (need_cols) {
+        if (need_cols && ordered_deposits) {
           std::unique_lock<std::mutex> lock(deposit_mutex);
           deposit_done.wait(lock, [&] { return deposits[cb] == part || part_failed; });
           TORCH_CHECK(!part_failed, "semclip_kernels._C: another part of the backward failed");
           lock.unlock();
-          if (col_grad_live) {
-            const int64_t c0 = cb * bc, nc = std::min(bc, K - c0);
-            grad_cols.narrow(0, c0, nc).add_(col_grad_buffer.narrow(0, 0, nc));
-          }
+          if (col_grad_live) add_col_grad(cb);
           lock.lock();
           deposits[cb] += 1;
           deposit_done.notify_all();
+        } else if (need_cols && col_grad_live) {
+          // Two parts: 0 + a + b and 0 + b + a are the same bits (IEEE addition commutes), so the first
+          // part to finish a column block adds first and neither waits for the other.
+          std::lock_guard<std::mutex> lock(col_locks[cb]);
+          add_col_grad(cb);
         }
       }
     } catch (...) {

@@ -155,23 +155,26 @@ def test_large_logits_take_the_exact_path_and_match():
     assert cpp.last_backward_stats["exact_lines"] > 0
 
 
-def test_one_and_two_threads_agree_and_two_are_deterministic():
+def test_thread_counts_agree_and_each_is_deterministic():
     case = make_case(300, 48, 1, 1, tau=14.3, seed=17)
     previous = torch.get_num_threads()
     results = {}
     try:
-        for threads in (1, 2, 2):
+        # 3 threads (oversubscribed here) take the ordered grad_cols deposits; 2 the unordered ones.
+        for threads in (1, 2, 2, 3, 3):
             torch.set_num_threads(threads)
             loss, grads = run_backend(case, "cpp", block_rows=32, block_cols=64)
             results.setdefault(threads, []).append((loss, [g.clone() for g in grads]))
     finally:
         torch.set_num_threads(previous)
     (loss1, grads1), = results[1]
-    (loss2, grads2), (loss2b, grads2b) = results[2]
-    assert abs(float(loss1) - float(loss2)) <= 1e-6 * abs(float(loss1))
-    for g1, g2, g2b in zip(grads1, grads2, grads2b):
-        assert max_norm_rel_err(g2, g1) <= 1e-5
-        assert torch.equal(g2, g2b)  # the same thread count gives the same bits
+    for threads in (2, 3):
+        (loss_n, grads_n), (_, grads_n_again) = results[threads]
+        assert abs(float(loss1) - float(loss_n)) <= 1e-6 * abs(float(loss1))
+        for g1, g_n, g_n_again in zip(grads1, grads_n, grads_n_again):
+            assert max_norm_rel_err(g_n, g1) <= 1e-5
+            assert torch.equal(g_n, g_n_again)  # the same thread count gives the same bits
+    loss2 = results[2][0][0]
     ref_loss = semclip_loss_float64(*(t.detach() for t in (case.image, case.text, case.logit_scale,
                                                           case.paraphrase, case.negation)))
     assert abs(float(loss2) - float(ref_loss)) <= 1e-5 * abs(float(ref_loss))
