@@ -3,7 +3,7 @@
 //   row_lse_i = log Σ_c exp(S_ic + b_c),   col_lse_c = log Σ_i exp(S_ic) for c < Kq,   S = τ·A·Cᵀ
 //
 // and their backward by recomputation. Work is split over row blocks (one
-// thread owns a row block: its row statistics and its grad_rows); each tile of
+// thread owns a part of them: their row statistics and grad_rows); each tile of
 // S (block_rows × block_cols, sized to stay in L2) is produced by one BLAS call
 // on views of A and C and consumed at once. Nothing of M×K elements exists.
 //
@@ -19,17 +19,18 @@
 // exp(M + max b − min row_lse) (rows) and exp(M − min col_lse) (columns); when
 // both bounds are below eps the tile's gradient work is skipped entirely: M is
 // the tile max the forward recorded (one number per tile), so a skipped tile
-// costs neither its recomputation nor its two gradient products. The default eps = 2^-24 / max(M, K) (float32; 2^-53 for
-// float64) keeps the total dropped weight of any row or column below float
-// resolution, i.e. the default is exact.
+// costs neither its recomputation nor its two gradient products. The default
+// eps = 2^-24 / max(M, K) (float32; 2^-53 for float64, set in backends/cpp.py)
+// keeps the total dropped weight of any row or column below float resolution,
+// i.e. the default is exact. The design and its measurements: docs/cpu_kernel.md.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
 
 #include <atomic>
 #include <cmath>
-#include <limits>
 #include <condition_variable>
+#include <limits>
 #include <mutex>
 #include <vector>
 
