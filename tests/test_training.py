@@ -70,7 +70,7 @@ def true_of(meaning: tuple[frozenset, tuple | None], objects) -> bool:
 
 @pytest.fixture(scope="module")
 def small_splits():
-    kwargs = dict(seed=3, image_size=32, n_paraphrases=2, n_negations=3, val_size=60)
+    kwargs = dict(seed=3, image_size=32, n_paraphrases=2, n_negations=3, val_size=60, partial_prob=0.3)
     return SyntheticTriplets("train", size=150, **kwargs), SyntheticTriplets("val", size=60, **kwargs)
 
 

@@ -54,7 +54,7 @@ class TrainConfig:
     negations_per_image: int = 1  # Mn used by the loss per step (cycled through each item's negations)
     synthetic_negations: int = 3  # negations generated per synthetic scene (all are evaluated)
     absence_prob: float = 0.02  # share of synthetic captions that end with a true "and no <object>" clause
-    partial_prob: float = 0.3  # share of synthetic training captions that leave one object out
+    partial_prob: float = 0.0  # share of synthetic training captions that leave one object out
     # model
     model: str = TINY_MODEL_NAME
     pretrained: str | None = None
