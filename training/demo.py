@@ -34,6 +34,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--train-size", type=int, default=defaults.train_size)
     parser.add_argument("--val-size", type=int, default=defaults.val_size)
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--absence-prob", type=float, default=defaults.absence_prob,
+                        help="share of captions with a true 'and no <object>' clause")
+    parser.add_argument("--partial-prob", type=float, default=defaults.partial_prob,
+                        help="share of training captions that leave one object out")
     parser.add_argument("--backend", default=defaults.backend)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
@@ -44,7 +48,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     for loss in ("semclip", "clip"):
         config = TrainConfig(out=os.path.join(args.out, loss), loss=loss, steps=args.steps,
                              batch_size=args.batch_size, train_size=args.train_size, val_size=args.val_size,
-                             seed=args.seed, backend=args.backend, threads=args.threads, progress=args.progress,
+                             seed=args.seed, absence_prob=args.absence_prob, partial_prob=args.partial_prob,
+                             backend=args.backend, threads=args.threads, progress=args.progress,
                              eval_every=max(1, args.steps // 5), checkpoint_every=args.steps)
         print(f"== training {loss.upper()} ({args.steps} steps of {args.batch_size} on synthetic scenes)",
               flush=True)
