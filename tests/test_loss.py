@@ -46,6 +46,9 @@ def assert_matches(case, backend, w=1.0, beta=1.0, loss_tol=1e-5, grad_tol=1e-4,
     names = ["image", "text", "paraphrase", "negation", "logit_scale"]
     present = [n for n, t in zip(names, (case.image, case.text, case.paraphrase, case.negation, True)) if t is not None]
     for name, leaf, grad, ref in zip(present, case.leaves(), grads, ref_grads):
+        if not leaf.requires_grad:  # frozen: no gradient at all
+            assert grad is None, f"frozen {name} got a gradient"
+            continue
         assert grad is None or grad.dtype == leaf.dtype, f"grad of {name} has dtype {grad.dtype}"
         err = max_norm_rel_err(grad, ref)
         assert err <= grad_tol, f"{backend}: grad of {name} off by {err:.2e} (rel. max-norm)"
@@ -220,3 +223,36 @@ def test_backends_agree_bitwise_shape_grid():
         got = sk.semclip_loss(case.image, case.text, case.logit_scale, case.paraphrase, case.negation,
                               backend="torch", block_rows=block_rows, block_cols=block_cols)
         torch.testing.assert_close(got, ref, rtol=2e-6, atol=0)
+
+
+@pytest.mark.parametrize("spread", [1.0, 30.0])
+def test_torch_backend_shared_shift_and_per_line_paths(spread, monkeypatch):
+    """Random logits take the one-exponential path; logits spanning hundreds of nats the per-line one."""
+    from semclip_kernels.backends import torch_tiled
+
+    calls = {"per_line": 0}
+    real_logsumexp = torch.logsumexp
+
+    def counting_logsumexp(*args, **kwargs):
+        calls["per_line"] += 1
+        return real_logsumexp(*args, **kwargs)
+
+    monkeypatch.setattr(torch_tiled.torch, "logsumexp", counting_logsumexp)
+    case = make_case(33, 16, 1, 1, tau=8.0, seed=21, normalize=True)
+    with torch.no_grad():
+        case.image[::3].mul_(spread)  # some rows far from the others' scale
+    run_backend(case, "torch", beta=0.5, **TILES)
+    monkeypatch.undo()
+    assert (calls["per_line"] > 0) == (spread > 1.0)
+    assert_matches(case, "torch", beta=0.5, **TILES)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("tau", [0.0, 7.0])
+def test_scale_gradient_alone_and_at_zero_scale(backend, tau):
+    """Only τ trainable (both towers frozen), and τ = 0 (every logit 0): grad_τ still exact."""
+    case = make_case(21, 13, 2, 1, tau=tau, seed=17)
+    if tau:
+        for leaf in (case.image, case.text, case.paraphrase, case.negation):
+            leaf.requires_grad_(False)
+    assert_matches(case, backend, **TILES)
