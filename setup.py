@@ -54,8 +54,9 @@ setup(
     install_requires=["torch>=2.4"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "train": ["open_clip_torch>=2.24", "matplotlib", "tqdm", "pillow", "torchvision"],
-        "bench": ["matplotlib", "tqdm", "psutil", "pytest-benchmark"],
+        "train": ["open_clip_torch>=2.24", "matplotlib", "tqdm", "pillow", "torchvision", "numpy"],
+        "bench": ["open_clip_torch>=2.24", "matplotlib", "tqdm", "psutil", "pytest-benchmark"],
+        "bench-gpu": ["inf_cl>=1.2", "triton>=3.0"],
         "test": ["pytest>=7", "open_clip_torch>=2.24", "matplotlib", "tqdm", "psutil", "ruff", "pytest-benchmark"],
     },
     ext_modules=ext_modules,
