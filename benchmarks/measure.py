@@ -74,6 +74,8 @@ class Point:
 def available_methods(device: str) -> list[str]:
     """Every semclip backend that runs on `device`, then the peers installed for it."""
     methods = list(semclip_kernels.available_backends(device))
+    if torch.device(device).type != "cuda" and "triton" in methods:
+        methods.remove("triton")  # on CPU only Triton's interpreter runs it: a test tool, not a contender
     if importlib.util.find_spec("open_clip") is not None:
         methods.append("open_clip")
     if torch.device(device).type == "cuda" and importlib.util.find_spec("inf_cl") is not None:
