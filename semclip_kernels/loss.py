@@ -12,6 +12,7 @@ and this module adds the O(B·d) positive logits, the weights and the means.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -185,37 +186,16 @@ class SemCLIPLoss(nn.Module):
     ) -> torch.Tensor | dict[str, torch.Tensor]:
         # logit_bias is accepted for open_clip compatibility: a constant shift
         # of every logit cancels in every softmax of the loss.
+        features = (image_features, text_features, logit_scale, paraphrase_features, negation_features)
+        weights = {"paraphrase_weight": self.paraphrase_weight, "hard_negative_weight": self.hard_negative_weight}
         if self.world_size > 1:
             from .distributed import distributed_semclip_loss
 
             loss = distributed_semclip_loss(
-                image_features,
-                text_features,
-                logit_scale,
-                paraphrase_features,
-                negation_features,
-                paraphrase_weight=self.paraphrase_weight,
-                hard_negative_weight=self.hard_negative_weight,
-                backend=self.backend,
-                options=self.options,
-                rank=self.rank,
-                world_size=self.world_size,
-                local_loss=self.local_loss,
-                gather_with_grad=self.gather_with_grad,
+                *features, **weights, backend=self.backend, options=self.options, rank=self.rank,
+                world_size=self.world_size, local_loss=self.local_loss, gather_with_grad=self.gather_with_grad,
                 mode=self.distributed_mode,
             )
         else:
-            loss = semclip_loss(
-                image_features,
-                text_features,
-                logit_scale,
-                paraphrase_features,
-                negation_features,
-                paraphrase_weight=self.paraphrase_weight,
-                hard_negative_weight=self.hard_negative_weight,
-                backend=self.backend,
-                block_rows=self.options.block_rows,
-                block_cols=self.options.block_cols,
-                grad_filter_eps=self.options.grad_filter_eps,
-            )
+            loss = semclip_loss(*features, **weights, backend=self.backend, **dataclasses.asdict(self.options))
         return {"contrastive_loss": loss} if output_dict else loss
