@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .options import PartitionOptions
+from .options import PartitionOptions, default_grad_filter_eps
 
 try:
     from semclip_kernels import _C
@@ -42,13 +42,6 @@ def is_available(device: torch.device) -> tuple[bool, str]:
             "`pip install --no-build-isolation -e .` from the repository root"
         )
     return True, ""
-
-
-def default_grad_filter_eps(n_rows: int, n_cols: int, dtype: torch.dtype) -> float:
-    """Exact-to-resolution default: the total skipped weight of any row or column stays below 2^-24 (2^-53 for
-    float64) of its unit softmax mass, since a row has at most `n_cols` and a column at most `n_rows` weights."""
-    resolution = 2.0**-53 if dtype == torch.float64 else 2.0**-24
-    return resolution / max(n_rows, n_cols, 1)
 
 
 class CppPartitions(torch.autograd.Function):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass(frozen=True)
 class PartitionOptions:
@@ -31,3 +33,17 @@ class PartitionOptions:
         eps = self.grad_filter_eps
         if eps is not None and not (0.0 <= eps < 1.0):
             raise ValueError(f"grad_filter_eps must be in [0, 1) or None, got {eps!r}")
+
+
+def default_grad_filter_eps(n_rows: int, n_cols: int, dtype: torch.dtype) -> float:
+    """The gradient filter's exact-to-resolution threshold, shared by the fused backends.
+
+    A row has at most `n_cols` softmax weights and a column at most `n_rows`. If every
+    skipped weight is below `u / max(n_rows, n_cols)` of the mass of the row or column
+    gradient it feeds (u = the unit roundoff of the statistics: 2^-24 in float32, 2^-53
+    for float64 inputs), every row and column loses less than `u` of its mass: below
+    the rounding that the unfiltered float32 accumulation makes anyway.
+    """
+    stat_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    unit_roundoff = torch.finfo(stat_dtype).eps / 2
+    return unit_roundoff / max(n_rows, n_cols, 1)

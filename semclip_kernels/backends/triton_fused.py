@@ -25,7 +25,7 @@ from ..triton_kernels import tl_utils
 from ..triton_kernels.backward import backward_kernel
 from ..triton_kernels.heuristics import KernelConfig, backward_config, forward_config
 from ..triton_kernels.lse_forward import lse_forward_kernel
-from .options import PartitionOptions
+from .options import PartitionOptions, default_grad_filter_eps
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -65,21 +65,6 @@ def _dot_precision(dtype: torch.dtype) -> str:
 def _upcast_dot(dtype: torch.dtype) -> bool:
     """Interpreter work-around for 16-bit tl.dot (see tl_utils.dot_operand)."""
     return tl_utils.INTERPRETED and dtype in (torch.float16, torch.bfloat16)
-
-
-def default_grad_filter_eps(n_rows: int, n_cols: int, dtype: torch.dtype) -> float:
-    """The exact-to-float32 filter threshold.
-
-    The kernel compares each weight with the softmax mass of the row or column
-    gradient it feeds (backward.py). A row has at most `n_cols` weights and a
-    column at most `n_rows`; if every skipped weight is below
-    `u / max(n_rows, n_cols)` of that mass (u = the unit roundoff of the
-    statistics dtype, 2^-24 for float32), every row and column loses less than
-    `u` of its mass: less than the rounding of the float32 accumulation that the
-    unfiltered kernel performs anyway.
-    """
-    unit_roundoff = torch.finfo(_stat_dtype(dtype)).eps / 2
-    return unit_roundoff / max(n_rows, n_cols, 1)
 
 
 def last_backward_stats() -> dict[str, int]:
