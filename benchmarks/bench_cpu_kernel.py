@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
@@ -33,7 +31,16 @@ import torch.nn.functional as F
 import semclip_kernels
 from semclip_kernels.backends import cpp
 
-from .measure import Point, format_bytes, forward_backward, loss_function, make_inputs, run_point_in_subprocess
+from .measure import (
+    Point,
+    format_bytes,
+    forward_backward,
+    interleaved_medians,
+    loss_function,
+    make_inputs,
+    run_point_in_subprocess,
+    verdict,
+)
 
 GOALS = {
     "random time ratio": ("≤", 0.7),
@@ -58,18 +65,6 @@ def gemm_call(batch: int, dim: int, n_cols: int) -> Callable[[], None]:
             torch.mm(rows[start:stop], cols_t, out=out[: stop - start])
 
     return run
-
-
-def interleaved_medians(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    for call in calls.values():  # warm-up
-        call()
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def trained_inputs(batch: int, dim: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -112,12 +107,6 @@ def cpp_loss(grad_filter_eps: float | None) -> Callable[..., torch.Tensor]:
         )
 
     return loss
-
-
-def verdict(name: str, value: float) -> str:
-    op, goal = GOALS[name]
-    met = value <= goal if op == "≤" else value >= goal
-    return f"goal {op} {goal:.3g}: {'met' if met else 'MISSED by ' + f'{value / goal:.2f}x'}"
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -205,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     }
     for name, label in labels.items():
         if name in results:
-            print(f"{label:<48} {results[name]:9.4g}   ({verdict(name, results[name])})")
+            print(f"{label:<48} {results[name]:9.4g}   ({verdict(results[name], *GOALS[name])})")
     print(f"{'random:  reference GEMM-equivalents':<48} {results['random reference GEMM-eq']:9.4g}")
     print(f"{'trained: cpp GEMM-equivalents, filter off':<48} {results['trained GEMM-eq without filtering']:9.4g}")
     print(f"{'trained: fraction of tiles skipped':<48} {results['trained skipped tile fraction']:9.4g}")

@@ -16,13 +16,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import sys
-import time
 
 import torch
 
-from .measure import Point, format_bytes, forward_backward, loss_function, make_inputs, run_point_in_subprocess
+from .measure import (
+    Point,
+    format_bytes,
+    forward_backward,
+    interleaved_medians,
+    loss_function,
+    make_inputs,
+    run_point_in_subprocess,
+    verdict,
+)
 
 GOALS = {"time": ("≤", 1.0), "memory": ("≥", 8.0), "growth": ("≤", 2.4)}
 
@@ -30,22 +37,11 @@ GOALS = {"time": ("≤", 1.0), "memory": ("≥", 8.0), "growth": ("≤", 2.4)}
 def alternated_median_seconds(point: Point, methods: tuple[str, ...], repeats: int) -> dict[str, float]:
     """Median forward+backward time of each method on the same inputs, calls interleaved."""
     inputs = make_inputs(point)
-    loss_fns = {method: loss_function(method) for method in methods}
-    for loss_fn in loss_fns.values():  # warm-up
-        forward_backward(loss_fn, inputs)
-    times: dict[str, list[float]] = {method: [] for method in methods}
-    for _ in range(repeats):
-        for method, loss_fn in loss_fns.items():
-            start = time.perf_counter()
-            forward_backward(loss_fn, inputs)
-            times[method].append(time.perf_counter() - start)
-    return {method: statistics.median(t) for method, t in times.items()}
-
-
-def verdict(name: str, value: float) -> str:
-    op, goal = GOALS[name]
-    met = value <= goal if op == "≤" else value >= goal
-    return f"goal {op} {goal:g}: {'met' if met else 'MISSED'}"
+    calls = {}
+    for method in methods:
+        loss_fn = loss_function(method)
+        calls[method] = lambda loss_fn=loss_fn: forward_backward(loss_fn, inputs)
+    return interleaved_medians(calls, repeats)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -84,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "growth": f"torch peak extra at B={args.batch} / B={args.batch // 2}",
     }
     for name, label in labels.items():
-        print(f"{label:<44} {ratios[name]:6.2f}   ({verdict(name, ratios[name])})")
+        print(f"{label:<44} {ratios[name]:6.2f}   ({verdict(ratios[name], *GOALS[name])})")
     return ratios
 
 

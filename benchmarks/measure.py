@@ -197,6 +197,30 @@ def median_seconds(run: Callable[[], object], repeats: int, device: torch.device
     return statistics.median(times)
 
 
+def interleaved_medians(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median wall time of each zero-argument call, after one warm-up each.
+
+    The calls alternate (a, b, a, b, ...) so that the noise of a shared machine
+    hits every method alike and their ratios stay meaningful.
+    """
+    for call in calls.values():
+        call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def verdict(value: float, op: str, goal: float) -> str:
+    """`goal ≤ 0.7: met`, or by how much it was missed."""
+    met = value <= goal if op == "≤" else value >= goal
+    missed_by = value / goal if op == "≤" else goal / value
+    return f"goal {op} {goal:.3g}: {'met' if met else f'MISSED by {missed_by:.2f}x'}"
+
+
 def gemm_reference_seconds(point: Point, max_out_bytes: int = 512 * 2**20) -> float:
     """Median time of one `[B, d] @ [d, K]` product in the point's dtype and device.
 
