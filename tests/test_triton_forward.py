@@ -8,6 +8,7 @@ directions, biases, each dtype. Shapes stay small because the interpreter is slo
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -174,17 +175,34 @@ def test_nan_features_propagate():
         assert torch.isnan(loss_of(case, "triton", **TILES))
 
 
+@contextlib.contextmanager
+def allow_tf32(value: bool):
+    """Set PyTorch's TF32 switch and restore it.
+
+    Not monkeypatch.setattr: `torch.backends.cuda.matmul` is a module object whose attributes are
+    properties of its class, so pytest >= 9.2 finds no instance attribute to restore and calls
+    delattr at teardown (AttributeError).
+    """
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.allow_tf32
+    matmul.allow_tf32 = value
+    try:
+        yield
+    finally:
+        matmul.allow_tf32 = saved
+
+
 def test_availability_and_precision_switches(monkeypatch):
     ok, reason = triton_fused.is_available(torch.device(DEVICE))
     assert ok, reason
     assert not triton_fused.is_available(torch.device("meta"))[0]
     # TF32 only for float32 inputs with PyTorch's TF32 switch on, and never in the interpreter.
     monkeypatch.setattr(triton_fused.tl_utils, "INTERPRETED", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert triton_fused._dot_precision(torch.float32) == "tf32"
+    with allow_tf32(True):
+        assert triton_fused._dot_precision(torch.float32) == "tf32"
     assert triton_fused._upcast_dot(torch.bfloat16) is False
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    assert triton_fused._dot_precision(torch.float32) == "ieee"
+    with allow_tf32(False):
+        assert triton_fused._dot_precision(torch.float32) == "ieee"
     monkeypatch.setattr(triton_fused.tl_utils, "INTERPRETED", True)
     assert triton_fused._upcast_dot(torch.bfloat16) is True
 
