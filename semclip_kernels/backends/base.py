@@ -58,6 +58,31 @@ class Backend(Protocol):
         """`(row_lse [M], col_lse [n_query_cols])` of `scale·rows·colsᵀ`, differentiable in rows, cols, scale."""
         ...
 
+    def partitions_backward(
+        self,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        scale: torch.Tensor,
+        col_bias: torch.Tensor,
+        n_query_cols: int,
+        row_lse: torch.Tensor,
+        col_lse: torch.Tensor,
+        grad_row_lse: torch.Tensor | None,
+        grad_col_lse: torch.Tensor | None,
+        needs: tuple[bool, bool, bool],
+        options: PartitionOptions,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """The backward alone, given statistics computed elsewhere (docs/contract.md §7).
+
+        `row_lse [M]` and `col_lse [n_query_cols]` may be the global statistics of a larger batch
+        (a distributed ring differentiates each travelling block against them without recomputing
+        its forward). Returns `(grad_rows, grad_cols, grad_scale)` of
+        `Σ_i g_row_i·row_lse_i + Σ_q g_col_q·col_lse_q` with the weights `exp(S + bias − row_lse)` and
+        `exp(S − col_lse)` of this block, for `needs = (need_rows, need_cols, need_scale)`; None where
+        not needed. Gradients come back in the inputs' dtypes.
+        """
+        ...
+
     def last_backward_stats(self) -> BackwardStats:
         """What the most recent backward did."""
         ...
