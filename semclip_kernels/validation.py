@@ -1,15 +1,23 @@
-"""Argument checking shared by every backend and by the distributed wrappers.
+"""The user's arguments turned into validated values, once, at the top of the loss (docs/contract.md §2).
 
-Every error names the argument and the shape it expected, so a user who wires
-the loss into a training loop sees what is wrong without reading our code.
+`check_inputs` validates the tensors of one call; `LossConfig` the settings of a loss
+(weights, backend, tiling), checked when it is made. Everything below the API layer
+receives these and checks nothing again. Every error names the argument and the
+shape or value it expected, so a user who wires the loss into a training loop sees
+what is wrong without reading our code.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import numbers
+from dataclasses import dataclass, field
 
 import torch
+
+from .backends import check_backend_name
+from .backends.base import stat_dtype
+from .backends.options import PartitionOptions
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -41,9 +49,7 @@ def _check_tensor(name: str, value: object) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"{name} must be float32, float16 or bfloat16 (float64 for checks), got {value.dtype}"
-        )
+        raise TypeError(f"{name} must be float32, float16 or bfloat16 (float64 for checks), got {value.dtype}")
     return value
 
 
@@ -71,40 +77,76 @@ def _check_extra(name: str, value: object, ref: torch.Tensor) -> torch.Tensor | 
 
 
 def _check_scale(logit_scale: object, ref: torch.Tensor) -> torch.Tensor:
-    stat_dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
-    if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float, torch.Tensor)):
-        raise TypeError(
-            f"logit_scale must be a Python float or a 0-dim tensor, got {type(logit_scale).__name__}"
-        )
+    statistics_dtype = stat_dtype(ref.dtype)
     if isinstance(logit_scale, torch.Tensor):
         if logit_scale.numel() != 1:
-            raise ValueError(
-                f"logit_scale must be a scalar (0-dim tensor), got shape {list(logit_scale.shape)}"
-            )
+            raise ValueError(f"logit_scale must be a scalar (0-dim tensor), got shape {list(logit_scale.shape)}")
         if not logit_scale.is_floating_point():
             raise TypeError(f"logit_scale must be a floating-point tensor, got {logit_scale.dtype}")
         if logit_scale.device != ref.device:
-            raise ValueError(
-                f"logit_scale is on {logit_scale.device} but the features are on {ref.device}"
-            )
-        if not bool(torch.isfinite(logit_scale.detach()).all()):
-            raise ValueError(f"logit_scale must be finite, got {logit_scale.detach().item()}")
-        return logit_scale.reshape(()).to(stat_dtype)
-    if not math.isfinite(logit_scale):
+            raise ValueError(f"logit_scale is on {logit_scale.device} but the features are on {ref.device}")
+        _check_finite_scale(logit_scale)
+        return logit_scale.reshape(()).to(statistics_dtype)
+    # Any real number: Python int/float, NumPy scalars (np.float32(10.0)), ... but not bool.
+    if isinstance(logit_scale, bool) or not isinstance(logit_scale, numbers.Real):
+        raise TypeError(
+            f"logit_scale must be a Python float or a 0-dim tensor (any real number: int, float, NumPy scalar), "
+            f"got {type(logit_scale).__name__}"
+        )
+    if not math.isfinite(float(logit_scale)):
         raise ValueError(f"logit_scale must be finite, got {logit_scale}")
-    return torch.tensor(float(logit_scale), dtype=stat_dtype, device=ref.device)
+    return torch.tensor(float(logit_scale), dtype=statistics_dtype, device=ref.device)
+
+
+def _check_finite_scale(logit_scale: torch.Tensor) -> None:
+    """A non-finite tensor `logit_scale` is an error in eager mode.
+
+    Reading the value synchronises with the device, which a compiled graph must not do: under
+    `torch.compile` the check is skipped and a non-finite τ gives a NaN loss instead (every logit
+    is then ±inf or NaN, and so is every log-sum-exp difference). Meta tensors carry no value.
+    """
+    if torch.compiler.is_compiling() or logit_scale.device.type == "meta":
+        return
+    if not bool(torch.isfinite(logit_scale.detach()).all()):
+        raise ValueError(f"logit_scale must be finite, got {logit_scale.detach().item()}")
 
 
 def check_weight(name: str, value: object) -> float:
+    """A loss weight (`paraphrase_weight`, `hard_negative_weight`): a finite real number ≥ 0."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got shape {list(value.shape)}")
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float >= 0, got {type(value).__name__}")
+    value = float(value)
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite float >= 0, got {value}")
-    return float(value)
+    return value
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The settings of one SemCLIP loss, validated when made; passed down unchanged.
+
+    paraphrase_weight: `w ≥ 0`; 0 removes the paraphrases (docs/contract.md §1).
+    hard_negative_weight: `β ≥ 0`; scales the negations' mass in `Z_i`; 0 removes them.
+    backend: `"auto"`, `"triton"`, `"cpp"`, `"torch"` or `"reference"`.
+    options: the tiling options of the backends.
+    """
+
+    paraphrase_weight: float = 1.0
+    hard_negative_weight: float = 1.0
+    backend: str = "auto"
+    options: PartitionOptions = field(default_factory=PartitionOptions)
+
+    def __post_init__(self) -> None:
+        # frozen: normalise through object.__setattr__, once.
+        object.__setattr__(self, "paraphrase_weight", check_weight("paraphrase_weight", self.paraphrase_weight))
+        object.__setattr__(
+            self, "hard_negative_weight", check_weight("hard_negative_weight", self.hard_negative_weight)
+        )
+        check_backend_name(self.backend)
 
 
 def check_inputs(
@@ -114,33 +156,40 @@ def check_inputs(
     paraphrase_features: object = None,
     negation_features: object = None,
 ) -> SemCLIPInputs:
-    """Validate the loss's tensors (SPEC section 2) and normalize their layout."""
+    """Validate the loss's tensors (docs/contract.md §2) and normalize their layout.
+
+    Inside `torch.autocast` features of mixed dtypes are cast to the autocast dtype, as autocast
+    casts a matmul's operands (open_clip's ClipLoss accepts them); outside it they are an error.
+    """
     image = _check_tensor("image_features", image_features)
     text = _check_tensor("text_features", text_features)
     if image.dim() != 2:
-        raise ValueError(
-            f"image_features must have shape [B, d], got {image.dim()}-d shape {list(image.shape)}"
-        )
+        raise ValueError(f"image_features must have shape [B, d], got {image.dim()}-d shape {list(image.shape)}")
     if image.shape[0] == 0:
         raise ValueError("image_features must have shape [B, d] with B >= 1, got B = 0")
     if image.shape[1] == 0:
         raise ValueError("image_features must have shape [B, d] with d >= 1, got d = 0")
     if text.dim() != 2 or text.shape != image.shape:
         raise ValueError(
-            f"text_features must have shape [B, d] = {list(image.shape)} (as image_features), "
-            f"got {list(text.shape)}"
+            f"text_features must have shape [B, d] = {list(image.shape)} (as image_features), got {list(text.shape)}"
         )
     paraphrase = _check_extra("paraphrase_features", paraphrase_features, image)
     negation = _check_extra("negation_features", negation_features, image)
 
     named = [("text_features", text), ("paraphrase_features", paraphrase), ("negation_features", negation)]
+    autocast_dtype = _autocast_dtype(image.device)
+    if autocast_dtype is not None and any(t is not None and t.dtype != image.dtype for _, t in named):
+        image, text, paraphrase, negation = (
+            None if t is None else t.to(autocast_dtype) for t in (image, text, paraphrase, negation)
+        )
+        named = [("text_features", text), ("paraphrase_features", paraphrase), ("negation_features", negation)]
     for name, tensor in named:
         if tensor is None:
             continue
         if tensor.dtype != image.dtype:
             raise TypeError(
                 f"{name} has dtype {tensor.dtype} but image_features has {image.dtype}: "
-                "all features must share one dtype"
+                "all features must share one dtype (inside torch.autocast they are cast to its dtype)"
             )
         if tensor.device != image.device:
             raise ValueError(
@@ -149,3 +198,10 @@ def check_inputs(
             )
     scale = _check_scale(logit_scale, image)
     return SemCLIPInputs(image, text, paraphrase, negation, scale)
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast would cast a matmul's operands to on `device`, or None outside autocast."""
+    if device.type == "meta" or not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)

@@ -90,6 +90,7 @@ def test_explicit_unavailable_backend_raises_clearly_and_auto_never_fails(monkey
 
     monkeypatch.setattr(dispatch, "_load", load_without_compiled)
     monkeypatch.setattr(dispatch, "_warned_fallbacks", set())
+    monkeypatch.setattr(dispatch, "_resolved", {})  # availability is resolved once per process
     for name in ("triton", "cpp"):
         with pytest.raises(RuntimeError, match=rf"backend='{name}' cannot run on cpu: ImportError"):
             sk.semclip_loss(feats(B, D), feats(B, D), 10.0, backend=name)

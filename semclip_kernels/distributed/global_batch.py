@@ -1,0 +1,207 @@
+"""The SemCLIP loss over the global batch of a `torch.distributed` job (docs/contract.md §5).
+
+The global batch is every rank's batch concatenated in rank order. Each rank computes
+the partitions of *its own* rows against *all* columns, with the backend primitive's
+arbitrary rows/columns form (never a local × global matrix):
+
+    row_lse[i]   = Z_i  = log Σ_{c ∈ all columns} exp(τ<I_i, C_c> + bias_c)   local images i
+    query_lse[q] = Y(q) = log Σ_{k ∈ all images}  exp(τ<Q_q, I_k>)            local queries q = [T; P]
+
+and `algebra.combine_partitions` turns them into this rank's share `loss_r` of §1 (local
+means). With equal local batches, mean_r loss_r is the global loss.
+
+Two ways to bring the other ranks' features ("modes"):
+- "gather": all-gather every rank's images and text columns, then two primitive calls.
+- "ring": the blocks `[C_s; I_s]` travel around the ring (ring.py).
+
+Gradient semantics follow open_clip's `ClipLoss` for all four combinations of
+`local_loss` and `gather_with_grad` (docs/distributed.md has the table).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+
+from ..algebra import Columns, combine_partitions, positive_logits
+from ..backends import partitions
+from ..validation import SUPPORTED_DTYPES, LossConfig, SemCLIPInputs
+from .collectives import AllGather, MeanOverRanks, SumScaleGradOverRanks, gather
+from .ring import RingConfig, RingPartitions
+
+# "gather": all-gather the columns (open_clip's way); "ring": column blocks travel rank to rank (Inf-CL's way).
+MODES = ("gather", "ring")
+
+
+@dataclasses.dataclass(frozen=True)
+class RankGroup:
+    """Where this process sits in the job and open_clip's options for it, validated when made."""
+
+    rank: int
+    world_size: int
+    local_loss: bool = False
+    gather_with_grad: bool = False
+    mode: str = "gather"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"distributed_mode must be one of {MODES}, got {self.mode!r}")
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={self.rank}, world_size={self.world_size}")
+
+    @property
+    def remote_grad(self) -> bool:
+        """Gradients of the other ranks' features come home, unless open_clip's
+        local_loss=True, gather_with_grad=False (gathered copies are constants there)."""
+        return self.gather_with_grad or not self.local_loss
+
+    @property
+    def grad_weight(self) -> float:
+        """The weight with which each rank differentiates its own share `loss_r` of `L = mean_r loss_r`.
+
+        With local_loss=False the sum over ranks then gives open_clip's feature gradients
+        (world_size·dL with gather_with_grad, dL without).
+        """
+        return 1.0 if self.gather_with_grad else 1.0 / self.world_size
+
+
+def distributed_loss(inputs: SemCLIPInputs, columns: Columns, config: LossConfig, group: RankGroup) -> torch.Tensor:
+    """This rank's SemCLIP loss of the global batch, open_clip's semantics.
+
+    - `local_loss=False`: every rank returns the global loss `L`.
+    - `local_loss=True`: rank r returns `loss_r` (its rows and queries against all
+      columns and images); the mean over ranks is `L`.
+    Gradient on this rank's features (and `τ`):
+        local_loss, gather_with_grad = False, False: dL/d(own features), dL/dτ
+                                       False, True:  world_size · dL/d(own features), dL/dτ
+                                       True,  True:  world_size · dL/d(own features), d loss_r/dτ
+                                       True,  False: own rows only (image→text for images,
+                                                     text→image for queries), d loss_r/dτ
+    """
+    _check_process_group(group)
+    _check_layout_across_ranks(inputs, columns, config, group.world_size)
+    if not group.local_loss and _needs_grad(inputs.logit_scale):
+        # Every rank returns the global loss but differentiates only its own share: τ's gradient
+        # is the sum of the shares.
+        scale = SumScaleGradOverRanks.apply(inputs.logit_scale, 1.0 / (group.grad_weight * group.world_size))
+        inputs = dataclasses.replace(inputs, logit_scale=scale)
+
+    text_pos, para_pos = _positive_logits(inputs, config.paraphrase_weight, group.remote_grad)
+    if group.mode == "gather":
+        row_lse, query_lse = _gathered_partitions(inputs, columns, config, group)
+    else:
+        ring = RingConfig(
+            group.rank, group.world_size, columns.n_query_cols, config.backend, config.options, group.remote_grad
+        )
+        row_lse, query_lse = RingPartitions.apply(
+            inputs.image, columns.cols, inputs.logit_scale, columns.col_bias, ring
+        )
+    loss_r = combine_partitions(row_lse, query_lse, text_pos, para_pos, config.paraphrase_weight)
+    if group.local_loss:
+        return loss_r
+    return MeanOverRanks.apply(loss_r, group.world_size, group.grad_weight)
+
+
+def _positive_logits(
+    inputs: SemCLIPInputs, paraphrase_weight: float, remote_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if remote_grad:
+        return positive_logits(inputs, paraphrase_weight)
+    # open_clip with local_loss=True, gather_with_grad=False: s(I_i, T_i) in image→text
+    # differentiates the image only, in text→image the text only. Both directions weigh the
+    # positives alike, so the mean of the two one-sided copies (bitwise equal values) carries
+    # exactly those gradients.
+    paraphrase = None if inputs.paraphrase is None else inputs.paraphrase.detach()
+    image_side = positive_logits(
+        dataclasses.replace(inputs, text=inputs.text.detach(), paraphrase=paraphrase), paraphrase_weight
+    )
+    text_side = positive_logits(dataclasses.replace(inputs, image=inputs.image.detach()), paraphrase_weight)
+    text_pos = (image_side[0] + text_side[0]) / 2
+    para_pos = None if image_side[1] is None else (image_side[1] + text_side[1]) / 2
+    return text_pos, para_pos
+
+
+def _gathered_partitions(
+    inputs: SemCLIPInputs, columns: Columns, config: LossConfig, group: RankGroup
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ "gather" mode: this rank's images against every rank's columns, its queries against every image."""
+    world_size = group.world_size
+
+    def gathered(tensor: torch.Tensor) -> torch.Tensor:
+        if group.remote_grad and _needs_grad(tensor):
+            return AllGather.apply(tensor, world_size)
+        return gather(tensor.detach(), world_size)
+
+    all_images, all_cols = gathered(inputs.image), gathered(columns.cols)
+    all_bias = columns.col_bias.repeat(world_size)  # every rank's block is laid out [T; P; N] alike
+    image_bias = torch.zeros(all_images.shape[0], dtype=columns.col_bias.dtype, device=all_images.device)
+    scale = inputs.logit_scale
+    row_lse, _ = partitions(inputs.image, all_cols, scale, all_bias, 0, backend=config.backend, options=config.options)
+    queries = columns.cols[: columns.n_query_cols]
+    query_lse, _ = partitions(queries, all_images, scale, image_bias, 0, backend=config.backend, options=config.options)
+    return row_lse, query_lse
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _needs_grad(tensor: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and tensor.requires_grad
+
+
+def _check_process_group(group: RankGroup) -> None:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("world_size > 1 needs torch.distributed: call torch.distributed.init_process_group first")
+    if dist.get_world_size() != group.world_size or dist.get_rank() != group.rank:
+        raise ValueError(
+            f"rank={group.rank}, world_size={group.world_size} do not match torch.distributed's "
+            f"rank={dist.get_rank()}, world_size={dist.get_world_size()}"
+        )
+
+
+def _check_layout_across_ranks(inputs: SemCLIPInputs, columns: Columns, config: LossConfig, world_size: int) -> None:
+    """Every rank must have the same local layout, τ and weights.
+
+    One small all-gather of a table of integers (the float settings by their bit patterns);
+    all ranks see the same table, so all raise together. τ differing across ranks means the
+    ranks disagree on the loss itself (DDP keeps parameters in sync, so it is a bug upstream).
+    """
+    float_bits = torch.tensor(
+        [float(inputs.logit_scale.detach()), config.paraphrase_weight, config.hard_negative_weight],
+        dtype=torch.float64,
+    ).view(torch.int64)
+    fields = {
+        "local batch size B (image_features.shape[0])": inputs.batch,
+        "feature dim d": inputs.image.shape[1],
+        "paraphrases per image Pn": inputs.n_paraphrases,
+        "negations per image Mn": inputs.n_negations,
+        "text columns K": columns.cols.shape[0],
+        "query columns": columns.n_query_cols,
+        "feature dtype": SUPPORTED_DTYPES.index(inputs.image.dtype),
+        "image_features requires grad": int(_needs_grad(inputs.image)),
+        "text/paraphrase/negation requires grad": int(_needs_grad(columns.cols)),
+        "logit_scale requires grad": int(_needs_grad(inputs.logit_scale)),
+        "logit_scale (bits of its float64 value)": int(float_bits[0]),
+        "paraphrase_weight (bits)": int(float_bits[1]),
+        "hard_negative_weight (bits)": int(float_bits[2]),
+    }
+    local = torch.tensor(list(fields.values()), dtype=torch.int64, device=inputs.image.device)
+    table = gather(local[None], world_size).cpu()  # [world_size, n_fields]
+    for column, name in enumerate(fields):
+        values = table[:, column].tolist()
+        if len(set(values)) == 1:
+            continue
+        if column == 0:
+            raise ValueError(
+                f"distributed SemCLIP loss needs the same local batch size on every rank, got {values} "
+                "(ranks 0..world_size-1); drop or pad the last incomplete batch (e.g. DataLoader(drop_last=True))"
+            )
+        if "bits" in name:
+            values = torch.tensor(values, dtype=torch.int64).view(torch.float64).tolist()
+            name = name.split(" (")[0]
+            raise ValueError(
+                f"distributed SemCLIP loss: {name} differs across ranks: {values}; every rank must pass the same"
+            )
+        raise ValueError(f"distributed SemCLIP loss: {name} differs across ranks: {values}")
