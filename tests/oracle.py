@@ -1,4 +1,4 @@
-"""An independent float64 evaluation of SPEC section 1, term by term.
+"""An independent float64 evaluation of docs/contract.md §1, term by term.
 
 It shares no code with `semclip_kernels`: it builds every similarity
 `s(I_i, x)` explicitly and writes Z, Y, L_i2t and L_t2i as the SPEC does.
@@ -31,9 +31,9 @@ def semclip_loss_float64(
         paraphrase = paraphrase[:, None]
     if negation is not None and negation.dim() == 2:
         negation = negation[:, None]
-    if w == 0:  # SPEC: "w = 0 removes paraphrases"
+    if w == 0:  # docs/contract.md §1: "w = 0 removes paraphrases"
         paraphrase = None
-    if beta == 0:  # SPEC: "beta = 0 removes negations"
+    if beta == 0:  # docs/contract.md §1: "beta = 0 removes negations"
         negation = None
 
     s_text = tau * image @ text.double().T  # s_text[i, j] = s(I_i, T_j)
@@ -108,7 +108,7 @@ def make_case(
 
 
 def max_norm_rel_err(actual: torch.Tensor | None, expected: torch.Tensor | None) -> float:
-    """Per-tensor max-norm relative error (SPEC section 4); None counts as zeros."""
+    """Per-tensor max-norm relative error (docs/contract.md §4); None counts as zeros."""
     if actual is None and expected is None:
         return 0.0
     if expected is None:

@@ -1,4 +1,4 @@
-"""No-materialization: the chunked backends never allocate a B×K-sized tensor (SPEC section 3)."""
+"""No-materialization: the chunked backends never allocate a B×K-sized tensor (docs/contract.md §3)."""
 
 from __future__ import annotations
 

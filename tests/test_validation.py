@@ -1,4 +1,4 @@
-"""Bad input gets a ValueError/TypeError naming the argument and the expected shape (SPEC section 2)."""
+"""Bad input gets a ValueError/TypeError naming the argument and the expected shape (docs/contract.md §2)."""
 
 from __future__ import annotations
 
