@@ -9,11 +9,14 @@ One pipeline for every backend and every process layout:
                              distributed: gathered or ring-passed blocks (distributed/)
     combine                  (algebra.combine_partitions: positives, weights, means)
 
-The whole computation runs with autocast off: inside `torch.autocast` the loss computes exactly
-what it computes outside (its statistics are float32 by contract, and autocast would lower them).
+The whole forward runs with autocast off: inside `torch.autocast` the loss computes exactly what
+it computes outside (its statistics are float32 by contract, and autocast would lower them). As
+PyTorch recommends (and open_clip's trainer does), call `backward()` outside the autocast region.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
@@ -126,11 +129,18 @@ def _loss(
 ) -> torch.Tensor:
     """The pipeline: validate, lay out the columns, partitions (one process or many), combine."""
     inputs = check_inputs(image_features, text_features, logit_scale, paraphrase_features, negation_features)
-    with torch.autocast(inputs.image.device.type, enabled=False):
+    with _autocast_off(inputs.image.device):
         columns = build_columns(inputs, config.paraphrase_weight, config.hard_negative_weight)
         if group is None:
             return _single_process_loss(inputs, columns, config)
         return distributed_loss(inputs, columns, config, group)
+
+
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast disabled on `device` (a no-op where autocast does not exist, e.g. meta tensors)."""
+    if not torch.amp.is_autocast_available(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
 
 
 def _single_process_loss(inputs: SemCLIPInputs, columns: Columns, config: LossConfig) -> torch.Tensor:
