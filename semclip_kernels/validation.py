@@ -119,10 +119,10 @@ def check_weight(name: str, value: object) -> float:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float >= 0, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
+    # Comparisons, not math.isfinite: under torch.compile(dynamic=True) a float is symbolic.
+    if not 0 <= value < math.inf:  # NaN fails both comparisons
         raise ValueError(f"{name} must be a finite float >= 0, got {value}")
-    return value
+    return float(value)
 
 
 @dataclass(frozen=True)
