@@ -66,3 +66,50 @@ def test_csv_rejects_wrong_header(tmp_path):
         read_triplet_csv(str(path))
 
 
+
+
+# ----------------------------------------------------------------------------- encodings and separators (issue 17)
+
+
+def write_triplets(folder, body: bytes, header: bytes = b"filepath,caption,paraphrase,negation\n") -> str:
+    """A CSV (header + `body`, raw bytes) next to img/a.png; returns its path."""
+    (folder / "img").mkdir(exist_ok=True)
+    write_png(folder / "img" / "a.png")
+    path = folder / "triplets.csv"
+    path.write_bytes(header + body)
+    return str(path)
+
+
+GOOD_ROW = b"img/a.png,a red square,a square in red,a blue square\n"
+
+
+def test_csv_byte_that_is_not_utf8_names_file_and_line(tmp_path, capsys):
+    path = write_triplets(tmp_path, GOOD_ROW + b"img/a.png,a caf\xe9 sign,a sign,no sign\n" + GOOD_ROW)
+    with pytest.raises(BadRowsError, match=r"triplets\.csv:3: byte 0xe9 in caption is not UTF-8"):
+        read_triplet_csv(path, bad_rows="error")
+    rows = read_triplet_csv(path, bad_rows="skip")
+    assert [row.line for row in rows] == [2, 4]
+    assert "triplets.csv:3: skipped bad row: byte 0xe9 in caption is not UTF-8" in capsys.readouterr().err
+
+
+def test_csv_tolerates_a_utf8_byte_order_mark(tmp_path):
+    path = write_triplets(tmp_path, GOOD_ROW, header=b"\xef\xbb\xbffilepath,caption,paraphrase,negation\n")
+    rows = read_triplet_csv(path, bad_rows="error")
+    assert [(row.line, row.caption, row.paraphrases) for row in rows] == [(2, "a red square", ("a square in red",))]
+
+
+def test_csv_splits_texts_on_spaced_double_bar_only(tmp_path):
+    path = write_triplets(tmp_path, b"img/a.png,a cat || not split,feline||kitty || a small cat,a dog||x\n")
+    (row,) = read_triplet_csv(path, bad_rows="error")
+    assert row.caption == "a cat || not split"  # captions are never split
+    assert row.paraphrases == ("feline||kitty", "a small cat")
+    assert row.negations == ("a dog||x",)
+
+
+def test_csv_nul_byte_names_file_and_line(tmp_path, capsys):
+    path = write_triplets(tmp_path, GOOD_ROW + GOOD_ROW + b"img/a.png,a red\x00square,a square in red,no square\n")
+    with pytest.raises(BadRowsError, match=r"triplets\.csv:4: NUL byte in caption"):
+        read_triplet_csv(path, bad_rows="error")
+    rows = read_triplet_csv(path, bad_rows="skip")
+    assert [row.line for row in rows] == [2, 3]
+    assert "triplets.csv:4: skipped bad row: NUL byte in caption" in capsys.readouterr().err
