@@ -235,10 +235,19 @@ def setup_run(config: TrainConfig, resume: str | None) -> TrainingRun:
     )
     run = TrainingRun(config, world, bundle.model, train_set, val_set, CachedTokenizer(bundle.tokenizer), optimizer,
                       scheduler, loss_fn)
+    if world.is_main:
+        remove_interrupted_writes(run)
     restore(run, resume)
     if world.world_size > 1:  # after restoring: every rank loads the same checkpoint before DDP's broadcast
         run.model = nn.parallel.DistributedDataParallel(run.model)
     return run
+
+
+def remove_interrupted_writes(run: TrainingRun) -> None:
+    """Delete the temporary files of atomic writes killed mid-write (call before the run writes anything)."""
+    for written in (run.checkpoint_path, run.metrics_path, run.summary_path):
+        for orphan in remove_orphaned_temporaries(written):
+            print(f"removed {orphan}: the temporary file of a write that was killed", file=sys.stderr)
 
 
 def restore(run: TrainingRun, resume: str | None) -> None:
@@ -247,10 +256,6 @@ def restore(run: TrainingRun, resume: str | None) -> None:
     `--resume` (`"auto"`) before the run's first checkpoint exists starts fresh, so a scheduler may pass it on
     every launch; an explicit checkpoint path that does not exist is an error (a typo must not restart a run).
     """
-    if run.world.is_main:
-        for written in (run.checkpoint_path, run.metrics_path, run.summary_path):
-            for orphan in remove_orphaned_temporaries(written):
-                print(f"removed {orphan}: the temporary file of a write that was killed", file=sys.stderr)
     path = run.checkpoint_path if resume == "auto" else resume
     if path is not None and not os.path.exists(path):
         if os.path.abspath(path) != os.path.abspath(run.checkpoint_path):
