@@ -24,7 +24,7 @@ import os
 import sys
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -201,7 +201,7 @@ class TrainingRun:
     def summary_path(self) -> str:
         return os.path.join(self.config.out, "metrics.json")
 
-    def autocast(self):
+    def autocast(self) -> AbstractContextManager:
         return torch.autocast("cpu", dtype=torch.bfloat16) if self.config.precision == "bf16" else nullcontext()
 
 
