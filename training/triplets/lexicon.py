@@ -272,6 +272,7 @@ OBJECTS: dict[str, str] = {
     "mountain": "building", "hill": "building", "ocean": "lake", "sky": "ceiling", "skis": "skates",
     "flowers": "vegetables", "animal": "vehicle", "animals": "vehicles", "player": "referee",
 }
-SINGULAR_OBJECTS = {word for word in OBJECTS if not word.endswith("s") or word.endswith("ss") or word in ("bus", "tennis")}
+SINGULAR_OBJECTS = {word for word in OBJECTS
+                    if not word.endswith("s") or word.endswith("ss") or word in ("bus", "tennis")}
 UNCOUNTABLE = {"luggage", "grass", "snow", "sand", "water", "broccoli", "fruit", "cheese", "wine", "beer", "sky",
                "furniture", "tennis", "baseball", "chicken"}

@@ -58,11 +58,15 @@ _SPACE_AFTER = re.compile(r"([(\[{]) ")
 PROTECTED = [tuple(phrase.split()) for phrase in (
     "little league", "hot dog", "hot dogs", "teddy bear", "teddy bears", "big horn", "polar bear", "polar bears",
     "black and white", "stuffed animal", "stuffed animals", "living room", "fire hydrant", "double decker",
-    "traffic light", "traffic lights", "light pole", "street light", "street lights", "stop sign", "new york",
+    "traffic light", "traffic lights", "street sign", "street signs", "light pole", "street light", "street lights",
+    "stop sign", "new york",
     "each other", "one another", "hand mirror", "cell phone", "bus stop", "train station", "train tracks",
     "filled with", "covered with", "topped with", "lined with", "decorated with", "along with", "playing with",
     "made with", "loaded with", "dressed in", "full of", "top of", "in front of", "left behind", "pick up",
 )]
+_PROTECTED_BY_FIRST: dict[str, list[tuple[str, ...]]] = {}
+for _phrase in PROTECTED:
+    _PROTECTED_BY_FIRST.setdefault(_phrase[0], []).append(_phrase)
 Tokens = list[str]
 
 
@@ -71,7 +75,11 @@ def tokenize(text: str) -> Tokens:
 
 
 def detokenize(tokens: Tokens) -> str:
-    return _SPACE_AFTER.sub(r"\1", _SPACE_BEFORE.sub(r"\1", " ".join(tokens)))
+    text = _SPACE_AFTER.sub(r"\1", _SPACE_BEFORE.sub(r"\1", " ".join(tokens)))
+    parts = text.split('"')  # straight quotes alternate opening and closing: 'reads "Stop" here'
+    if len(parts) % 2 == 1:
+        text = "".join('"' + part.strip() + '"' if i % 2 else part for i, part in enumerate(parts))
+    return text
 
 
 def _lower(tokens: Tokens) -> list[str]:
@@ -143,7 +151,7 @@ def _plural(words: list[str]) -> bool:
     """Is this noun phrase plural? Judged by its determiner, else by its last word."""
     if not words:
         return False
-    if words[0] in DETERMINERS_PLURAL or words[0].isdigit():
+    if words[0] in DETERMINERS_PLURAL or words[0].isdigit() or words[:2] in (["a", "few"], ["a", "couple"]):
         return True
     if words[0] in DETERMINERS_SINGULAR:
         return False
@@ -152,7 +160,8 @@ def _plural(words: list[str]) -> bool:
 
 
 def _verb_at(words: list[str], i: int) -> bool:
-    """Is the verb-looking token at i a verb? After a determiner, preposition or attribute it is a noun ("with skis")."""
+    """Is the verb-looking token at i a verb? After a determiner, preposition or attribute it is a noun
+    ("with skis")."""
     if i == 0:
         return False
     before = words[i - 1]
@@ -196,7 +205,8 @@ def there_rule(tokens: Tokens) -> Tokens | None:
         return None
     finite = any(w in AUXILIARIES or w in THIRD_PERSON_FORMS and _verb_at(words, i) for i, w in enumerate(words))
     for j in range(1, min(len(words), 10)):
-        if words[j] in ("is", "are") or (words[j] in ING_FORMS or words[j] in THIRD_PERSON_FORMS) and _verb_at(words, j):
+        if words[j] in ("is", "are") or (words[j] in ING_FORMS or words[j] in THIRD_PERSON_FORMS) \
+                and _verb_at(words, j):
             break
         if not finite and (words[j] in PARTICIPLES or words[j] in PREPOSITIONS and words[j] not in
                            ("of", "while", "as", "like", "to", "for", "from", "after", "before", "up", "down", "out")):
@@ -242,7 +252,8 @@ def relative_rule(tokens: Tokens) -> Tokens | None:
 
 
 def with_rule(tokens: Tokens) -> Tokens | None:
-    """'A plate with a donut' <-> 'A plate that has a donut'; 'A bathroom has red walls' -> 'A bathroom with red walls'."""
+    """'A plate with a donut' <-> 'A plate that has a donut';
+    'A bathroom has red walls' -> 'A bathroom with red walls'."""
     words = _lower(tokens)
     for j in range(1, min(len(words) - 1, 9)):
         if words[j] in RELATIVE and words[j + 1] in ("has", "have") and j + 2 < len(words) \
@@ -362,7 +373,7 @@ def _phrase_matches(words: list[str], lexicon: dict[str, str]) -> list[tuple[int
     matches = []
     i = 0
     while i < len(words):
-        protected = next((len(p) for p in PROTECTED if tuple(words[i:i + len(p)]) == p
+        protected = next((len(p) for p in _PROTECTED_BY_FIRST.get(words[i], ()) if tuple(words[i:i + len(p)]) == p
                           and " ".join(p) not in lexicon), 0)
         if protected:
             i += protected
