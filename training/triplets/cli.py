@@ -138,6 +138,9 @@ def _generate_llm(args: argparse.Namespace, captions: list[str], summary: Summar
                 done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
                 for future in done:
                     caption = in_flight.pop(future)
+                    if future.cancelled():  # after a fatal error
+                        summary.failed[caption] = f"not asked: {summary.fatal}"
+                        continue
                     try:
                         outcome = future.result()
                     except FatalLLMError as error:

@@ -106,7 +106,7 @@ def _lower_first(tokens: Tokens) -> Tokens:
     return tokens
 
 
-def _finish(tokens: Tokens, caption: str) -> str:
+def finish(tokens: Tokens, caption: str) -> str:
     """Detokenize with the caption's casing conventions (all caps stays all caps, first letter as the caption)."""
     text = detokenize(tokens)
     letters = [c for c in caption if c.isalpha()]
@@ -427,7 +427,7 @@ def paraphrase_candidates(caption: str) -> list[tuple[str, str]]:
     structural = [(name, out) for name, rule in PARAPHRASE_RULES if (out := rule(tokens)) is not None]
     combined = [(name + "+synonyms", syn) for name, out in structural if (syn := synonym_rule(out)) is not None]
     alone = [("synonyms", out)] if (out := synonym_rule(tokens)) is not None else []
-    return [(name, _finish(out, caption)) for name, out in combined + structural + alone]
+    return [(name, finish(out, caption)) for name, out in combined + structural + alone]
 
 
 # ----------------------------------------------------------------------------- negation rules
@@ -532,7 +532,7 @@ def negation_candidates(caption: str) -> list[tuple[str, str]]:
     per_rule = [(name, rule(tokens)) for name, rule in rules]
     out = []
     for depth in range(max((len(edits) for _, edits in per_rule), default=0)):
-        out += [(name, _finish(edits[depth], caption)) for name, edits in per_rule if depth < len(edits)]
+        out += [(name, finish(edits[depth], caption)) for name, edits in per_rule if depth < len(edits)]
     return out
 
 
