@@ -121,6 +121,16 @@ def finish(tokens: Tokens, caption: str) -> str:
     return text
 
 
+def _plain_verb_at(words: list[str], i: int) -> bool:
+    """A base-form verb after a plural subject ("two dogs sit on ..."): the next word must not continue a noun
+    ("a hot dog stand" is a stand)."""
+    if i + 1 > len(words) or not _verb_at(words, i) or VERB_FORMS.get(words[i], ("",))[0] != words[i]:
+        return False
+    following = words[i + 1] if i + 1 < len(words) else ""
+    return following == "" or following in PREPOSITIONS or following in DETERMINERS or not _is_word(following) \
+        or following in ("together", "around", "outside", "inside", "here", "there")
+
+
 def _stopper(word: str) -> bool:
     """Does this (lower-case) token end a noun phrase?"""
     return (not _is_word(word) or word in PREPOSITIONS or word in CONJUNCTIONS or word in RELATIVE
@@ -132,7 +142,8 @@ def _noun_phrase_end(words: list[str], start: int, allow_of: bool = True) -> int
     if start >= len(words) or words[start] not in DETERMINERS:
         return start
     end = start + 1
-    while end < len(words) and not _stopper(words[end]) and words[end] not in DETERMINERS and end - start <= 5:
+    while end < len(words) and not _stopper(words[end]) and words[end] not in DETERMINERS and end - start <= 5 \
+            and not (_plain_verb_at(words, end) and _plural(words[start:end])):
         end += 1
     if end == start + 1:
         return start
@@ -203,16 +214,18 @@ def there_rule(tokens: Tokens) -> Tokens | None:
     if not words or not bare_plural and words[0] not in (DETERMINERS_SINGULAR | DETERMINERS_PLURAL) - {
             "this", "that", "each", "every", "another", "both"}:
         return None
-    finite = any(w in AUXILIARIES or w in THIRD_PERSON_FORMS and _verb_at(words, i) for i, w in enumerate(words))
+    finite = any(w in AUXILIARIES or w in THIRD_PERSON_FORMS and _verb_at(words, i) or _plain_verb_at(words, i)
+                 for i, w in enumerate(words))
+    subject_end = _noun_phrase_end(words, 0)
     for j in range(1, min(len(words), 10)):
         if words[j] in ("is", "are") or (words[j] in ING_FORMS or words[j] in THIRD_PERSON_FORMS) \
-                and _verb_at(words, j):
+                and _verb_at(words, j) or _plain_verb_at(words, j) and _plural(words[:j]):
             break
         if not finite and (words[j] in PARTICIPLES or words[j] in PREPOSITIONS and words[j] not in
                            ("of", "while", "as", "like", "to", "for", "from", "after", "before", "up", "down", "out")):
             # a caption without verb: "A vase of flowers on a table" -> "There is a vase of flowers on a table"
-            if not _clean_subject(words[:j]):
-                return None
+            if not _clean_subject(words[:j]) or subject_end not in (j, j + (words[j] in PARTICIPLES)):
+                return None  # words between the subject and here may hide an unknown verb ("people try to")
             return ["There", "are" if _plural(words[:j]) else "is"] + _lower_first(tokens[:j]) + tokens[j:]
     else:
         return None
@@ -228,6 +241,9 @@ def there_rule(tokens: Tokens) -> Tokens | None:
         return ["There", words[j]] + subject + tokens[j + 1:]
     if words[j] in ING_FORMS:
         return ["There", "are" if _plural(subject_words) else "is"] + subject + tokens[j:]
+    if words[j] not in THIRD_PERSON_FORMS:  # "Two dogs sit on a bench" -> "There are two dogs sitting on a bench"
+        return ["There", "are" if _plural(subject_words) else "is"] + subject + [
+            _match_case(tokens[j], VERB_FORMS[words[j]][2])] + tokens[j + 1:]
     # third person singular: "A woman sits at a counter" -> "There is a woman sitting at a counter"
     if _plural(subject_words) or not (after == "" or after in PREPOSITIONS or after in DETERMINERS
                                       or not _is_word(after)):
@@ -322,7 +338,8 @@ def passive_rule(tokens: Tokens) -> Tokens | None:
 def _bare_phrase_end(words: list[str], start: int) -> int:
     """End of a noun phrase without determiner ("white shorts", "plates of food"); `start` when none."""
     end = start
-    while end < len(words) and end - start < 6 and not _stopper(words[end]) and words[end] not in DETERMINERS:
+    while end < len(words) and end - start < 6 and not _stopper(words[end]) and words[end] not in DETERMINERS \
+            and not (_plain_verb_at(words, end) and _plural(words[start:end])):
         end += 1
     if end > start and end + 1 < len(words) and words[end] == "of" and not _stopper(words[end + 1]):
         end = _bare_phrase_end(words, end + 1) if words[end + 1] not in DETERMINERS else \
@@ -340,6 +357,8 @@ def coordination_rule(tokens: Tokens) -> Tokens | None:
         right_end = _noun_phrase_end(words, k + 1)
         if right_end == k + 1:
             right_end = _bare_phrase_end(words, k + 1)
+        if right_end > k + 2 and _plain_verb_at(words, right_end - 1):
+            right_end -= 1  # "two monitors and a laptop sit on ...": the coordination is the plural subject
         if right_end == k + 1:
             continue
         left_start = None
@@ -358,7 +377,8 @@ def coordination_rule(tokens: Tokens) -> Tokens | None:
         left_words, right_words = _lower(left), _lower(right)
         if "other" in left_words + right_words or left_words == right_words or left_words[-1] in ATTRIBUTE_WORDS \
                 or right_words[-1] in ATTRIBUTE_WORDS or (right_end < len(words) and _is_word(words[right_end])
-                                                           and not _stopper(words[right_end])):
+                                                           and not _stopper(words[right_end])
+                                                           and not _plain_verb_at(words, right_end)):
             continue  # "black and white cat": adjectives share the noun, swapping them would detach it
         if left_start == 0:
             left = _lower_first(left)
