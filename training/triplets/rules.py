@@ -91,8 +91,10 @@ def _is_word(token: str) -> bool:
 
 
 def _match_case(template: str, word: str) -> str:
-    if len(template) > 1 and template.isupper():
+    if len(template) > 3 and template.isupper():
         return word.upper()
+    if len(template) > 1 and template.isupper():  # an acronym ("TV"): its casing is no style to copy
+        return word
     if template[:1].isupper():
         return word[:1].upper() + word[1:]
     return word
@@ -226,6 +228,9 @@ def there_rule(tokens: Tokens) -> Tokens | None:
             # a caption without verb: "A vase of flowers on a table" -> "There is a vase of flowers on a table"
             if not _clean_subject(words[:j]) or subject_end not in (j, j + (words[j] in PARTICIPLES)):
                 return None  # words between the subject and here may hide an unknown verb ("people try to")
+            if words[0] in DETERMINERS_SINGULAR and "of" not in words[:j] and words[j - 1].endswith("s") \
+                    and not words[j - 1].endswith("ss"):
+                return None  # "a cat perches on": after "a", a word in -s is a verb we do not know
             return ["There", "are" if _plural(words[:j]) else "is"] + _lower_first(tokens[:j]) + tokens[j:]
     else:
         return None
@@ -412,7 +417,7 @@ def _phrase_matches(words: list[str], lexicon: dict[str, str]) -> list[tuple[int
 def _replace(tokens: Tokens, start: int, end: int, replacement: str) -> Tokens:
     new = replacement.split()
     new[0] = _match_case(tokens[start], new[0])
-    if len(tokens[start]) > 1 and tokens[start].isupper():
+    if len(tokens[start]) > 3 and tokens[start].isupper():
         new = [w.upper() for w in new]
     out = tokens[:start] + new + tokens[end:]
     if start > 0 and _lower(tokens[start - 1:start]) == ["a"] and new[0][:1].lower() in "aeiou":
@@ -463,9 +468,8 @@ def swap_edits(tokens: Tokens) -> list[Tokens]:
         for b in range(a + 1, len(bound)):
             i, j = bound[a], bound[b]
             if words[i] != words[j] and words[i + 1] != words[j + 1]:
-                out = list(tokens)
-                out[i], out[j] = _match_case(tokens[i], words[j]), _match_case(tokens[j], words[i])
-                edits.append(out)
+                out = _replace(tokens, j, j + 1, words[i])  # right one first: the left's index stays valid
+                edits.append(_replace(out, i, i + 1, words[j]))
     objects = [(s, e) for s, e, _ in _phrase_matches(words, OBJECTS)
                if (e == len(words) or _stopper(words[e])) and (e == len(words) or words[e] != "of")
                and s > 0 and (words[s - 1] in DETERMINERS or words[s - 1] in ATTRIBUTE_WORDS or words[s - 1] == "of")
