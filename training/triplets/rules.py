@@ -229,7 +229,7 @@ def there_rule(tokens: Tokens) -> Tokens | None:
             if not _clean_subject(words[:j]) or subject_end not in (j, j + (words[j] in PARTICIPLES)):
                 return None  # words between the subject and here may hide an unknown verb ("people try to")
             if words[0] in DETERMINERS_SINGULAR and "of" not in words[:j] and words[j - 1].endswith("s") \
-                    and not words[j - 1].endswith("ss"):
+                    and not words[j - 1].endswith(("ss", "us", "is")) and words[j - 1] not in OBJECTS:
                 return None  # "a cat perches on": after "a", a word in -s is a verb we do not know
             return ["There", "are" if _plural(words[:j]) else "is"] + _lower_first(tokens[:j]) + tokens[j:]
     else:
