@@ -177,7 +177,7 @@ SYNONYMS: dict[str, str] = {
     "above": "over", "ocean": "sea", "sea": "ocean", "woman": "lady", "women": "ladies", "lady": "woman",
     "ladies": "women", "guy": "man", "guys": "men", "talking": "speaking", "speaking": "talking",
     "automobile": "car", "road": "street", "street": "road", "roads": "streets", "streets": "roads",
-    "pair of": "couple of", "refrigerator": "fridge", "fridge": "refrigerator",
+    "refrigerator": "fridge", "fridge": "refrigerator",
     "grey": "gray", "gray": "grey", "close up": "close-up", "close-up": "close up",
     "persons": "people", "person": "individual", "puppy": "young dog",
     "kitten": "young cat", "racquet": "racket", "racket": "racquet", "mom": "mother", "dad": "father",
@@ -192,8 +192,8 @@ SYNONYMS: dict[str, str] = {
     "laying": "lying", "is shown": "is pictured", "are shown": "are pictured",
     "bucket": "pail", "buckets": "pails", "cupboard": "cabinet", "cupboards": "cabinets", "cabinet": "cupboard",
     "cabinets": "cupboards", "donut": "doughnut", "donuts": "doughnuts", "doughnut": "donut",
-    "doughnuts": "donuts", "sunglasses": "shades", "hauling": "pulling", "car": "automobile",
-    "cars": "automobiles", "motorcycle": "motorbike", "phone": "telephone", "frisbee": "flying disc",
+    "doughnuts": "donuts", "sunglasses": "shades", "hauling": "pulling", 
+    "motorcycle": "motorbike", "phone": "telephone", "frisbee": "flying disc",
     "sidewalk": "pavement", "inside of": "inside", "in the distance": "far away", "tabletop": "table top",
     "glowing": "shining", "climb up": "ascend", "cargo": "freight", 
 }
@@ -216,6 +216,17 @@ OPPOSITE_ATTRIBUTES: dict[str, str] = {
     "top": "bottom", "bottom": "top", "front": "back", "back": "front", "day": "night", "night": "day",
     "daytime": "nighttime", "nighttime": "daytime", "many": "few", "several": "no",
 }
+# Who can sit, stand or lie: posture edits ("sitting" -> "standing") are false only for them; a cup
+# "sitting" on a desk is merely placed there, and "standing" would still be true.
+ANIMATE = {"person", "people", "man", "men", "woman", "women", "child", "children", "kid", "kids", "boy", "boys",
+           "girl", "girls", "baby", "babies", "dog", "dogs", "cat", "cats", "bird", "birds", "horse", "horses",
+           "cow", "cows", "sheep", "zebra", "zebras", "giraffe", "giraffes", "elephant", "elephants", "bear",
+           "bears", "player", "players", "lady", "ladies", "guy", "guys", "couple", "family", "group", "crowd",
+           "skier", "skiers", "surfer", "surfers", "puppy", "kitten", "animal", "animals", "individual", "adult",
+           "adults", "toddler", "student", "students", "monkey", "duck", "ducks", "goat", "goats", "pigeon",
+           "pigeons", "seagull", "owl", "teddy", "he", "she", "they"}
+POSTURES = {"sitting", "sits", "sit", "standing", "stands", "stand", "laying", "lying"}
+MOTION_VERBS = {"walking", "walks", "running", "runs"}  # "walking a dog" is no gait: no "running a dog"
 ATTRIBUTE_WORDS = {"white", "black", "red", "blue", "green", "yellow", "brown", "gray", "grey", "orange", "purple",
                    "pink", "silver", "gold", "large", "big", "small", "little", "tall", "short", "long", "old",
                    "young", "wooden", "metal", "plastic", "empty", "full", "open", "closed", "wet", "dry", "dark",

@@ -28,6 +28,7 @@ import re
 from collections.abc import Callable
 
 from .lexicon import (
+    ANIMATE,
     ATTRIBUTE_WORDS,
     AUXILIARIES,
     CONJUNCTIONS,
@@ -35,9 +36,11 @@ from .lexicon import (
     DETERMINERS_PLURAL,
     DETERMINERS_SINGULAR,
     ING_FORMS,
+    MOTION_VERBS,
     OBJECTS,
     OPPOSITE_ATTRIBUTES,
     PARTICIPLES,
+    POSTURES,
     PREPOSITIONS,
     RELATIONS,
     RELATIVE,
@@ -495,6 +498,10 @@ def _substitution_edits(tokens: Tokens, lexicon: dict[str, str]) -> list[Tokens]
             continue
         if words[start] == "with" and start > 0 and (words[start - 1].endswith("ed") or words[start - 1] in
                                                       ("along", "playing", "together", "up")):
+            continue
+        if words[start] in POSTURES and not any(w in ANIMATE for w in words[:start]):
+            continue
+        if words[start] in MOTION_VERBS and start + 1 < len(words) and words[start + 1] in DETERMINERS:
             continue
         edits.append(_replace(tokens, start, end, replacement))
     return edits
