@@ -242,6 +242,8 @@ def there_rule(tokens: Tokens) -> Tokens | None:
         return None
     after = words[j + 1] if j + 1 < len(words) else ""
     subject = _lower_first(tokens[:j])
+    if bare_plural and subject[0].istitle():  # "Carrots are ..." -> "There are carrots ..."
+        subject = [subject[0].lower()] + subject[1:]
     if words[j] in ("is", "are"):
         participle = after in PARTICIPLES or after.endswith("ed") and len(after) > 4
         if not (after in ING_FORMS or after in PREPOSITIONS or participle) or after in ("of", "to", "as", "like"):
