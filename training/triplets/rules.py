@@ -167,7 +167,8 @@ def _plural(words: list[str]) -> bool:
     """Is this noun phrase plural? Judged by its determiner, else by its last word."""
     if not words:
         return False
-    if words[0] in DETERMINERS_PLURAL or words[0].isdigit() or words[:2] in (["a", "few"], ["a", "couple"]):
+    if words[0] in DETERMINERS_PLURAL or words[0].isdigit() or words[:2] == ["a", "few"] \
+            or words[:3] == ["a", "couple", "of"]:
         return True
     if words[0] in DETERMINERS_SINGULAR:
         return False
