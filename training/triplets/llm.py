@@ -12,6 +12,7 @@ way: they raise FatalLLMError, which stops the run (answers received so far stay
 from __future__ import annotations
 
 import email.utils
+import http.client
 import json
 import random
 import re
@@ -214,7 +215,8 @@ class LLMGenerator:
                 last_error = f"HTTP {error.code}: {detail}"
                 server_wait = retry_after_seconds(error.headers.get("Retry-After") if error.headers else None)
                 wait = min(self.settings.max_wait, server_wait) if server_wait is not None else self._backoff(attempt)
-            except (TimeoutError, urllib.error.URLError, ConnectionError, OSError) as error:
+            except (TimeoutError, urllib.error.URLError, OSError, http.client.HTTPException) as error:
+                # HTTPException: the connection broke mid-answer (IncompleteRead, BadStatusLine)
                 reason = getattr(error, "reason", error)
                 timed_out = isinstance(reason, TimeoutError) or "timed out" in str(reason)
                 self.stats.add("timeouts" if timed_out else "connection errors")
