@@ -303,3 +303,48 @@ def test_kill_and_rerun_never_asks_twice_for_an_answered_caption(tmp_path):
     rows = read_output(out)
     assert [r["caption"] for r in rows] == captions
     assert all(r["paraphrase"].startswith("In other words 0: ") and r["negation"] for r in rows)
+
+
+def test_duplicates_are_asked_once_and_a_rerun_asks_nothing(tmp_path):
+    captions = ["A dog on a couch.", "A cat on a mat.", "A dog on a couch.", "A bird on a wire."]
+    write_pairs(tmp_path / "pairs.csv", captions)
+    out = tmp_path / "t.csv"
+    with FakeOpenAIServer() as server:
+        assert main(llm_args(server, tmp_path / "pairs.csv", out, "--paraphrases", "2", "--negations", "3")) == 0
+        first = out.read_text(encoding="utf-8")
+        assert main(llm_args(server, tmp_path / "pairs.csv", out, "--paraphrases", "2", "--negations", "3")) == 0
+        assert out.read_text(encoding="utf-8") == first
+        assert sum(server.asked.values()) == 3  # three distinct captions, asked in the first run only
+        assert main(llm_args(server, tmp_path / "pairs.csv", out, "--paraphrases", "1", "--negations", "1",
+                             "--limit", "2")) == 0  # other counts are other settings: asked anew
+        assert sum(server.asked.values()) == 5
+    rows = read_output(out)
+    assert [r["caption"] for r in rows] == captions[:2]
+    first_rows = list(csv.DictReader(first.splitlines()))
+    assert first_rows[0]["paraphrase"] == first_rows[2]["paraphrase"]
+    assert first_rows[0]["negation"].count(SEPARATOR) == 2
+
+
+def test_cache_survives_a_torn_last_line(tmp_path):
+    from training.triplets.cache import AnswerCache
+
+    path = tmp_path / "c.jsonl"
+    with AnswerCache(str(path)) as cache:
+        cache.put("k1", "caption one", ["p1"], ["n1"])
+        cache.put("k2", "caption two", ["p2"], ["n2"])
+    with open(path, "a", encoding="utf-8") as f:
+        f.write('{"key": "k3", "caption": "cap')  # the process died mid-write
+    with AnswerCache(str(path)) as cache:
+        assert sorted(cache.entries) == ["k1", "k2"]
+        cache.put("k4", "caption four", ["p4"], ["n4"])
+    with AnswerCache(str(path)) as cache:
+        assert sorted(cache.entries) == ["k1", "k2", "k4"]
+
+
+def test_the_tool_does_not_import_torch():
+    probe = ("import sys, training.triplets.cli, training.triplets.measure; "
+             "sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", probe], cwd=REPO, timeout=60).returncode == 0
+    help_text = subprocess.run([sys.executable, "-m", "training.triplets", "--help"], cwd=REPO, timeout=60,
+                               capture_output=True, text=True)
+    assert help_text.returncode == 0 and "--fallback" in help_text.stdout
