@@ -105,9 +105,10 @@ def _match_case(template: str, word: str) -> str:
 
 def _lower_first(tokens: Tokens) -> Tokens:
     """Un-capitalize a phrase that leaves the start of the sentence (only common words: keep 'Apple')."""
-    if tokens and tokens[0][:1].isupper() and not tokens[0].isupper() or tokens and tokens[0] == "A":
-        if tokens[0].lower() in DETERMINERS or tokens[0].lower() in OBJECTS or tokens[0].lower() in ATTRIBUTE_WORDS:
-            return [tokens[0].lower()] + tokens[1:]
+    if not tokens or not tokens[0][:1].isupper() or len(tokens[0]) > 1 and tokens[0].isupper():
+        return tokens  # already lower case, or an acronym
+    if tokens[0].lower() in DETERMINERS or tokens[0].lower() in OBJECTS or tokens[0].lower() in ATTRIBUTE_WORDS:
+        return [tokens[0].lower()] + tokens[1:]
     return tokens
 
 
@@ -129,7 +130,7 @@ def finish(tokens: Tokens, caption: str) -> str:
 def _plain_verb_at(words: list[str], i: int) -> bool:
     """A base-form verb after a plural subject ("two dogs sit on ..."): the next word must not continue a noun
     ("a hot dog stand" is a stand)."""
-    if i + 1 > len(words) or not _verb_at(words, i) or VERB_FORMS.get(words[i], ("",))[0] != words[i]:
+    if i >= len(words) or not _verb_at(words, i) or VERB_FORMS.get(words[i], ("",))[0] != words[i]:
         return False
     following = words[i + 1] if i + 1 < len(words) else ""
     return following == "" or following in PREPOSITIONS or following in DETERMINERS or not _is_word(following) \
@@ -287,9 +288,9 @@ def with_rule(tokens: Tokens) -> Tokens | None:
                 and words[j + 2] not in ("been", "just", "no", "not"):
             return tokens[:j] + [_match_case(tokens[j + 1], "with")] + tokens[j + 2:]
         if words[j] in ("has", "have") and words[j + 1] not in ("been", "just", "no", "not", "to") \
-                and _clean_subject(words[:j]) and not _is_ing(words[j + 1]):
+                and _clean_subject(words[:j]) and words[j + 1] not in ING_FORMS:
             return tokens[:j] + [_match_case(tokens[j], "with")] + tokens[j + 1:]
-        if not _is_word(words[j]) or words[j] in AUXILIARIES or _is_ing(words[j]) or words[j] in THIRD_PERSON_FORMS:
+        if not _is_word(words[j]) or words[j] in AUXILIARIES or words[j] in ING_FORMS or words[j] in THIRD_PERSON_FORMS:
             return None
         if words[j] == "with":
             if not _clean_subject(words[:j]) or any(w in PREPOSITIONS for w in words[:j]) or words[j + 1] == "no":
@@ -298,10 +299,6 @@ def with_rule(tokens: Tokens) -> Tokens | None:
                 return None  # a main verb follows: "a man with a hat sits" would read "a man that has a hat sits"
             return tokens[:j] + ["that", "have" if _plural(words[:j]) else "has"] + tokens[j + 1:]
     return None
-
-
-def _is_ing(word: str) -> bool:
-    return word in ING_FORMS
 
 
 def passive_rule(tokens: Tokens) -> Tokens | None:
