@@ -293,9 +293,9 @@ def test_kill_and_rerun_never_asks_twice_for_an_answered_caption(tmp_path):
             process.kill()
             process.wait(timeout=10)
             process.stderr.close()
-        release.set()
         assert not out.exists()  # killed before the end: no partial output (atomic write)
-        assert dict(server.answered) == {captions[i]: 1 for i in range(3)}
+        assert dict(server.answered) == {captions[i]: 1 for i in range(3)}  # caption 3 is still held
+        release.set()  # (its answer now goes to a dead socket)
         rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
         assert rerun.returncode == 0, rerun.stderr
         assert "3 in the cache" in rerun.stderr
