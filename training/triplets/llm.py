@@ -168,6 +168,7 @@ class LLMGenerator:
         self.rng = rng or random.Random()
         self.rng_lock = threading.Lock()
         self.stats = Stats()
+        self.fatal: str | None = None  # set by the first fatal error: later calls fail without a request
 
     def _backoff(self, retry: int) -> float:
         """Exponential backoff with jitter: half the doubled delay plus a random half, capped."""
@@ -195,6 +196,8 @@ class LLMGenerator:
         """Ask until a valid answer arrives or the retries are spent; FatalLLMError on 401/403/404."""
         last_error = "no attempt"
         for attempt in range(self.settings.max_retries + 1):
+            if self.fatal is not None:  # another thread hit it: the same request would fail the same way
+                raise FatalLLMError(self.fatal)
             wait = 0.0
             try:
                 body = self._post(caption, paraphrases, negations)
@@ -206,8 +209,8 @@ class LLMGenerator:
             except urllib.error.HTTPError as error:
                 detail = error.read()[:200].decode("utf-8", errors="replace")
                 if error.code in FATAL_STATUSES:
-                    raise FatalLLMError(f"{self.url}: HTTP {error.code} {FATAL_STATUSES[error.code]}: {detail}") \
-                        from None
+                    self.fatal = f"{self.url}: HTTP {error.code} {FATAL_STATUSES[error.code]}: {detail}"
+                    raise FatalLLMError(self.fatal) from None
                 if error.code not in RETRY_STATUSES and error.code < 500:
                     return Outcome([], [], f"HTTP {error.code}: {detail}", attempt + 1)  # 400: this caption only
                 self.stats.add("HTTP 429" if error.code == 429 else "HTTP 5xx" if error.code >= 500 else
