@@ -22,6 +22,7 @@ from training.triplets.rules import (
     coordination_rule,
     detokenize,
     finish,
+    frame_rule,
     negate_edits,
     passive_rule,
     relative_rule,
@@ -86,6 +87,8 @@ def detok(tokens):
     (coordination_rule, "A black and white cat on a bed.", None),  # adjectives sharing a noun stay put
     (with_rule, "A white plate with a donut.", "A white plate that has a donut."),
     (with_rule, "A room that has two televisions in it.", "A room with two televisions in it."),
+    (frame_rule, "A cat is way up in a tree.", "In this picture, a cat is way up in a tree."),
+    (frame_rule, "A picture of a cat in a tree.", None),  # already framed
 ])
 def test_paraphrase_rules_rewrite_known_patterns(rule, caption, expected):
     rewritten = rule(tokenize(caption))
@@ -118,7 +121,7 @@ def test_rules_on_real_captions_are_valid_deterministic_and_cover_most():
         covered += problem is None
         assert generator.generate(caption, 1, 1) == (paraphrases, negations, problem)
     share = covered / len(captions)
-    assert share >= 0.87, f"rules covered only {share:.1%} of {len(captions)} real captions"  # measured 89.1%
+    assert share >= 0.95, f"rules covered only {share:.1%} of {len(captions)} real captions"  # measured 97.1%
 
 
 def test_rules_cli_writes_section6_triplets_readable_by_training(tmp_path):

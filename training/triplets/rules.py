@@ -6,7 +6,8 @@ Paraphrases keep the meaning and change the wording:
 - `relative`: "A cat that is sitting in a sink" <-> "A cat sitting in a sink";
 - `passive`: "A man is holding an umbrella" -> "An umbrella is being held by a man";
 - `coordination`: "a fork and a knife" -> "a knife and a fork";
-- `synonyms`: lexicon.SYNONYMS ("picture" -> "photo", "next to" -> "beside", ...), on top of the above.
+- `synonyms`: lexicon.SYNONYMS ("picture" -> "photo", "next to" -> "beside", ...), on top of the above;
+- `frame`, the last resort: "A cat is way up in a tree" -> "In this picture, a cat is way up in a tree".
 
 Negations are one minimal edit that makes the caption false for its image, in the spirit of
 CC-Neg and SugarCrepe (lexicon.py holds the word lists):
@@ -107,8 +108,9 @@ def _lower_first(tokens: Tokens) -> Tokens:
     """Un-capitalize a phrase that leaves the start of the sentence (only common words: keep 'Apple')."""
     if not tokens or not tokens[0][:1].isupper() or len(tokens[0]) > 1 and tokens[0].isupper():
         return tokens  # already lower case, or an acronym
-    if tokens[0].lower() in DETERMINERS or tokens[0].lower() in OBJECTS or tokens[0].lower() in ATTRIBUTE_WORDS:
-        return [tokens[0].lower()] + tokens[1:]
+    word = tokens[0].lower()
+    if word in DETERMINERS or word in OBJECTS or word in ATTRIBUTE_WORDS or word in ANIMATE:
+        return [word] + tokens[1:]
     return tokens
 
 
@@ -446,16 +448,29 @@ PARAPHRASE_RULES: list[tuple[str, Callable[[Tokens], Tokens | None]]] = [
 ]
 
 
+FRAMED = {"picture", "photo", "image", "photograph", "view", "shot", "close", "close-up", "this", "there", "here"}
+
+
+def frame_rule(tokens: Tokens) -> Tokens | None:
+    """The last resort: 'A cat is way up in a tree' -> 'In this picture, a cat is way up in a tree'. A caption
+    describes its picture, so the frame adds nothing; skipped when the caption already frames itself."""
+    words = _lower(tokens)
+    if any(w in FRAMED for w in words[:3]):
+        return None
+    return ["In", "this", "picture", ","] + _lower_first(tokens)
+
+
 def paraphrase_candidates(caption: str) -> list[tuple[str, str]]:
     """(rule name, text) candidates, most reworded first: each structural rewrite with synonyms, then
-    without, then synonyms alone."""
+    without, then synonyms alone, then the frame."""
     tokens = tokenize(caption)
     if not tokens:
         return []
     structural = [(name, out) for name, rule in PARAPHRASE_RULES if (out := rule(tokens)) is not None]
     combined = [(name + "+synonyms", syn) for name, out in structural if (syn := synonym_rule(out)) is not None]
     alone = [("synonyms", out)] if (out := synonym_rule(tokens)) is not None else []
-    return [(name, finish(out, caption)) for name, out in combined + structural + alone]
+    framed = [("frame", out)] if (out := frame_rule(tokens)) is not None else []
+    return [(name, finish(out, caption)) for name, out in combined + structural + alone + framed]
 
 
 # ----------------------------------------------------------------------------- negation rules
