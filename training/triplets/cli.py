@@ -8,8 +8,8 @@ Output rows keep the input order, one per usable input row. Rows the generator c
 listed on stderr and in OUTPUT.failed.csv (never dropped silently); with `--generator llm`,
 `--fallback rules` fills the captions the LLM could not answer by rules. LLM answers are cached in
 OUTPUT.cache.jsonl as they arrive: rerun the same command after a crash or a kill and only the missing
-captions are asked. Exit status: 0 when every row was
-written, 1 when some rows failed, 2 on bad input or a fatal server error (bad URL or key).
+captions are asked. Exit status: 0 when every row was written, 1 when some rows failed, 2 on bad
+input or a fatal server error (bad URL or key).
 See docs/triplets.md.
 """
 
