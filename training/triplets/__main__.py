@@ -1,0 +1,7 @@
+"""`python -m training.triplets --help`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
