@@ -9,15 +9,18 @@ torchrun test launches 2 Gloo processes. Expected values come from open_clip_tra
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 
 import numpy as np
 import open_clip
 import open_clip_train.main as open_clip_main
+import psutil
 import pytest
 import torch
 from oracle import semclip_loss_float64
@@ -274,7 +277,11 @@ def test_torchrun_two_gloo_processes(data_dir, tmp_path):
     try:
         output, _ = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)  # the launcher and both ranks share its session
+        # torchrun starts each rank in a session of its own: end the launcher's whole process tree by id.
+        family = [proc.pid] + [child.pid for child in psutil.Process(proc.pid).children(recursive=True)]
+        for pid in family:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         output, _ = proc.communicate()
         pytest.fail("torchrun did not finish in 240 s:\n" + output[-4000:])
     assert proc.returncode == 0, output[-4000:]
@@ -323,8 +330,11 @@ def test_bad_rows_name_file_and_line(tmp_path):
     message = str(error.value)
     assert f"{path}:3: missing image" in message and f"{path}:4: no paraphrase (para)" in message
     assert ":2:" not in message
-    rows = read_csv_triplets(str(path), "filepath", "caption", None, "neg", "\t")[:1]  # BOM tolerated
+    good = tmp_path / "good.csv"
+    good.write_text("\ufefffilepath,caption,neg\nok.png,fine,\"n1 || n2\"\n", encoding="utf-8")  # BOM tolerated
+    rows = read_csv_triplets(str(good), "filepath", "caption", None, "neg", ",")
     assert rows[0].image_path == str(tmp_path / "ok.png") and rows[0].paraphrases == ()
+    assert rows[0].negations == ("n1", "n2") and rows[0].line == 2
     with pytest.raises(ValueError, match="--csv-negation-key"):
         read_csv_triplets(str(path), "filepath", "caption", None, "negation", "\t")
 
