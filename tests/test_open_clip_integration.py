@@ -270,8 +270,11 @@ def test_torchrun_two_gloo_processes(data_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     # --standalone: torchrun picks a free port itself (a fixed port could clash with other test runs).
+    probe_dir = tmp_path / "probe"
+    probe_dir.mkdir()
+    env["SEMCLIP_PROBE_DIR"] = str(probe_dir)
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-              "-m", "semclip_kernels.open_clip_train", *argv]
+              os.path.join(ROOT, "tests", "fixtures", "open_clip_probe.py"), *argv]
     proc = subprocess.Popen(launch, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
@@ -292,6 +295,17 @@ def test_torchrun_two_gloo_processes(data_dir, tmp_path):
     losses = logged_losses(os.path.join(run_dir, "out.log"))
     assert len(losses) == 3 and all(np.isfinite(losses))
     assert os.path.isfile(os.path.join(run_dir, "checkpoints", "epoch_1.pt"))
+    # SPEC §5 with --local-loss: the mean of the ranks' losses is SPEC §1 on the global batch,
+    # every rank's batch concatenated in rank order.
+    ranks = [torch.load(probe_dir / f"rank{r}.pt") for r in range(2)]
+    assert all(r["world_size"] == 2 and r["local_loss"] for r in ranks)
+    assert ranks[0]["para"].shape == (BATCH // 2, PN, 32) and ranks[0]["neg"].shape == (BATCH // 2, 1, 32)
+    merged = {key: torch.cat([r[key] for r in ranks]) for key in ("image", "text", "para", "neg")}
+    merged["scale"] = ranks[0]["scale"]
+    expected = oracle_loss(merged)
+    mean = (float(ranks[0]["loss"]) + float(ranks[1]["loss"])) / 2
+    assert abs(mean - expected) <= 1e-5 * abs(expected), (mean, expected)
+    assert abs(losses[0] - float(ranks[0]["loss"])) <= 1e-4 * abs(losses[0])  # rank 0 logs its own loss
 
 
 # ------------------------------------------------------------------------------------------- library pieces
