@@ -67,6 +67,9 @@ def data_dir(tmp_path_factory) -> str:
         lines.append(f'img{i}.png,a {COLORS[i % 4]} square {i},"{" || ".join(paraphrases_of(i))}",'
                      f'"{" || ".join(negations_of(i))}"')
     (folder / "data.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    # Validation data without the extra columns (open_clip's own loader reads it).
+    val = ["filepath,caption"] + [f"img{i}.png,a {COLORS[i % 4]} square {i}" for i in range(BATCH)]
+    (folder / "val.csv").write_text("\n".join(val) + "\n", encoding="utf-8")
     return str(folder)
 
 
@@ -175,7 +178,8 @@ def extras_run(data_dir, tmp_path_factory):
         argv = trainer_argv(data_dir, logs, "extras", "--model-config", MODEL_CONFIG,
                             "--csv-paraphrase-key", "paraphrase", "--csv-negation-key", "negation",
                             "--paraphrases-per-image", str(PN), "--negations-per-image", str(MN))
-        run_in_process(command.main, argv, data_dir, monkeypatch)
+        val = ["--val-data", os.path.join(data_dir, "val.csv")]
+        run_in_process(command.main, argv + val, data_dir, monkeypatch)
     return recorder, logs, argv
 
 
@@ -217,6 +221,10 @@ def test_extras_one_text_pass_and_step0_loss_is_the_float64_formula(extras_run):
     logged = logged_losses(os.path.join(logs, "extras", "out.log"))
     assert len(logged) == 3 and abs(logged[0] - expected) <= 1e-4 * abs(expected)  # logged with 5 digits
     assert all(abs(oracle_loss(c) - float(c["loss"])) <= 1e-5 * abs(oracle_loss(c)) for c in recorder.losses)
+    # Validation ran on captions only through the model's own forward: [B, L] tokens, open_clip's metrics.
+    with open(os.path.join(logs, "extras", "out.log"), encoding="utf-8") as f:
+        evals = [line for line in f if "Eval Epoch: 1" in line and "clip_val_loss" in line]
+    assert len(evals) == 1 and "image_to_text_R@1" in evals[0]
 
 
 def test_resume_continues_with_the_next_epochs_texts(extras_run, data_dir, monkeypatch):
