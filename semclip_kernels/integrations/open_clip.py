@@ -225,8 +225,10 @@ def get_csv_triplet_data(args: Any, preprocess_fn: Callable, is_train: bool, epo
     from torch.utils.data.distributed import DistributedSampler
 
     path = args.train_data if is_train else args.val_data
-    rows = read_csv_triplets(path, args.csv_img_key, args.csv_caption_key, options.paraphrase_key,
-                             options.negation_key, args.csv_separator)
+    # A column whose count per image is 0 is not read at all (its cells may then be empty).
+    rows = read_csv_triplets(path, args.csv_img_key, args.csv_caption_key,
+                             options.paraphrase_key if options.n_paraphrases else None,
+                             options.negation_key if options.n_negations else None, args.csv_separator)
     shared_epoch = SharedEpoch(epoch=epoch)
     dataset = CsvTripletTokens(rows, preprocess_fn, tokenizer, options.n_paraphrases, options.n_negations,
                                shared_epoch)
