@@ -90,4 +90,9 @@ def adjacent_view_columns(
         return None
     if any(flag != base.requires_grad for flag in needs_grad):
         return None
+    if base.is_contiguous() and offset == base.storage_offset() and rows * dim == base.numel():
+        # The usual case (the blocks tile the whole tower output): a plain view, whose backward is a
+        # reshape of the incoming gradient. as_strided's backward would allocate a zeroed buffer of
+        # the base's storage and scatter into it: one more K·d temporary.
+        return base.view(size)
     return base.as_strided(size, stride, offset)

@@ -140,6 +140,7 @@ def test_gradient_reaches_the_shared_buffer_once():
     text, para, neg = split(out)
     cols = adjacent_view_columns(text, para, neg)
     assert cols is not None and cols.requires_grad and cols.data_ptr() == out.data_ptr()
+    assert cols._base is out  # whole-buffer case: a plain view of the tower output
     loss = loss_through_columns(image, cols, text, para, tau, MN)
     loss.backward()
 
@@ -158,6 +159,30 @@ def test_gradient_reaches_the_shared_buffer_once():
     for got, want in ((weights.grad, w64.grad), (image.grad, img64.grad), (tau.grad, tau64.grad)):
         rel = (got.double() - want).abs().max() / want.abs().max()
         assert rel < 1e-4, rel
+
+
+def test_gradient_through_a_part_of_a_larger_buffer():
+    # The blocks cover only rows 2..K+2 of the base: the as_strided path, whose gradient must land on
+    # exactly those rows of the base and nowhere else.
+    gen = torch.Generator().manual_seed(2)
+    big = torch.randn(K + 5, D, generator=gen).div(3).requires_grad_()
+    image = torch.randn(B, D, generator=gen).div(3)
+    out = big * 1.0
+    text, para, neg = split(out[2 : 2 + K])
+    cols = adjacent_view_columns(text, para, neg)
+    assert cols is not None and cols.data_ptr() == out[2].data_ptr() and cols._base is out
+    loss_through_columns(image, cols, text, para, 2.0, MN).backward()
+
+    b64 = big.detach().double().requires_grad_()
+    part = b64[2 : 2 + K]
+    expected = semclip_loss_float64(
+        image.double(), part[:B].clone(), 2.0, part[B : B + B * PN].clone().view(B, PN, D),
+        part[B + B * PN :].clone().view(B, MN, D),
+    )
+    expected.backward()
+    assert torch.equal(big.grad[:2], torch.zeros(2, D)) and torch.equal(big.grad[2 + K :], torch.zeros(3, D))
+    rel = (big.grad.double() - b64.grad).abs().max() / b64.grad.abs().max()
+    assert rel < 1e-4, rel
 
 
 def test_gradient_reaches_a_leaf_buffer():

@@ -91,8 +91,11 @@ def trainer_argv(data_dir: str, logs: str, name: str, *extra: str) -> list[str]:
 
 
 def run_in_process(main, argv: list[str], cwd: str, monkeypatch) -> None:
-    """Run a trainer `main(argv)` here, undoing the logging handlers open_clip_train installs."""
+    """Run a trainer `main(argv)` here, undoing the logging setup open_clip_train installs (handlers
+    on the root logger, INFO on every logger) so that later tests log as before."""
     handlers = list(logging.root.handlers)
+    levels = {name: logging.getLogger(name).level for name in logging.root.manager.loggerDict}
+    root_level = logging.root.level
     monkeypatch.chdir(cwd)  # open_clip's own CsvDataset resolves image paths against the cwd
     try:
         assert main(argv) in (None, 0)
@@ -100,6 +103,9 @@ def run_in_process(main, argv: list[str], cwd: str, monkeypatch) -> None:
         for handler in logging.root.handlers[len(handlers):]:
             handler.close()
         logging.root.handlers[:] = handlers
+        logging.root.setLevel(root_level)
+        for name in logging.root.manager.loggerDict:
+            logging.getLogger(name).setLevel(levels.get(name, logging.NOTSET))
 
 
 def logged_losses(log_file: str) -> list[float]:
