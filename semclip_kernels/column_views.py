@@ -8,8 +8,16 @@ encodes captions, paraphrases and negations in ONE text-tower pass, in the order
 the tower's `[K, d]` output already *is* that layout, and the loop hands the loss three views
 of it (`out[:B]`, `out[B:B+B·Pn].view(B, Pn, d)`, `out[B+B·Pn:].view(B, Mn, d)`).
 `adjacent_view_columns` returns the `[K', d]` tensor covering them without a copy, so that
-`torch.cat` (K·d floats, and a second gradient buffer of the same size in the backward)
-disappears. Anything else returns None and the caller concatenates as before.
+`torch.cat` (K·d floats kept alive from the forward to the backward) disappears. Anything else
+returns None and the caller concatenates as before.
+
+Memory in the backward (measured, see the open_clip integration's report): every autograd path
+that reaches the buffer through a *slice* of it (the positives `s(I_i, T_i)` read through
+`text = out[:B]`, for instance) makes autograd allocate a zeroed gradient of the whole buffer for
+that path and sum them. So the saving is realised only when the loss differentiates the joined
+columns once: the positive-term gradients added into the column gradient inside the same
+autograd node (e.g. a loss-level Function whose backward calls the backend's backward-only entry
+and then adds the positives in place), not through the views.
 """
 
 from __future__ import annotations
