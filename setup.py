@@ -57,7 +57,12 @@ setup(
         "train": ["open_clip_torch>=2.24", "matplotlib", "tqdm", "pillow", "torchvision", "numpy"],
         "bench": ["open_clip_torch>=2.24", "matplotlib", "tqdm", "psutil", "pytest-benchmark"],
         "bench-gpu": ["inf_cl>=1.2", "triton>=3.0"],
-        "test": ["pytest>=7", "open_clip_torch>=2.24", "matplotlib", "tqdm", "psutil", "ruff", "pytest-benchmark"],
+        # python -m semclip_kernels.open_clip_train: open_clip_train ships inside open_clip_torch; it patches
+        # open_clip_train 3.x internals (open_clip's main branch is restructuring them), and its data module
+        # imports webdataset (with braceexpand) and pandas, which open_clip_torch installs only with [training].
+        "open_clip": ["open_clip_torch>=3.0,<4", "webdataset>=0.2.5,<=0.2.86", "braceexpand", "pandas"],
+        "test": ["pytest>=7", "open_clip_torch>=3.0,<4", "webdataset>=0.2.5,<=0.2.86", "braceexpand", "pandas",
+                 "matplotlib", "tqdm", "psutil", "ruff", "pytest-benchmark"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
