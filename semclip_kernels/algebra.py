@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .column_views import adjacent_view_columns
 from .validation import SemCLIPInputs
 
 
@@ -43,7 +44,11 @@ def build_columns(inputs: SemCLIPInputs, paraphrase_weight: float, hard_negative
     blocks = list(query)
     if inputs.negation is not None and hard_negative_weight > 0:
         blocks.append(inputs.negation.reshape(-1, dim))
-    cols = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=0)
+    # Blocks that already lie back to back in one buffer (one text-tower pass in column order, as the
+    # open_clip integration encodes them) are used in place: no K·d copy.
+    cols = adjacent_view_columns(*blocks) if len(blocks) > 1 else blocks[0]
+    if cols is None:
+        cols = torch.cat(blocks, dim=0)
     col_bias = torch.zeros(cols.shape[0], dtype=inputs.logit_scale.dtype, device=inputs.image.device)
     if cols.shape[0] > n_query_cols:
         col_bias[n_query_cols:] = math.log(hard_negative_weight)

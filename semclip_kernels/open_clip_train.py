@@ -17,8 +17,8 @@ import sys
 from collections.abc import Sequence
 
 from .backends import BACKENDS
+from .distributed import MODES as DISTRIBUTED_MODES
 from .integrations.open_clip import SemCLIPOptions, patch_open_clip_train, register_model_config
-from .loss import DISTRIBUTED_MODES
 
 PROG = "python -m semclip_kernels.open_clip_train"
 

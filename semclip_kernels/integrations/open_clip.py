@@ -39,7 +39,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from ..backends import BACKENDS
-from ..loss import DISTRIBUTED_MODES, SemCLIPLoss
+from ..distributed import MODES as DISTRIBUTED_MODES
+from ..loss import SemCLIPLoss
 from ..validation import check_weight
 
 SEPARATOR = " || "  # SPEC §6: space, two bars, space; a bare "||" inside a text is text
