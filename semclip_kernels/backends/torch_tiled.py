@@ -209,11 +209,15 @@ def _forward_tiles(rows, cols, scale, col_bias, n_query_cols, block_rows, block_
     return row_lse, col_lse
 
 
-def _backward_tiles(rows, cols, scale, col_bias, row_lse, col_lse, g_row, g_col, needs, block_rows, block_cols):
-    """`(grad_rows, grad_cols, grad_scale)` in the statistics dtype (None where not needed); lse in float64."""
+def _backward_tiles(rows, cols, scale, col_bias, row_lse, col_lse, g_row, g_col, needs, block_rows, block_cols,
+                    fast: bool):
+    """`(grad_rows, grad_cols, grad_scale)` in the statistics dtype (None where not needed); lse in float64.
+
+    `fast`: take the eager shared-shift path (decided where `torch.compiler.is_compiling()` is reliable:
+    in the forward, or by the caller of the backward-only entry).
+    """
     need_rows, need_cols, need_scale = needs
     dtype = stat_dtype(scale.dtype)
-    fast = _eager_fast_path(rows)
     tau = float(scale) if fast else scale.to(dtype)
     n_rows, n_cols, n_query_cols = rows.shape[0], cols.shape[0], col_lse.shape[0]
     # grad_τ = Σ dS ⊙ A·Cᵀ = Σ_i <grad_A_i, A_i> / τ: read it off a feature gradient after the loop
@@ -254,8 +258,9 @@ def _backward_tiles(rows, cols, scale, col_bias, row_lse, col_lse, g_row, g_col,
     if need_scale and not scale_per_tile:
         feature, grad = (rows, grad_rows) if need_rows else (cols, grad_cols)
         grad_scale = torch.dot(grad.double().view(-1), feature.double().reshape(-1)) / tau
-    global _last_stats
-    _last_stats = BackwardStats(tiles=len(row_tiles) * len(col_tiles))
+    if not torch.compiler.is_compiling():  # informative only; a compiled graph must not mutate module state
+        global _last_stats
+        _last_stats = BackwardStats(tiles=len(row_tiles) * len(col_tiles))
     return grad_rows, grad_cols, grad_scale.to(dtype) if need_scale else None
 
 
@@ -263,8 +268,8 @@ class _NoDoubleBackward(torch.autograd.Function):
     """Passes gradients through; differentiating them again raises (instead of a wrong answer)."""
 
     @staticmethod
-    def forward(ctx, anchor: torch.Tensor, *grads: torch.Tensor):
-        return tuple(g.clone() for g in grads)
+    def forward(ctx, n_anchors: int, *tensors: torch.Tensor):
+        return tuple(g.clone() for g in tensors[n_anchors:])
 
     @staticmethod
     def backward(ctx, *unused):
@@ -280,6 +285,8 @@ class TiledPartitions(torch.autograd.Function):
         row_lse, col_lse = _forward_tiles(rows, cols, scale, col_bias, n_query_cols, block_rows, block_cols)
         ctx.save_for_backward(rows, cols, scale, col_bias, row_lse, col_lse)
         ctx.blocks = (block_rows, block_cols)
+        # The compiled backward is traced outside Dynamo, where is_compiling() is not reliable: decide here.
+        ctx.fast = _eager_fast_path(rows)
         return row_lse.to(scale.dtype), col_lse.to(scale.dtype)
 
     @staticmethod
@@ -290,11 +297,14 @@ class TiledPartitions(torch.autograd.Function):
         g_row = torch.zeros_like(row_lse, dtype=dtype) if grad_row_lse is None else grad_row_lse.to(dtype)
         g_col = torch.zeros_like(col_lse, dtype=dtype) if grad_col_lse is None else grad_col_lse.to(dtype)
         with torch.no_grad():
-            grads = _backward_tiles(rows, cols, scale, col_bias, row_lse, col_lse, g_row, g_col, needs, *ctx.blocks)
+            grads = _backward_tiles(rows, cols, scale, col_bias, row_lse, col_lse, g_row, g_col, needs, *ctx.blocks,
+                                    ctx.fast)
         grads = _in_dtypes(grads, rows, cols, scale)
         if torch.is_grad_enabled():  # create_graph=True: first derivatives fine, second ones refused
             present = [g for g in grads if g is not None]
-            passed = iter(_NoDoubleBackward.apply(rows, *present))
+            # Anchored to everything the gradients depend on, so that any second derivative reaches the refusal.
+            anchors = [t for t in (rows, cols, scale, col_bias, grad_row_lse, grad_col_lse) if t is not None]
+            passed = iter(_NoDoubleBackward.apply(len(anchors), *anchors, *present))
             grads = tuple(None if g is None else next(passed) for g in grads)
         return (*grads, None, None, None, None)
 
@@ -345,5 +355,5 @@ def partitions_backward(
     g_col = torch.zeros_like(col_lse, dtype=dtype) if grad_col_lse is None else grad_col_lse.detach().to(dtype)
     with torch.no_grad():
         grads = _backward_tiles(rows, cols, scale, col_bias, row_lse, col_lse, g_row, g_col, tuple(needs),
-                                *_blocks(options))
+                                *_blocks(options), _eager_fast_path(rows))
     return _in_dtypes(grads, rows, cols, scale)
