@@ -1,4 +1,4 @@
-// Fused CPU kernel of the SemCLIP partitions (SPEC §7):
+// Fused CPU kernel of the SemCLIP partitions (docs/contract.md §7):
 //
 //   row_lse_i = log Σ_c exp(S_ic + b_c),   col_lse_c = log Σ_i exp(S_ic) for c < Kq,   S = τ·A·Cᵀ
 //
@@ -15,14 +15,14 @@
 // underflow, or exp(M − lse) could overflow) is recomputed exactly with its own
 // shift; that happens only in tiles whose logits span > ~50 nats.
 //
-// Gradient filtering: every softmax weight of a tile is at most
-// exp(M + max b − min row_lse) (rows) and exp(M − min col_lse) (columns); when
-// both bounds are below eps the tile's gradient work is skipped entirely: M is
-// the tile max the forward recorded (one number per tile), so a skipped tile
-// costs neither its recomputation nor its two gradient products. The default
-// eps = 2^-24 / max(M, K) (float32; 2^-53 for float64, set in backends/cpp.py)
-// keeps the total dropped weight of any row or column below float resolution,
-// i.e. the default is exact. The design and its measurements: docs/cpu_kernel.md.
+// Gradient filtering: every softmax weight of a tile, relative to the mass of the gradient it feeds, is
+// at most exp(M + max b − min row_lse − min log column mass) (rows; the column-mass term matters for
+// negation columns, whose gradient is made of row weights only) and exp(M − min col_lse) (columns); when
+// both bounds are below eps the tile's gradient work is skipped entirely: M is the tile max the forward
+// recorded (one number per tile), so a skipped tile costs neither its recomputation nor its two gradient
+// products. The default eps = 2^-24 / max(M, K) (float32; 2^-53 for float64, set in backends/cpp.py)
+// keeps the total dropped weight of any row or column below float resolution of its mass, i.e. the
+// default is exact. Statistics enter the backward in float64. The design: docs/cpu_kernel.md.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
