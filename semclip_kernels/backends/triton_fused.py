@@ -1,36 +1,39 @@
-"""Fused Triton partitions: `row_lse`, `col_lse` of `S = τ·A·Cᵀ` and their backward, never writing S.
+"""backend="triton": the partitions primitive (docs/contract.md §7) on the fused Triton kernels.
 
-Forward: one M×K×d product (both directions from each on-chip tile, merged
-across programs with exact log-add-exp under locks). Backward: three M×K×d
-products (recompute, grad_rows, grad_cols), fewer with gradient filtering.
-The kernels live in `semclip_kernels.triton_kernels`; block sizes come from
-`triton_kernels.heuristics`.
+A thin adapter: argument checks, the autograd Function, and the backend protocol
+(`backends/base.py`). The kernels and their launchers live in
+`semclip_kernels.triton_kernels` (`lse_forward`, `backward`, `grad_gemm`), their
+launch configurations in `triton_kernels.config`; docs/triton.md describes the design.
 
-On CUDA tensors the kernels run compiled. On CPU tensors they run through
-Triton's interpreter, which must be switched on (`TRITON_INTERPRET=1`) before
-this module is first imported.
+Forward: one product, no locks or atomics. Backward: three products (1 + 2f with a
+fraction f of tiles kept by the gradient filter), no atomics. Identical inputs give
+bitwise identical results.
+
+On CUDA tensors the kernels run compiled. On CPU tensors they run through Triton's
+interpreter, which must be switched on (`TRITON_INTERPRET=1`) before this module is
+first imported.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 
 import torch
 import triton  # noqa: F401  (ImportError here tells the dispatcher Triton is missing)
-import triton.language as tl
 
 from ..triton_kernels import tl_utils
-from ..triton_kernels.backward import backward_kernel
-from ..triton_kernels.heuristics import KernelConfig, backward_config, forward_config
-from ..triton_kernels.lse_forward import lse_forward_kernel
+from ..triton_kernels.backward import BackwardResult
+from ..triton_kernels.backward import partitions_backward as _launch_backward
+from ..triton_kernels.config import dot_precision, gemm_config, tile_config
+from ..triton_kernels.lse_forward import lse_forward
+from .base import BackwardStats, stat_dtype
 from .options import PartitionOptions, default_grad_filter_eps
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
-# Counters of the last backward call, for reporting the gradient filter's effect.
-_last_backward: dict[str, object] = {}
+# The last backward's result (tile counts as device tensors; read lazily by last_backward_stats).
+_last_backward: BackwardResult | None = None
 
 
 def is_available(device: torch.device) -> tuple[bool, str]:
@@ -47,31 +50,12 @@ def is_available(device: torch.device) -> tuple[bool, str]:
     return False, f"Triton kernels do not run on {device.type} tensors"
 
 
-def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _acc_dtype(dtype: torch.dtype) -> tl.dtype:
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    """float32 inputs use TF32 only when PyTorch's matmuls are allowed to (not under the interpreter)."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not tl_utils.INTERPRETED:
-        return "tf32"
-    return "ieee"
-
-
-def _upcast_dot(dtype: torch.dtype) -> bool:
-    """Interpreter work-around for 16-bit tl.dot (see tl_utils.dot_operand)."""
-    return tl_utils.INTERPRETED and dtype in (torch.float16, torch.bfloat16)
-
-
-def last_backward_stats() -> dict[str, int]:
+def last_backward_stats() -> BackwardStats:
     """Tiles of the last backward and how many the gradient filter skipped (synchronizes)."""
-    if not _last_backward:
-        return {"tiles": 0, "skipped_tiles": 0}
-    return {"tiles": int(_last_backward["tiles"]), "skipped_tiles": int(_last_backward["skipped_tiles"].item())}
+    if _last_backward is None:
+        return BackwardStats()
+    kept = int(_last_backward.kept_tiles.item())
+    return BackwardStats(tiles=_last_backward.tiles, skipped_tiles=_last_backward.tiles - kept)
 
 
 def _on_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
@@ -79,24 +63,38 @@ def _on_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
-def _grid(n_rows: int, n_cols: int, config: KernelConfig) -> tuple[int]:
-    return (triton.cdiv(n_rows, config.block_m) * triton.cdiv(n_cols, config.block_n),)
+def _check(rows: torch.Tensor, cols: torch.Tensor) -> None:
+    if rows.dtype not in _SUPPORTED_DTYPES or cols.dtype != rows.dtype:
+        raise TypeError(
+            f"backend='triton' needs rows and cols of one dtype among {_SUPPORTED_DTYPES}, "
+            f"got {rows.dtype} and {cols.dtype}"
+        )
+    if rows.device != cols.device:
+        raise ValueError(f"rows and cols must share a device, got {rows.device} and {cols.device}")
 
 
-def _common_constexprs(dtype: torch.dtype, config: KernelConfig) -> dict[str, object]:
-    launch = {} if config.maxnreg is None or tl_utils.INTERPRETED else {"maxnreg": config.maxnreg}
-    return dict(
-        **launch,
-        BLOCK_M=config.block_m,
-        BLOCK_N=config.block_n,
-        BLOCK_D=config.block_d,
-        GROUP_M=config.group_m,
-        ACC_DTYPE=_acc_dtype(dtype),
-        UPCAST_DOT=_upcast_dot(dtype),
-        DOT_PRECISION=_dot_precision(dtype),
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-    )
+def _stat_inputs(rows: torch.Tensor, scale: torch.Tensor, col_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    stat = stat_dtype(rows.dtype)
+    return scale.detach().to(stat).reshape(1).contiguous(), col_bias.detach().to(stat).contiguous()
+
+
+def _backward(
+    rows, cols, scale_stat, col_bias, n_query_cols, row_lse, col_lse, grad_row_lse, grad_col_lse, needs,
+    options: PartitionOptions, precision: str,
+) -> BackwardResult:  # fmt: skip
+    global _last_backward
+    n_rows, dim = rows.shape
+    eps = options.grad_filter_eps
+    if eps is None:
+        eps = default_grad_filter_eps(n_rows, cols.shape[0], rows.dtype)
+    with _on_device(rows):
+        result = _launch_backward(
+            rows, cols, scale_stat, col_bias, n_query_cols, row_lse, col_lse, grad_row_lse, grad_col_lse, needs,
+            precision, eps, tile_config(dim, rows.dtype, options.block_rows, options.block_cols),
+            gemm_config(dim, rows.dtype),
+        )  # fmt: skip
+    _last_backward = result
+    return result
 
 
 class FusedPartitions(torch.autograd.Function):
@@ -110,84 +108,28 @@ class FusedPartitions(torch.autograd.Function):
         n_query_cols: int,
         options: PartitionOptions,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        n_rows, dim = rows.shape
-        n_cols = cols.shape[0]
-        stat_dtype = _stat_dtype(rows.dtype)
-        scale_stat = scale.detach().to(stat_dtype).reshape(1).contiguous()
-        col_bias = col_bias.detach().to(stat_dtype).contiguous()
-        row_lse = torch.full((n_rows,), -math.inf, dtype=stat_dtype, device=rows.device)
-        # Partitions of every column (not only the queries): the backward's filter uses them.
-        all_col_lse = torch.full((n_cols,), -math.inf, dtype=stat_dtype, device=rows.device)
-        config = forward_config(dim, rows.dtype, options.block_rows, options.block_cols)
-        if n_rows > 0 and n_cols > 0:
-            row_locks = torch.zeros(triton.cdiv(n_rows, config.block_m), dtype=torch.int32, device=rows.device)
-            col_locks = torch.zeros(triton.cdiv(n_cols, config.block_n), dtype=torch.int32, device=rows.device)
-            with _on_device(rows):
-                lse_forward_kernel[_grid(n_rows, n_cols, config)](
-                    rows, cols, scale_stat, col_bias, row_lse, all_col_lse, row_locks, col_locks,
-                    n_rows, n_cols, dim,
-                    rows.stride(0), rows.stride(1), cols.stride(0), cols.stride(1),
-                    **_common_constexprs(rows.dtype, config),
-                )  # fmt: skip
-        ctx.save_for_backward(rows, cols, scale_stat, col_bias, row_lse, all_col_lse)
+        scale_stat, col_bias_stat = _stat_inputs(rows, scale, col_bias)
+        tile = tile_config(rows.shape[1], rows.dtype, options.block_rows, options.block_cols)
+        precision = dot_precision(rows.dtype)  # decided once: the backward recomputes with the same dots
+        with _on_device(rows):
+            # Partitions of every column (not only the queries): the backward's filter uses them.
+            row_lse, all_col_lse = lse_forward(rows, cols, scale_stat, col_bias_stat, tile, precision)
+        ctx.save_for_backward(rows, cols, scale_stat, col_bias_stat, row_lse, all_col_lse)
         ctx.n_query_cols = n_query_cols
         ctx.options = options
+        ctx.precision = precision
         ctx.scale_dtype = scale.dtype
         return row_lse, all_col_lse[:n_query_cols].clone()
 
     @staticmethod
     def backward(ctx, grad_row_lse: torch.Tensor | None, grad_col_lse: torch.Tensor | None):
         rows, cols, scale_stat, col_bias, row_lse, all_col_lse = ctx.saved_tensors
-        need_rows, need_cols, need_scale = ctx.needs_input_grad[:3]
-        n_rows, dim = rows.shape
-        n_cols = cols.shape[0]
-        n_query_cols = ctx.n_query_cols
-        options: PartitionOptions = ctx.options
-        stat_dtype = row_lse.dtype
-        device = rows.device
-
-        has_row_grad = grad_row_lse is not None
-        has_col_grad = grad_col_lse is not None and n_query_cols > 0
-        grad_rows = torch.zeros((n_rows, dim), dtype=stat_dtype, device=device) if need_rows else None
-        grad_cols = torch.zeros((n_cols, dim), dtype=stat_dtype, device=device) if need_cols else None
-        grad_scale = torch.zeros(1, dtype=stat_dtype, device=device)
-        skipped_tiles = torch.zeros(1, dtype=torch.int32, device=device)
-        config = backward_config(dim, rows.dtype, options.block_rows, options.block_cols)
-        eps = options.grad_filter_eps
-        if eps is None:
-            eps = default_grad_filter_eps(n_rows, n_cols, rows.dtype)
-        grid = _grid(n_rows, n_cols, config)
-        max_row_lse = row_lse.max().reshape(1) if n_rows > 0 else grad_scale
-
-        if (need_rows or need_cols or need_scale) and (has_row_grad or has_col_grad) and grid[0] > 0:
-            dummy = grad_scale  # stands in for pointers a constexpr flag keeps unused
-            with _on_device(rows):
-                backward_kernel[grid](
-                    rows, cols, scale_stat, col_bias, row_lse, all_col_lse, max_row_lse,
-                    grad_row_lse.contiguous() if has_row_grad else dummy,
-                    grad_col_lse.contiguous() if has_col_grad else dummy,
-                    grad_rows if need_rows else dummy,
-                    grad_cols if need_cols else dummy,
-                    grad_scale, skipped_tiles, eps,
-                    n_rows, n_cols, n_query_cols, dim,
-                    rows.stride(0), rows.stride(1), cols.stride(0), cols.stride(1),
-                    HAS_ROW_GRAD=has_row_grad,
-                    HAS_COL_GRAD=has_col_grad,
-                    NEED_GRAD_ROWS=need_rows,
-                    NEED_GRAD_COLS=need_cols,
-                    NEED_GRAD_SCALE=need_scale,
-                    FILTER=eps > 0 and has_row_grad,  # see backward.py: the filter needs the row direction
-                    **_common_constexprs(rows.dtype, config),
-                )  # fmt: skip
-        _last_backward.update(tiles=grid[0], skipped_tiles=skipped_tiles)
-        return (
-            grad_rows.to(rows.dtype) if need_rows else None,
-            grad_cols.to(cols.dtype) if need_cols else None,
-            grad_scale.reshape(()).to(ctx.scale_dtype) if need_scale else None,
-            None,
-            None,
-            None,
-        )
+        result = _backward(
+            rows, cols, scale_stat, col_bias, ctx.n_query_cols, row_lse, all_col_lse, grad_row_lse, grad_col_lse,
+            tuple(ctx.needs_input_grad[:3]), ctx.options, ctx.precision,
+        )  # fmt: skip
+        grad_scale = None if result.grad_scale is None else result.grad_scale.to(ctx.scale_dtype)
+        return result.grad_rows, result.grad_cols, grad_scale, None, None, None
 
 
 def partitions(
@@ -198,11 +140,38 @@ def partitions(
     n_query_cols: int,
     options: PartitionOptions,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if rows.dtype not in _SUPPORTED_DTYPES or cols.dtype != rows.dtype:
-        raise TypeError(
-            f"backend='triton' needs rows and cols of one dtype among {_SUPPORTED_DTYPES}, "
-            f"got {rows.dtype} and {cols.dtype}"
-        )
-    if rows.device != cols.device:
-        raise ValueError(f"rows and cols must share a device, got {rows.device} and {cols.device}")
+    _check(rows, cols)
     return FusedPartitions.apply(rows, cols, scale, col_bias, n_query_cols, options)
+
+
+def partitions_backward(
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    scale: torch.Tensor,
+    col_bias: torch.Tensor,
+    n_query_cols: int,
+    row_lse: torch.Tensor,
+    col_lse: torch.Tensor,
+    grad_row_lse: torch.Tensor | None,
+    grad_col_lse: torch.Tensor | None,
+    needs: tuple[bool, bool, bool],
+    options: PartitionOptions,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The backward alone, given statistics computed elsewhere (backends/base.py, docs/contract.md §7).
+
+    The dots' precision is decided here as the forward decides it. With `col_lse` of the
+    query columns only (`n_query_cols < K`) the gradient filter is off: its bound on the
+    other columns' mass needs their partitions.
+    """
+    _check(rows, cols)
+    scale_stat, col_bias_stat = _stat_inputs(rows, scale, col_bias)
+    stat = scale_stat.dtype
+    result = _backward(
+        rows.detach(), cols.detach(), scale_stat, col_bias_stat, n_query_cols,
+        row_lse.detach().to(stat).contiguous(), col_lse.detach().to(stat).contiguous(),
+        None if grad_row_lse is None else grad_row_lse.detach().to(stat),
+        None if grad_col_lse is None else grad_col_lse.detach().to(stat),
+        tuple(needs), options, dot_precision(rows.dtype),
+    )  # fmt: skip
+    grad_scale = None if result.grad_scale is None else result.grad_scale.to(scale.dtype)
+    return result.grad_rows, result.grad_cols, grad_scale
