@@ -145,13 +145,11 @@ def test_large_logits_within_ten_times_reference_error():
         assert triton_err <= 10 * max(reference_err, 2**-24), (name, triton_err, reference_err)
 
 
-@pytest.mark.parametrize("query_cols", [30, 45])
-def test_backward_only_entry_with_given_statistics(query_cols):
-    # The distributed ring differentiates a block against global statistics: here the statistics of
-    # a larger batch (more rows and columns than the block) computed by the reference backend.
+def block_problem(query_cols: int, seed: int = 21):
+    """A block of rows and columns with statistics of a larger batch (reference backend, float64)."""
     from semclip_kernels.backends import reference
 
-    gen = torch.Generator().manual_seed(21)
+    gen = torch.Generator().manual_seed(seed)
     rows = torch.randn(27, 36, generator=gen, dtype=torch.float64) / 3
     cols = torch.randn(45, 36, generator=gen, dtype=torch.float64) / 3
     other_rows = torch.randn(10, 36, generator=gen, dtype=torch.float64) / 3
@@ -165,27 +163,60 @@ def test_backward_only_entry_with_given_statistics(query_cols):
         row_lse = torch.logaddexp(row_lse, torch.randn(27, generator=gen, dtype=torch.float64))  # other columns
     g_row = torch.rand(27, generator=gen, dtype=torch.float64)
     g_col = torch.rand(query_cols, generator=gen, dtype=torch.float64)
+    return rows, cols, scale, col_bias, row_lse, col_lse, g_row, g_col
 
-    # Expected: Σ g·exp(S − lse) weights of this block, by autograd through a surrogate in float64.
+
+def block_gradients_float64(rows, cols, scale, col_bias, row_lse, col_lse, g_row, g_col):
+    """Gradients of the block's weights `g·exp(S − lse)`, by autograd through a float64 surrogate."""
+    query_cols = col_lse.shape[0]
     a, c, s = (t.clone().requires_grad_() for t in (rows, cols, scale))
     logits = s * a @ c.T
     surrogate = (g_row[:, None] * torch.exp(logits + col_bias - row_lse[:, None]).detach() * logits).sum()
     surrogate = surrogate + (g_col * torch.exp(logits[:, :query_cols] - col_lse).detach()
                              * logits[:, :query_cols]).sum()  # fmt: skip
-    expected = torch.autograd.grad(surrogate, [a, c, s])
+    return torch.autograd.grad(surrogate, [a, c, s])
 
+
+def to_device32(*tensors):
+    return [t.float().to(DEVICE) for t in tensors]
+
+
+@pytest.mark.parametrize("query_cols", [30, 45])
+def test_backward_only_entry_with_given_statistics(query_cols):
+    # The distributed ring differentiates a block against global statistics: here the statistics of
+    # a larger batch (more rows and columns than the block) computed by the reference backend.
+    problem = block_problem(query_cols)
+    expected = block_gradients_float64(*problem)
+    rows, cols, scale, col_bias, row_lse, col_lse, g_row, g_col = to_device32(*problem)
     actual = triton_fused.partitions_backward(
-        rows.float().to(DEVICE), cols.float().to(DEVICE), scale.float().to(DEVICE), col_bias.float().to(DEVICE),
-        query_cols, row_lse.float().to(DEVICE), col_lse.float().to(DEVICE), g_row.float().to(DEVICE),
-        g_col.float().to(DEVICE), (True, True, True), PartitionOptions(**TILES),
+        rows, cols, scale, col_bias, query_cols, row_lse, col_lse, g_row, g_col, (True, True, True),
+        PartitionOptions(**TILES),
     )  # fmt: skip
     assert actual[0].dtype == torch.float32 and actual[2].shape == ()
     for got, ref in zip(actual, expected):
         assert max_norm_rel_err(got.cpu(), ref) <= 1e-5
     # Only what is needed is computed.
     only_cols = triton_fused.partitions_backward(
-        rows.float().to(DEVICE), cols.float().to(DEVICE), scale.float().to(DEVICE), col_bias.float().to(DEVICE),
-        query_cols, row_lse.float().to(DEVICE), col_lse.float().to(DEVICE), g_row.float().to(DEVICE), None,
-        (False, True, False), PartitionOptions(**TILES),
+        rows, cols, scale, col_bias, query_cols, row_lse, col_lse, g_row, None, (False, True, False),
+        PartitionOptions(**TILES),
     )  # fmt: skip
     assert only_cols[0] is None and only_cols[2] is None and only_cols[1].shape == cols.shape
+
+
+@pytest.mark.parametrize("panel_cols", [16, 32, None])
+@pytest.mark.parametrize("filter_eps", [0.0, 1e-9])
+def test_panels_of_any_width(panel_cols, filter_eps):
+    # The panel width is the backward's memory knob: one tile column, two, or the default (one panel).
+    from semclip_kernels.triton_kernels import backward, config
+
+    problem = block_problem(45, seed=5)
+    expected = block_gradients_float64(*problem)
+    rows, cols, scale, col_bias, row_lse, col_lse, g_row, g_col = to_device32(*problem)
+    tile = config.tile_config(36, torch.float32, 16, 16)
+    result = backward.partitions_backward(
+        rows, cols, scale.reshape(1), col_bias, 45, row_lse, col_lse, g_row, g_col, (True, True, True),
+        "ieee", filter_eps, tile, config.gemm_config(36, torch.float32), panel_cols=panel_cols,
+    )  # fmt: skip
+    assert result.tiles == 2 * 3
+    for got, ref in zip((result.grad_rows, result.grad_cols, result.grad_scale), expected):
+        assert max_norm_rel_err(got.cpu(), ref) <= 1e-5
