@@ -140,7 +140,7 @@ def trained_regime_case(batch: int, dim: int, seed: int) -> Case:
     """τ = 100 with aligned pairs: captions at cosine 0.6 to their image, paraphrases at 0.58,
     negations at 0.59 (hard negatives); unrelated pairs at ~0 ± 1/√d, so off-diagonal softmax
     weights are ~e^-40. The positives and hard negatives share the mass, which keeps the float32
-    gradients well conditioned enough to compare with the float64 oracle at SPEC tolerance."""
+    gradients well conditioned enough to compare with the float64 oracle at the tolerance of docs/contract.md §4."""
     gen = torch.Generator().manual_seed(seed)
 
     def unit(x):
