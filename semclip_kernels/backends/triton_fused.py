@@ -78,58 +78,130 @@ def _stat_inputs(rows: torch.Tensor, scale: torch.Tensor, col_bias: torch.Tensor
     return scale.detach().to(stat).reshape(1).contiguous(), col_bias.detach().to(stat).contiguous()
 
 
+def _filter_eps(options: PartitionOptions, n_rows: int, n_cols: int, dtype: torch.dtype) -> float:
+    eps = options.grad_filter_eps
+    return default_grad_filter_eps(n_rows, n_cols, dtype) if eps is None else eps
+
+
+# The kernels as torch.library custom ops: torch.compile sees opaque ops with fake (meta)
+# implementations instead of tracing into Triton launches. Options travel as plain scalars.
+
+
+@torch.library.custom_op("semclip::triton_lse", mutates_args=())
+def _lse_op(
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    scale: torch.Tensor,
+    col_bias: torch.Tensor,
+    n_query_cols: int,
+    block_rows: int | None,
+    block_cols: int | None,
+    grad_filter_eps: float | None,
+    precision: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(row_lse [M], col_lse [K])`: the column partitions of every column (the filter uses them).
+
+    `n_query_cols` and `grad_filter_eps` are for the backward (saved by `_setup_context`).
+    """
+    tile = tile_config(rows.shape[1], rows.dtype, block_rows, block_cols)
+    with _on_device(rows):
+        return lse_forward(rows, cols, scale.detach(), col_bias, tile, precision)
+
+
+@_lse_op.register_fake
+def _lse_fake(rows, cols, scale, col_bias, n_query_cols, block_rows, block_cols, grad_filter_eps, precision):
+    stat = stat_dtype(rows.dtype)
+    return rows.new_empty((rows.shape[0],), dtype=stat), rows.new_empty((cols.shape[0],), dtype=stat)
+
+
+@torch.library.custom_op("semclip::triton_lse_backward", mutates_args=())
+def _lse_backward_op(
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    scale: torch.Tensor,
+    col_bias: torch.Tensor,
+    n_query_cols: int,
+    row_lse: torch.Tensor,
+    col_lse: torch.Tensor,
+    grad_row_lse: torch.Tensor | None,
+    grad_col_lse: torch.Tensor | None,
+    need_rows: bool,
+    need_cols: bool,
+    need_scale: bool,
+    block_rows: int | None,
+    block_cols: int | None,
+    filter_eps: float,
+    precision: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(grad_rows, grad_cols, grad_scale [1], kept_tiles)`; an empty tensor for a gradient not needed."""
+    dim = rows.shape[1]
+    with _on_device(rows):
+        result = _launch_backward(
+            rows, cols, scale, col_bias, n_query_cols, row_lse, col_lse, grad_row_lse, grad_col_lse,
+            (need_rows, need_cols, need_scale), precision, filter_eps,
+            tile_config(dim, rows.dtype, block_rows, block_cols), gemm_config(dim, rows.dtype),
+        )  # fmt: skip
+    return (  # (distinct empty tensors: the outputs of a custom op may not alias each other)
+        rows.new_empty((0,)) if result.grad_rows is None else result.grad_rows,
+        cols.new_empty((0,)) if result.grad_cols is None else result.grad_cols,
+        scale.new_empty((0,)) if result.grad_scale is None else result.grad_scale.reshape(1),
+        result.kept_tiles,
+    )
+
+
+@_lse_backward_op.register_fake
+def _lse_backward_fake(rows, cols, scale, col_bias, n_query_cols, row_lse, col_lse, grad_row_lse, grad_col_lse,
+                       need_rows, need_cols, need_scale, block_rows, block_cols, filter_eps, precision):  # fmt: skip
+    return (
+        rows.new_empty(rows.shape if need_rows else (0,)),
+        cols.new_empty(cols.shape if need_cols else (0,)),
+        scale.new_empty((1,) if need_scale else (0,)),
+        rows.new_empty((), dtype=torch.int64),
+    )
+
+
 def _backward(
     rows, cols, scale_stat, col_bias, n_query_cols, row_lse, col_lse, grad_row_lse, grad_col_lse, needs,
     options: PartitionOptions, precision: str,
-) -> BackwardResult:  # fmt: skip
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+    """The backward op, its statistics recorded for `last_backward_stats`; None for gradients not needed."""
     global _last_backward
     n_rows, dim = rows.shape
-    eps = options.grad_filter_eps
-    if eps is None:
-        eps = default_grad_filter_eps(n_rows, cols.shape[0], rows.dtype)
-    with _on_device(rows):
-        result = _launch_backward(
-            rows, cols, scale_stat, col_bias, n_query_cols, row_lse, col_lse, grad_row_lse, grad_col_lse, needs,
-            precision, eps, tile_config(dim, rows.dtype, options.block_rows, options.block_cols),
-            gemm_config(dim, rows.dtype),
-        )  # fmt: skip
-    _last_backward = result
-    return result
+    n_cols = cols.shape[0]
+    grad_rows, grad_cols, grad_scale, kept_tiles = _lse_backward_op(
+        rows, cols, scale_stat, col_bias, n_query_cols, row_lse, col_lse, grad_row_lse, grad_col_lse, *needs,
+        options.block_rows, options.block_cols, _filter_eps(options, n_rows, n_cols, rows.dtype), precision,
+    )  # fmt: skip
+    tile = tile_config(dim, rows.dtype, options.block_rows, options.block_cols)
+    tiles = triton.cdiv(n_rows, tile.block_m) * triton.cdiv(n_cols, tile.block_n)
+    _last_backward = BackwardResult(None, None, None, tiles, kept_tiles)
+    need_rows, need_cols, need_scale = needs
+    return (grad_rows if need_rows else None, grad_cols if need_cols else None,
+            grad_scale.reshape(()) if need_scale else None)  # fmt: skip
 
 
-class FusedPartitions(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx,
-        rows: torch.Tensor,
-        cols: torch.Tensor,
-        scale: torch.Tensor,
-        col_bias: torch.Tensor,
-        n_query_cols: int,
-        options: PartitionOptions,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        scale_stat, col_bias_stat = _stat_inputs(rows, scale, col_bias)
-        tile = tile_config(rows.shape[1], rows.dtype, options.block_rows, options.block_cols)
-        precision = dot_precision(rows.dtype)  # decided once: the backward recomputes with the same dots
-        with _on_device(rows):
-            # Partitions of every column (not only the queries): the backward's filter uses them.
-            row_lse, all_col_lse = lse_forward(rows, cols, scale_stat, col_bias_stat, tile, precision)
-        ctx.save_for_backward(rows, cols, scale_stat, col_bias_stat, row_lse, all_col_lse)
-        ctx.n_query_cols = n_query_cols
-        ctx.options = options
-        ctx.precision = precision
-        ctx.scale_dtype = scale.dtype
-        return row_lse, all_col_lse[:n_query_cols].clone()
+def _setup_context(ctx, inputs, output) -> None:
+    rows, cols, scale, col_bias, n_query_cols, block_rows, block_cols, grad_filter_eps, precision = inputs
+    row_lse, all_col_lse = output
+    ctx.save_for_backward(rows, cols, scale, col_bias, row_lse, all_col_lse)
+    ctx.n_query_cols = n_query_cols
+    ctx.options = PartitionOptions(block_rows=block_rows, block_cols=block_cols, grad_filter_eps=grad_filter_eps)
+    ctx.precision = precision  # decided once in the forward: the backward recomputes with the same dots
 
-    @staticmethod
-    def backward(ctx, grad_row_lse: torch.Tensor | None, grad_col_lse: torch.Tensor | None):
-        rows, cols, scale_stat, col_bias, row_lse, all_col_lse = ctx.saved_tensors
-        result = _backward(
-            rows, cols, scale_stat, col_bias, ctx.n_query_cols, row_lse, all_col_lse, grad_row_lse, grad_col_lse,
-            tuple(ctx.needs_input_grad[:3]), ctx.options, ctx.precision,
-        )  # fmt: skip
-        grad_scale = None if result.grad_scale is None else result.grad_scale.to(ctx.scale_dtype)
-        return result.grad_rows, result.grad_cols, grad_scale, None, None, None
+
+def _lse_op_backward(ctx, grad_row_lse: torch.Tensor | None, grad_all_col_lse: torch.Tensor | None):
+    rows, cols, scale, col_bias, row_lse, all_col_lse = ctx.saved_tensors
+    n_query_cols = ctx.n_query_cols
+    grad_col_lse = None if grad_all_col_lse is None else grad_all_col_lse[:n_query_cols].contiguous()
+    grad_rows, grad_cols, grad_scale = _backward(
+        rows.detach(), cols.detach(), scale.detach(), col_bias, n_query_cols, row_lse, all_col_lse,
+        grad_row_lse, grad_col_lse, tuple(ctx.needs_input_grad[:3]), ctx.options, ctx.precision,
+    )  # fmt: skip
+    grad_scale = None if grad_scale is None else grad_scale.reshape(scale.shape)
+    return grad_rows, grad_cols, grad_scale, None, None, None, None, None, None
+
+
+_lse_op.register_autograd(_lse_op_backward, setup_context=_setup_context)
 
 
 def partitions(
@@ -141,7 +213,13 @@ def partitions(
     options: PartitionOptions,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check(rows, cols)
-    return FusedPartitions.apply(rows, cols, scale, col_bias, n_query_cols, options)
+    stat = stat_dtype(rows.dtype)
+    scale_stat = scale.to(stat).reshape(1)  # differentiable: autograd brings grad_τ back to scale's dtype
+    row_lse, all_col_lse = _lse_op(
+        rows, cols, scale_stat, col_bias.detach().to(stat).contiguous(), n_query_cols, options.block_rows,
+        options.block_cols, options.grad_filter_eps, dot_precision(rows.dtype),
+    )  # fmt: skip
+    return row_lse, all_col_lse[:n_query_cols]
 
 
 def partitions_backward(
@@ -166,12 +244,11 @@ def partitions_backward(
     _check(rows, cols)
     scale_stat, col_bias_stat = _stat_inputs(rows, scale, col_bias)
     stat = scale_stat.dtype
-    result = _backward(
+    grad_rows, grad_cols, grad_scale = _backward(
         rows.detach(), cols.detach(), scale_stat, col_bias_stat, n_query_cols,
         row_lse.detach().to(stat).contiguous(), col_lse.detach().to(stat).contiguous(),
         None if grad_row_lse is None else grad_row_lse.detach().to(stat),
         None if grad_col_lse is None else grad_col_lse.detach().to(stat),
         tuple(needs), options, dot_precision(rows.dtype),
     )  # fmt: skip
-    grad_scale = None if result.grad_scale is None else result.grad_scale.to(scale.dtype)
-    return result.grad_rows, result.grad_cols, grad_scale
+    return grad_rows, grad_cols, None if grad_scale is None else grad_scale.to(scale.dtype)
