@@ -62,3 +62,14 @@ def test_compiled_fullgraph_matches_eager():
         results.append([value.detach()] + [leaf.grad for leaf in leaves])
     for eager, compiled in zip(*results):
         assert torch.equal(eager, compiled)
+
+
+def test_second_derivatives_raise():
+    rows, cols, scale, col_bias = inputs(3)
+    rows.requires_grad_()
+    row_lse, _ = triton_fused.partitions(rows, cols, scale.reshape(()), col_bias, 24,
+                                         PartitionOptions(block_rows=16, block_cols=16))  # fmt: skip
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        torch.autograd.grad(row_lse.sum(), rows, create_graph=True)
+    (grad,) = torch.autograd.grad(row_lse.sum(), rows)  # first derivatives still work
+    assert grad.shape == rows.shape

@@ -190,6 +190,11 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _lse_op_backward(ctx, grad_row_lse: torch.Tensor | None, grad_all_col_lse: torch.Tensor | None):
+    if torch.is_grad_enabled():  # create_graph=True: the kernels' gradients are not differentiable again
+        raise RuntimeError(
+            "backend='triton' computes first derivatives only; for second derivatives (create_graph=True) "
+            "use backend='reference'"
+        )
     rows, cols, scale, col_bias, row_lse, all_col_lse = ctx.saved_tensors
     n_query_cols = ctx.n_query_cols
     grad_col_lse = None if grad_all_col_lse is None else grad_all_col_lse[:n_query_cols].contiguous()
