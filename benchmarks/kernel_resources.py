@@ -1,18 +1,25 @@
-"""Registers, spills and shared memory of the fused Triton kernels, compiled ahead of time for sm_80 and sm_90.
+"""Registers, spills, shared memory and SASS instruction counts of the fused Triton kernels, for sm_80 and sm_90.
 
 No GPU needed: `triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))` builds
-the cubin, and the `cuobjdump` shipped in Triton's wheel reads its resource usage.
-Every launch configuration the backend can choose is compiled: the heuristic table's
-entry for each d in {256, 512, 768, 1024} and each dtype, each kernel variant
-(backward with both towers trainable / image tower frozen / text towers frozen,
-filtering on / off; TF32 or full float32 dots for float32 inputs). Configurations
-that compile to the same kernel are compiled once.
+the cubin; the `cuobjdump` shipped in Triton's wheel reads its resource usage and its
+SASS. Every launch the backend can make is compiled from the launchers' own `Launch`
+builders (`forward_launch`, `ds_panel_launch`, `gemm_launch`: no second copy of the
+constexprs): the forward, the dS panel kernel (filter on / off, feature gradients
+wanted or grad_τ only), the two gradient GEMMs (sparse over kept tiles / dense), for
+d in {256, 512, 768, 1024} and each dtype, full-float32 and TF32 dots for float32.
+Configurations that compile to the same kernel are compiled once.
+
+SASS counts per kernel: atomics (ATOM, ATOMG, ATOMS) and reductions to memory (RED,
+REDG, REDAS; not REDUX, a register-only warp reduction), tensor-core instructions
+(HGMMA on sm_90, HMMA on sm_80; DMMA for float64 is not swept).
 
     python -m benchmarks.kernel_resources [--json PATH] [--dims 256 512] [--arch 80 90]
         [--dtypes bfloat16 float32] [--defaults-only]
 
-Goal: no spills (STACK = LOCAL = 0) and shared memory within each architecture's
-per-block limit. The exit status is 1 if a kernel misses it.
+Goal: no spills (STACK = LOCAL = 0), shared memory within each architecture's per-block
+limit, no atomic or reduction-to-memory instruction, and tensor-core instructions in every
+kernel with 16-bit or TF32 operands (full float32 dots are FMA). The exit status is 1 if a
+kernel misses it.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -27,12 +35,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 import triton
-import triton.language as tl
 
 from semclip_kernels.triton_kernels import tl_utils
-from semclip_kernels.triton_kernels.backward import backward_kernel
-from semclip_kernels.triton_kernels.heuristics import KernelConfig, backward_config, forward_config
-from semclip_kernels.triton_kernels.lse_forward import lse_forward_kernel
+from semclip_kernels.triton_kernels.backward import ds_panel_kernel, ds_panel_launch
+from semclip_kernels.triton_kernels.config import Launch, gemm_config, gemm_launch, tile_config
+from semclip_kernels.triton_kernels.grad_gemm import grad_cols_kernel, grad_rows_kernel
+from semclip_kernels.triton_kernels.lse_forward import forward_launch, lse_forward_kernel
 
 DIMS = (256, 512, 768, 1024)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -41,8 +49,12 @@ ARCHS = (80, 90)
 # Largest dynamic shared memory one block may use (CUDA programming guide, compute capabilities table).
 SHARED_LIMIT_BYTES = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 _POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
-# Backward variants: (NEED_GRAD_ROWS, NEED_GRAD_COLS) = all trainable, text frozen, image frozen.
-_GRAD_VARIANTS = {"all": (True, True), "rows-only": (True, False), "cols-only": (False, True)}
+# Pointers to features or to tensors in the features' dtype; pointers to int32 tensors.
+_FEATURE_POINTERS = ("rows_ptr", "cols_ptr", "panel_ptr", "grad_cols_ptr")
+_INT_POINTERS = ("keep_ptr", "kept_ptr", "kept_count_ptr")
+# SASS opcodes counted (the mnemonic before the first dot).
+_ATOMIC_OPCODES = ("ATOM", "ATOMG", "ATOMS", "RED", "REDG", "REDAS")
+_TENSOR_CORE_OPCODES = ("HGMMA", "HMMA")
 
 
 @dataclass
@@ -62,10 +74,18 @@ class Resources:
     local_bytes: int
     shared_bytes: int  # dynamic shared memory Triton requests at launch
     shared_limit_bytes: int
+    atomics: int  # ATOM*/RED* instructions in the SASS
+    tensor_core: int  # HGMMA (sm_90) / HMMA (sm_80) instructions in the SASS
+
+    @property
+    def uses_tensor_cores(self) -> bool:
+        """Whether the dots should be tensor-core instructions: 16-bit operands or TF32 (not full float32)."""
+        return self.dtype != "float32" or self.variant.endswith("+tf32")
 
     @property
     def ok(self) -> bool:
-        return self.stack_bytes == 0 and self.local_bytes == 0 and self.shared_bytes <= self.shared_limit_bytes
+        fits = self.stack_bytes == 0 and self.local_bytes == 0 and self.shared_bytes <= self.shared_limit_bytes
+        return fits and self.atomics == 0 and (self.tensor_core > 0 or not self.uses_tensor_cores)
 
 
 def cuobjdump_path() -> str:
@@ -91,9 +111,9 @@ def _signature(kernel, dtype: torch.dtype, constexprs: dict[str, object]) -> tup
     for index, name in enumerate(kernel.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name in ("rows_ptr", "cols_ptr"):
+        elif name in _FEATURE_POINTERS:
             signature[name] = _POINTER_TYPES[dtype]
-        elif name.endswith("locks_ptr") or name == "skipped_tiles_ptr":
+        elif name in _INT_POINTERS:
             signature[name] = "*i32"
         elif name.endswith("_ptr"):
             signature[name] = "*fp32"
@@ -101,36 +121,42 @@ def _signature(kernel, dtype: torch.dtype, constexprs: dict[str, object]) -> tup
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
-        # Torch allocations are 16-byte aligned; d and the row strides are multiples of 16 here.
-        if name.endswith("_ptr") or name in ("dim", "stride_row_m", "stride_col_n"):
+        # Torch allocations are 16-byte aligned; d, the row strides and the panel width are multiples of 16 here.
+        if name.endswith("_ptr") or name in ("dim", "stride_row_m", "stride_col_n", "stride_panel"):
             attrs[(index,)] = [["tt.divisibility", 16]]
     return signature, attrs
 
 
-def _constexprs(dtype: torch.dtype, config: KernelConfig, dot_precision: str) -> dict[str, object]:
+def sass_counts(sass: str) -> dict[str, int]:
+    """Atomic / reduction-to-memory and tensor-core instruction counts of a SASS listing."""
+    opcodes = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)", sass)
     return dict(
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=config.block_d, GROUP_M=config.group_m,
-        ACC_DTYPE=tl.float32, UPCAST_DOT=False, DOT_PRECISION=dot_precision,
-        stride_row_d=1, stride_col_d=1,  # contiguous features: the JIT specializes unit strides
+        atomics=sum(op in _ATOMIC_OPCODES for op in opcodes),
+        tensor_core=sum(op in _TENSOR_CORE_OPCODES for op in opcodes),
     )
 
 
-def compile_resources(kernel, constexprs: dict, dtype: torch.dtype, config: KernelConfig, arch: int) -> dict:
+def compile_resources(kernel, launch: Launch, dtype: torch.dtype, arch: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    # Contiguous features: the JIT specializes unit strides along d.
+    constexprs = dict(launch.constexprs)
+    constexprs.update({name: 1 for name in ("stride_row_d", "stride_col_d") if name in kernel.arg_names})
     signature, attrs = _signature(kernel, dtype, constexprs)
     compiled = triton.compile(
         ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs),
         target=GPUTarget("cuda", arch, 32),
-        options=dict(num_warps=config.num_warps, num_stages=config.num_stages)
-        | ({} if config.maxnreg is None else {"maxnreg": config.maxnreg}),
+        options=dict(num_warps=launch.num_warps, num_stages=launch.num_stages),
     )
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
         dump = subprocess.run(
             [cuobjdump_path(), "--dump-resource-usage", cubin.name], capture_output=True, text=True, check=True
+        ).stdout
+        sass = subprocess.run(
+            [cuobjdump_path(), "--dump-sass", cubin.name], capture_output=True, text=True, check=True
         ).stdout
     line = next(line for line in dump.splitlines() if "REG:" in line)
     fields = dict(item.split(":") for item in line.split() if ":" in item)
@@ -139,48 +165,58 @@ def compile_resources(kernel, constexprs: dict, dtype: torch.dtype, config: Kern
         stack_bytes=int(fields["STACK"]),
         local_bytes=int(fields["LOCAL"]),
         shared_bytes=int(compiled.metadata.shared) + int(fields["SHARED"]),
+        **sass_counts(sass),
     )
 
 
+# dS panel variants: (name, filtering, need_panel). Default: filtering, feature gradients wanted.
+_DS_VARIANTS = (("default", True, True), ("nofilter", False, True), ("scale-only", True, False))
+
+
 def kernel_variants(dtype: torch.dtype, dim: int, defaults_only: bool = False):
-    """(kernel name, variant, kernel, constexprs, config) for every launch the backend can make at (d, dtype)."""
+    """(kernel name, variant, kernel, launch, (block_m, block_n, block_d)) for every launch at (d, dtype).
+
+    The default path (what a training step runs) is the variants named "default".
+    """
     precisions = ["ieee", "tf32"] if dtype == torch.float32 and not defaults_only else ["ieee"]
+    tile, gemm = tile_config(dim, dtype), gemm_config(dim, dtype)
+    tile_shape = (tile.block_m, tile.block_n, tile.block_d)
     for precision in precisions:
-        tag = "" if precision == "ieee" or dtype != torch.float32 else "+tf32"
-        config = forward_config(dim, dtype)
-        yield "lse_forward", "default" + tag, lse_forward_kernel, _constexprs(dtype, config, precision), config
-        config = backward_config(dim, dtype)
-        for variant, (need_rows, need_cols) in _GRAD_VARIANTS.items():
-            for filtering in (True, False):
-                if defaults_only and (variant != "all" or not filtering):
-                    continue
-                constexprs = _constexprs(dtype, config, precision)
-                constexprs.update(
-                    HAS_ROW_GRAD=True, HAS_COL_GRAD=True, NEED_GRAD_ROWS=need_rows, NEED_GRAD_COLS=need_cols,
-                    NEED_GRAD_SCALE=True, FILTER=filtering,
-                )
-                name = f"{variant}{'' if filtering else '+nofilter'}{tag}"
-                yield "backward", name, backward_kernel, constexprs, config
+        tag = "+tf32" if precision == "tf32" else ""
+        yield "lse_forward", "default" + tag, lse_forward_kernel, forward_launch(tile, dtype, precision), tile_shape
+        for name, filtering, need_panel in _DS_VARIANTS:
+            if defaults_only and name != "default":
+                continue
+            launch = ds_panel_launch(tile, dtype, precision, has_row_grad=True, has_col_grad=True,
+                                     need_panel=need_panel, need_grad_scale=True, filtering=filtering)  # fmt: skip
+            yield "ds_panel", name + tag, ds_panel_kernel, launch, tile_shape
+        for sparse in (True, False):
+            if defaults_only and not sparse:
+                continue
+            name = ("default" if sparse else "dense") + tag
+            launch = gemm_launch(tile, gemm, dtype, precision, SPARSE=sparse)
+            for kernel_name, kernel in (("grad_rows", grad_rows_kernel), ("grad_cols", grad_cols_kernel)):
+                yield kernel_name, name, kernel, launch, (tile.block_m, tile.block_n, gemm.block_out_d)
 
 
 def sweep(
     dims=DIMS, dtypes=DTYPES, archs=ARCHS, defaults_only: bool = False, log=None
 ) -> list[Resources]:
-    """Compile every (kernel, variant, dtype, config, arch); rows with the same kernel merge their d's."""
+    """Compile every (kernel, variant, dtype, launch, arch); rows with the same kernel merge their d's."""
     results: dict[tuple, Resources] = {}
     for arch in archs:
         for dtype in dtypes:
             for dim in dims:
-                for kernel_name, variant, kernel, constexprs, config in kernel_variants(dtype, dim, defaults_only):
-                    key = (kernel_name, variant, arch, dtype, config)
+                for kernel_name, variant, kernel, launch, shape in kernel_variants(dtype, dim, defaults_only):
+                    key = (kernel_name, variant, arch, dtype, repr(launch))
                     if key in results:
                         results[key].dims.append(dim)
                         continue
-                    usage = compile_resources(kernel, constexprs, dtype, config, arch)
+                    usage = compile_resources(kernel, launch, dtype, arch)
                     results[key] = Resources(
-                        kernel_name, variant, arch, str(dtype).removeprefix("torch."), [dim],
-                        config.block_m, config.block_n, config.block_d, config.num_warps, config.num_stages,
-                        shared_limit_bytes=SHARED_LIMIT_BYTES[arch], **usage,
+                        kernel_name, variant, arch, str(dtype).removeprefix("torch."), [dim], *shape,
+                        launch.num_warps, launch.num_stages, shared_limit_bytes=SHARED_LIMIT_BYTES[arch],
+                        **usage,
                     )  # fmt: skip
                     if log:
                         log(results[key])
@@ -191,15 +227,16 @@ def format_row(r: Resources) -> str:
     tile = f"{r.block_m}x{r.block_n}x{r.block_d}"
     dims = ",".join(map(str, r.dims))
     return (
-        f"sm_{r.arch:<3} {r.kernel:<12} {r.variant:<23} {r.dtype:<9} {dims:<16} {tile:<11} "
+        f"sm_{r.arch:<3} {r.kernel:<12} {r.variant:<19} {r.dtype:<9} {dims:<16} {tile:<11} "
         f"{r.num_warps:>2}/{r.num_stages:<2}  {r.registers:>4} {r.stack_bytes:>6} {r.local_bytes:>6} "
-        f"{r.shared_bytes // 1024:>5}K/{r.shared_limit_bytes // 1024}K  {'ok' if r.ok else 'MISS'}"
+        f"{r.shared_bytes // 1024:>5}K/{r.shared_limit_bytes // 1024}K {r.atomics:>7} {r.tensor_core:>5}  "
+        f"{'ok' if r.ok else 'MISS'}"
     )
 
 
 HEADER = (
-    f"{'arch':<7}{'kernel':<13}{'variant':<24}{'dtype':<10}{'d':<17}{'tile MxNxD':<12}"
-    f"{'w/st':<6}{'regs':>4} {'stack':>6} {'local':>6} {'shared/limit':>12}"
+    f"{'arch':<7}{'kernel':<13}{'variant':<20}{'dtype':<10}{'d':<17}{'tile':<12}"
+    f"{'w/st':<6}{'regs':>4} {'stack':>6} {'local':>6} {'shared/limit':>12} {'atomics':>7} {'TC':>5}"
 )
 
 
@@ -221,7 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     if not ok:
         print(f"cannot compile for CUDA here: {reason}", file=sys.stderr)
         return 2
-    print(f"triton {triton.__version__}; tile MxNxD, w/st = num_warps/num_stages; stack/local = spill bytes")
+    print(
+        f"triton {triton.__version__}; tile MxNxD (GEMMs: MxNxOUT_D), w/st = num_warps/num_stages; stack/local = "
+        "spill bytes; atomics = ATOM*/RED* in the SASS; TC = HGMMA (sm_90) / HMMA (sm_80) instructions"
+    )
     rows = sweep(
         args.dims, [_DTYPE_NAMES[name] for name in args.dtypes], args.arch, args.defaults_only,
         log=lambda r: print(f"compiled {r.kernel} {r.variant} {r.dtype} sm_{r.arch}", file=sys.stderr, flush=True),
@@ -230,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         print(format_row(row))
     misses = [r for r in rows if not r.ok]
-    print(f"{len(rows)} kernels compiled; {len(misses)} with spills or over the shared-memory limit")
+    print(f"{len(rows)} kernels compiled; {len(misses)} with spills, atomics, no tensor cores or shared memory over")
     if args.json:
         with open(args.json, "w") as out:
             json.dump([asdict(r) | {"ok": r.ok} for r in rows], out, indent=1)

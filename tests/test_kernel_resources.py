@@ -1,4 +1,4 @@
-"""The fused Triton kernels' default configurations compile for sm_80 and sm_90 without spills.
+"""The fused Triton kernels' default configurations compile for sm_80 and sm_90 without spills or atomics.
 
 Compiled ahead of time (no GPU needed) with Triton's CUDA backend; resources read
 with the cuobjdump in Triton's wheel. The script runs in a child process without
@@ -29,10 +29,26 @@ def test_default_configurations_fit(tmp_path):
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     rows = json.loads(out.read_text())
     compiled = {(r["kernel"], r["dtype"], r["arch"]) for r in rows}
-    kernels, dtypes, archs = ("lse_forward", "backward"), ("bfloat16", "float32"), (80, 90)
+    kernels = ("lse_forward", "ds_panel", "grad_rows", "grad_cols")
+    dtypes, archs = ("bfloat16", "float32"), (80, 90)
     assert compiled == {(k, t, a) for k in kernels for t in dtypes for a in archs}
     for r in rows:
         assert r["stack_bytes"] == 0 and r["local_bytes"] == 0, r  # no register spills
         assert 0 < r["shared_bytes"] <= r["shared_limit_bytes"], r
         assert 0 < r["registers"] <= 255, r
+        assert r["atomics"] == 0, r  # the default path has no ATOM*/RED* instruction
+        if r["dtype"] == "bfloat16":  # tensor cores: HMMA on sm_80, HGMMA on sm_90
+            assert r["tensor_core"] > 0, r
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_sass_counts_read_opcodes():
+    # Predicated and plain instructions count; a warp reduction (REDUX) is not a memory reduction.
+    sass = """
+        /*0100*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ ;
+        /*0110*/              @P0  REDG.E.ADD.F32.FTZ.RN.STRONG.GPU desc[UR6][R2.64], R5 ;
+        /*0120*/                   ATOMG.E.CAS.STRONG.GPU PT, R7, [R2.64], R4, R5 ;
+        /*0130*/                   REDUX.SUM UR5, R3 ;
+        /*0140*/                   HMMA.16816.F32.BF16 R8, R4, R12, R8 ;
+    """
+    assert kernel_resources.sass_counts(sass) == {"atomics": 2, "tensor_core": 2}

@@ -18,6 +18,8 @@ from oracle import make_case, semclip_loss_float64
 import semclip_kernels as sk
 from semclip_kernels.backends.options import PartitionOptions
 
+config = pytest.importorskip("semclip_kernels.triton_kernels.config")
+
 triton_fused = pytest.importorskip("semclip_kernels.backends.triton_fused")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if not triton_fused.is_available(torch.device(DEVICE))[0]:
@@ -197,21 +199,14 @@ def test_availability_and_precision_switches(monkeypatch):
     assert ok, reason
     assert not triton_fused.is_available(torch.device("meta"))[0]
     # TF32 only for float32 inputs with PyTorch's TF32 switch on, and never in the interpreter.
-    monkeypatch.setattr(triton_fused.tl_utils, "INTERPRETED", False)
+    monkeypatch.setattr(config.tl_utils, "INTERPRETED", False)
     with allow_tf32(True):
-        assert triton_fused._dot_precision(torch.float32) == "tf32"
-    assert triton_fused._upcast_dot(torch.bfloat16) is False
+        assert config.dot_precision(torch.float32) == "tf32"
+        assert config.dot_precision(torch.bfloat16) == "ieee"
+    assert config.upcast_dot(torch.bfloat16) is False
     with allow_tf32(False):
-        assert triton_fused._dot_precision(torch.float32) == "ieee"
-    monkeypatch.setattr(triton_fused.tl_utils, "INTERPRETED", True)
-    assert triton_fused._upcast_dot(torch.bfloat16) is True
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
-def test_forward_and_backward_slice_d_alike(dtype):
-    # The backward recomputes the forward's dots; both must round alike (same BLOCK_D) so that the
-    # recomputed softmax weights are normalized by the forward's log-partitions.
-    from semclip_kernels.triton_kernels.heuristics import backward_config, forward_config
-
-    for dim in (1, 8, 17, 64, 129, 512, 1280):
-        assert forward_config(dim, dtype).block_d == backward_config(dim, dtype).block_d
+        assert config.dot_precision(torch.float32) == "ieee"
+    monkeypatch.setattr(config.tl_utils, "INTERPRETED", True)
+    assert config.upcast_dot(torch.bfloat16) is True
+    with allow_tf32(True):
+        assert config.dot_precision(torch.float32) == "ieee"

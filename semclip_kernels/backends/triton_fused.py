@@ -1,36 +1,39 @@
-"""Fused Triton partitions: `row_lse`, `col_lse` of `S = τ·A·Cᵀ` and their backward, never writing S.
+"""backend="triton": the partitions primitive (docs/contract.md §7) on the fused Triton kernels.
 
-Forward: one M×K×d product (both directions from each on-chip tile, merged
-across programs with exact log-add-exp under locks). Backward: three M×K×d
-products (recompute, grad_rows, grad_cols), fewer with gradient filtering.
-The kernels live in `semclip_kernels.triton_kernels`; block sizes come from
-`triton_kernels.heuristics`.
+A thin adapter: argument checks, the autograd Function, and the backend protocol
+(`backends/base.py`). The kernels and their launchers live in
+`semclip_kernels.triton_kernels` (`lse_forward`, `backward`, `grad_gemm`), their
+launch configurations in `triton_kernels.config`; docs/triton.md describes the design.
 
-On CUDA tensors the kernels run compiled. On CPU tensors they run through
-Triton's interpreter, which must be switched on (`TRITON_INTERPRET=1`) before
-this module is first imported.
+Forward: one product, no locks or atomics. Backward: three products (1 + 2f with a
+fraction f of tiles kept by the gradient filter), no atomics. Identical inputs give
+bitwise identical results.
+
+On CUDA tensors the kernels run compiled. On CPU tensors they run through Triton's
+interpreter, which must be switched on (`TRITON_INTERPRET=1`) before this module is
+first imported.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 
 import torch
 import triton  # noqa: F401  (ImportError here tells the dispatcher Triton is missing)
-import triton.language as tl
 
 from ..triton_kernels import tl_utils
-from ..triton_kernels.backward import backward_kernel
-from ..triton_kernels.heuristics import KernelConfig, backward_config, forward_config
-from ..triton_kernels.lse_forward import lse_forward_kernel
+from ..triton_kernels.backward import BackwardResult
+from ..triton_kernels.backward import partitions_backward as _launch_backward
+from ..triton_kernels.config import dot_precision, gemm_config, tile_config
+from ..triton_kernels.lse_forward import lse_forward
+from .base import BackwardStats, stat_dtype
 from .options import PartitionOptions, default_grad_filter_eps
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
-# Counters of the last backward call, for reporting the gradient filter's effect.
-_last_backward: dict[str, object] = {}
+# The last backward's result (tile counts as device tensors; read lazily by last_backward_stats).
+_last_backward: BackwardResult | None = None
 
 
 def is_available(device: torch.device) -> tuple[bool, str]:
@@ -47,31 +50,12 @@ def is_available(device: torch.device) -> tuple[bool, str]:
     return False, f"Triton kernels do not run on {device.type} tensors"
 
 
-def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _acc_dtype(dtype: torch.dtype) -> tl.dtype:
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    """float32 inputs use TF32 only when PyTorch's matmuls are allowed to (not under the interpreter)."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not tl_utils.INTERPRETED:
-        return "tf32"
-    return "ieee"
-
-
-def _upcast_dot(dtype: torch.dtype) -> bool:
-    """Interpreter work-around for 16-bit tl.dot (see tl_utils.dot_operand)."""
-    return tl_utils.INTERPRETED and dtype in (torch.float16, torch.bfloat16)
-
-
-def last_backward_stats() -> dict[str, int]:
+def last_backward_stats() -> BackwardStats:
     """Tiles of the last backward and how many the gradient filter skipped (synchronizes)."""
-    if not _last_backward:
-        return {"tiles": 0, "skipped_tiles": 0}
-    return {"tiles": int(_last_backward["tiles"]), "skipped_tiles": int(_last_backward["skipped_tiles"].item())}
+    if _last_backward is None:
+        return BackwardStats()
+    kept = int(_last_backward.kept_tiles.item())
+    return BackwardStats(tiles=_last_backward.tiles, skipped_tiles=_last_backward.tiles - kept)
 
 
 def _on_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
@@ -79,115 +63,150 @@ def _on_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
-def _grid(n_rows: int, n_cols: int, config: KernelConfig) -> tuple[int]:
-    return (triton.cdiv(n_rows, config.block_m) * triton.cdiv(n_cols, config.block_n),)
+def _check(rows: torch.Tensor, cols: torch.Tensor) -> None:
+    if rows.dtype not in _SUPPORTED_DTYPES or cols.dtype != rows.dtype:
+        raise TypeError(
+            f"backend='triton' needs rows and cols of one dtype among {_SUPPORTED_DTYPES}, "
+            f"got {rows.dtype} and {cols.dtype}"
+        )
+    if rows.device != cols.device:
+        raise ValueError(f"rows and cols must share a device, got {rows.device} and {cols.device}")
 
 
-def _common_constexprs(dtype: torch.dtype, config: KernelConfig) -> dict[str, object]:
-    launch = {} if config.maxnreg is None or tl_utils.INTERPRETED else {"maxnreg": config.maxnreg}
-    return dict(
-        **launch,
-        BLOCK_M=config.block_m,
-        BLOCK_N=config.block_n,
-        BLOCK_D=config.block_d,
-        GROUP_M=config.group_m,
-        ACC_DTYPE=_acc_dtype(dtype),
-        UPCAST_DOT=_upcast_dot(dtype),
-        DOT_PRECISION=_dot_precision(dtype),
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
+def _stat_inputs(rows: torch.Tensor, scale: torch.Tensor, col_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    stat = stat_dtype(rows.dtype)
+    return scale.detach().to(stat).reshape(1).contiguous(), col_bias.detach().to(stat).contiguous()
+
+
+def _filter_eps(options: PartitionOptions, n_rows: int, n_cols: int, dtype: torch.dtype) -> float:
+    eps = options.grad_filter_eps
+    return default_grad_filter_eps(n_rows, n_cols, dtype) if eps is None else eps
+
+
+# The kernels as torch.library custom ops: torch.compile sees opaque ops with fake (meta)
+# implementations instead of tracing into Triton launches. Options travel as plain scalars.
+
+
+@torch.library.custom_op("semclip::triton_lse", mutates_args=())
+def _lse_op(
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    scale: torch.Tensor,
+    col_bias: torch.Tensor,
+    n_query_cols: int,
+    block_rows: int | None,
+    block_cols: int | None,
+    grad_filter_eps: float | None,
+    precision: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(row_lse [M], col_lse [K])`: the column partitions of every column (the filter uses them).
+
+    `n_query_cols` and `grad_filter_eps` are for the backward (saved by `_setup_context`).
+    """
+    tile = tile_config(rows.shape[1], rows.dtype, block_rows, block_cols)
+    with _on_device(rows):
+        return lse_forward(rows, cols, scale.detach(), col_bias, tile, precision)
+
+
+@_lse_op.register_fake
+def _lse_fake(rows, cols, scale, col_bias, n_query_cols, block_rows, block_cols, grad_filter_eps, precision):
+    stat = stat_dtype(rows.dtype)
+    return rows.new_empty((rows.shape[0],), dtype=stat), rows.new_empty((cols.shape[0],), dtype=stat)
+
+
+@torch.library.custom_op("semclip::triton_lse_backward", mutates_args=())
+def _lse_backward_op(
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    scale: torch.Tensor,
+    col_bias: torch.Tensor,
+    n_query_cols: int,
+    row_lse: torch.Tensor,
+    col_lse: torch.Tensor,
+    grad_row_lse: torch.Tensor | None,
+    grad_col_lse: torch.Tensor | None,
+    need_rows: bool,
+    need_cols: bool,
+    need_scale: bool,
+    block_rows: int | None,
+    block_cols: int | None,
+    filter_eps: float,
+    precision: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(grad_rows, grad_cols, grad_scale [1], kept_tiles)`; an empty tensor for a gradient not needed."""
+    dim = rows.shape[1]
+    with _on_device(rows):
+        result = _launch_backward(
+            rows, cols, scale, col_bias, n_query_cols, row_lse, col_lse, grad_row_lse, grad_col_lse,
+            (need_rows, need_cols, need_scale), precision, filter_eps,
+            tile_config(dim, rows.dtype, block_rows, block_cols), gemm_config(dim, rows.dtype),
+        )  # fmt: skip
+    return (  # (distinct empty tensors: the outputs of a custom op may not alias each other)
+        rows.new_empty((0,)) if result.grad_rows is None else result.grad_rows,
+        cols.new_empty((0,)) if result.grad_cols is None else result.grad_cols,
+        scale.new_empty((0,)) if result.grad_scale is None else result.grad_scale.reshape(1),
+        result.kept_tiles,
     )
 
 
-class FusedPartitions(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx,
-        rows: torch.Tensor,
-        cols: torch.Tensor,
-        scale: torch.Tensor,
-        col_bias: torch.Tensor,
-        n_query_cols: int,
-        options: PartitionOptions,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        n_rows, dim = rows.shape
-        n_cols = cols.shape[0]
-        stat_dtype = _stat_dtype(rows.dtype)
-        scale_stat = scale.detach().to(stat_dtype).reshape(1).contiguous()
-        col_bias = col_bias.detach().to(stat_dtype).contiguous()
-        row_lse = torch.full((n_rows,), -math.inf, dtype=stat_dtype, device=rows.device)
-        # Partitions of every column (not only the queries): the backward's filter uses them.
-        all_col_lse = torch.full((n_cols,), -math.inf, dtype=stat_dtype, device=rows.device)
-        config = forward_config(dim, rows.dtype, options.block_rows, options.block_cols)
-        if n_rows > 0 and n_cols > 0:
-            row_locks = torch.zeros(triton.cdiv(n_rows, config.block_m), dtype=torch.int32, device=rows.device)
-            col_locks = torch.zeros(triton.cdiv(n_cols, config.block_n), dtype=torch.int32, device=rows.device)
-            with _on_device(rows):
-                lse_forward_kernel[_grid(n_rows, n_cols, config)](
-                    rows, cols, scale_stat, col_bias, row_lse, all_col_lse, row_locks, col_locks,
-                    n_rows, n_cols, dim,
-                    rows.stride(0), rows.stride(1), cols.stride(0), cols.stride(1),
-                    **_common_constexprs(rows.dtype, config),
-                )  # fmt: skip
-        ctx.save_for_backward(rows, cols, scale_stat, col_bias, row_lse, all_col_lse)
-        ctx.n_query_cols = n_query_cols
-        ctx.options = options
-        ctx.scale_dtype = scale.dtype
-        return row_lse, all_col_lse[:n_query_cols].clone()
+@_lse_backward_op.register_fake
+def _lse_backward_fake(rows, cols, scale, col_bias, n_query_cols, row_lse, col_lse, grad_row_lse, grad_col_lse,
+                       need_rows, need_cols, need_scale, block_rows, block_cols, filter_eps, precision):  # fmt: skip
+    return (
+        rows.new_empty(rows.shape if need_rows else (0,)),
+        cols.new_empty(cols.shape if need_cols else (0,)),
+        scale.new_empty((1,) if need_scale else (0,)),
+        rows.new_empty((), dtype=torch.int64),
+    )
 
-    @staticmethod
-    def backward(ctx, grad_row_lse: torch.Tensor | None, grad_col_lse: torch.Tensor | None):
-        rows, cols, scale_stat, col_bias, row_lse, all_col_lse = ctx.saved_tensors
-        need_rows, need_cols, need_scale = ctx.needs_input_grad[:3]
-        n_rows, dim = rows.shape
-        n_cols = cols.shape[0]
-        n_query_cols = ctx.n_query_cols
-        options: PartitionOptions = ctx.options
-        stat_dtype = row_lse.dtype
-        device = rows.device
 
-        has_row_grad = grad_row_lse is not None
-        has_col_grad = grad_col_lse is not None and n_query_cols > 0
-        grad_rows = torch.zeros((n_rows, dim), dtype=stat_dtype, device=device) if need_rows else None
-        grad_cols = torch.zeros((n_cols, dim), dtype=stat_dtype, device=device) if need_cols else None
-        grad_scale = torch.zeros(1, dtype=stat_dtype, device=device)
-        skipped_tiles = torch.zeros(1, dtype=torch.int32, device=device)
-        config = backward_config(dim, rows.dtype, options.block_rows, options.block_cols)
-        eps = options.grad_filter_eps
-        if eps is None:
-            eps = default_grad_filter_eps(n_rows, n_cols, rows.dtype)
-        grid = _grid(n_rows, n_cols, config)
-        max_row_lse = row_lse.max().reshape(1) if n_rows > 0 else grad_scale
+def _backward(
+    rows, cols, scale_stat, col_bias, n_query_cols, row_lse, col_lse, grad_row_lse, grad_col_lse, needs,
+    options: PartitionOptions, precision: str,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+    """The backward op, its statistics recorded for `last_backward_stats`; None for gradients not needed."""
+    global _last_backward
+    n_rows, dim = rows.shape
+    n_cols = cols.shape[0]
+    grad_rows, grad_cols, grad_scale, kept_tiles = _lse_backward_op(
+        rows, cols, scale_stat, col_bias, n_query_cols, row_lse, col_lse, grad_row_lse, grad_col_lse, *needs,
+        options.block_rows, options.block_cols, _filter_eps(options, n_rows, n_cols, rows.dtype), precision,
+    )  # fmt: skip
+    tile = tile_config(dim, rows.dtype, options.block_rows, options.block_cols)
+    tiles = triton.cdiv(n_rows, tile.block_m) * triton.cdiv(n_cols, tile.block_n)
+    _last_backward = BackwardResult(None, None, None, tiles, kept_tiles)
+    need_rows, need_cols, need_scale = needs
+    return (grad_rows if need_rows else None, grad_cols if need_cols else None,
+            grad_scale.reshape(()) if need_scale else None)  # fmt: skip
 
-        if (need_rows or need_cols or need_scale) and (has_row_grad or has_col_grad) and grid[0] > 0:
-            dummy = grad_scale  # stands in for pointers a constexpr flag keeps unused
-            with _on_device(rows):
-                backward_kernel[grid](
-                    rows, cols, scale_stat, col_bias, row_lse, all_col_lse, max_row_lse,
-                    grad_row_lse.contiguous() if has_row_grad else dummy,
-                    grad_col_lse.contiguous() if has_col_grad else dummy,
-                    grad_rows if need_rows else dummy,
-                    grad_cols if need_cols else dummy,
-                    grad_scale, skipped_tiles, eps,
-                    n_rows, n_cols, n_query_cols, dim,
-                    rows.stride(0), rows.stride(1), cols.stride(0), cols.stride(1),
-                    HAS_ROW_GRAD=has_row_grad,
-                    HAS_COL_GRAD=has_col_grad,
-                    NEED_GRAD_ROWS=need_rows,
-                    NEED_GRAD_COLS=need_cols,
-                    NEED_GRAD_SCALE=need_scale,
-                    FILTER=eps > 0 and has_row_grad,  # see backward.py: the filter needs the row direction
-                    **_common_constexprs(rows.dtype, config),
-                )  # fmt: skip
-        _last_backward.update(tiles=grid[0], skipped_tiles=skipped_tiles)
-        return (
-            grad_rows.to(rows.dtype) if need_rows else None,
-            grad_cols.to(cols.dtype) if need_cols else None,
-            grad_scale.reshape(()).to(ctx.scale_dtype) if need_scale else None,
-            None,
-            None,
-            None,
+
+def _setup_context(ctx, inputs, output) -> None:
+    rows, cols, scale, col_bias, n_query_cols, block_rows, block_cols, grad_filter_eps, precision = inputs
+    row_lse, all_col_lse = output
+    ctx.save_for_backward(rows, cols, scale, col_bias, row_lse, all_col_lse)
+    ctx.n_query_cols = n_query_cols
+    ctx.options = PartitionOptions(block_rows=block_rows, block_cols=block_cols, grad_filter_eps=grad_filter_eps)
+    ctx.precision = precision  # decided once in the forward: the backward recomputes with the same dots
+
+
+def _lse_op_backward(ctx, grad_row_lse: torch.Tensor | None, grad_all_col_lse: torch.Tensor | None):
+    if torch.is_grad_enabled():  # create_graph=True: the kernels' gradients are not differentiable again
+        raise RuntimeError(
+            "backend='triton' computes first derivatives only; for second derivatives (create_graph=True) "
+            "use backend='reference'"
         )
+    rows, cols, scale, col_bias, row_lse, all_col_lse = ctx.saved_tensors
+    n_query_cols = ctx.n_query_cols
+    grad_col_lse = None if grad_all_col_lse is None else grad_all_col_lse[:n_query_cols].contiguous()
+    grad_rows, grad_cols, grad_scale = _backward(
+        rows.detach(), cols.detach(), scale.detach(), col_bias, n_query_cols, row_lse, all_col_lse,
+        grad_row_lse, grad_col_lse, tuple(ctx.needs_input_grad[:3]), ctx.options, ctx.precision,
+    )  # fmt: skip
+    grad_scale = None if grad_scale is None else grad_scale.reshape(scale.shape)
+    return grad_rows, grad_cols, grad_scale, None, None, None, None, None, None
+
+
+_lse_op.register_autograd(_lse_op_backward, setup_context=_setup_context)
 
 
 def partitions(
@@ -198,11 +217,43 @@ def partitions(
     n_query_cols: int,
     options: PartitionOptions,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if rows.dtype not in _SUPPORTED_DTYPES or cols.dtype != rows.dtype:
-        raise TypeError(
-            f"backend='triton' needs rows and cols of one dtype among {_SUPPORTED_DTYPES}, "
-            f"got {rows.dtype} and {cols.dtype}"
-        )
-    if rows.device != cols.device:
-        raise ValueError(f"rows and cols must share a device, got {rows.device} and {cols.device}")
-    return FusedPartitions.apply(rows, cols, scale, col_bias, n_query_cols, options)
+    _check(rows, cols)
+    stat = stat_dtype(rows.dtype)
+    scale_stat = scale.to(stat).reshape(1)  # differentiable: autograd brings grad_τ back to scale's dtype
+    row_lse, all_col_lse = _lse_op(
+        rows, cols, scale_stat, col_bias.detach().to(stat).contiguous(), n_query_cols, options.block_rows,
+        options.block_cols, options.grad_filter_eps, dot_precision(rows.dtype),
+    )  # fmt: skip
+    return row_lse, all_col_lse[:n_query_cols]
+
+
+def partitions_backward(
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    scale: torch.Tensor,
+    col_bias: torch.Tensor,
+    n_query_cols: int,
+    row_lse: torch.Tensor,
+    col_lse: torch.Tensor,
+    grad_row_lse: torch.Tensor | None,
+    grad_col_lse: torch.Tensor | None,
+    needs: tuple[bool, bool, bool],
+    options: PartitionOptions,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The backward alone, given statistics computed elsewhere (backends/base.py, docs/contract.md §7).
+
+    The dots' precision is decided here as the forward decides it. With `col_lse` of the
+    query columns only (`n_query_cols < K`) the gradient filter is off: its bound on the
+    other columns' mass needs their partitions.
+    """
+    _check(rows, cols)
+    scale_stat, col_bias_stat = _stat_inputs(rows, scale, col_bias)
+    stat = scale_stat.dtype
+    grad_rows, grad_cols, grad_scale = _backward(
+        rows.detach(), cols.detach(), scale_stat, col_bias_stat, n_query_cols,
+        row_lse.detach().to(stat).contiguous(), col_lse.detach().to(stat).contiguous(),
+        None if grad_row_lse is None else grad_row_lse.detach().to(stat),
+        None if grad_col_lse is None else grad_col_lse.detach().to(stat),
+        tuple(needs), options, dot_precision(rows.dtype),
+    )  # fmt: skip
+    return grad_rows, grad_cols, None if grad_scale is None else grad_scale.to(scale.dtype)

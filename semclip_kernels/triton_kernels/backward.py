@@ -1,71 +1,96 @@
-"""Backward kernel: recompute each tile of `S` once and apply both directions' softmax weights.
+"""Backward: dS panels, then GEMMs that own their outputs. No atomics; deterministic.
 
-For the tile's rows i and columns c (SPEC section 7):
+For the rows i and columns c of `S = τ·A·Cᵀ` (docs/contract.md §7):
 
     p_ic = exp(S_ic + bias_c − row_lse_i)                  row softmax (every column)
     q_ic = exp(S_ic − col_lse_c)          for c < Kq       column softmax (query columns)
     dS_ic = g_row_i · p_ic + g_col_c · q_ic
-    grad_rows[i] += τ · Σ_c dS_ic C_c     grad_cols[c] += τ · Σ_i dS_ic A_i
-    grad_τ       += Σ dS_ic · <A_i, C_c>
+    grad_rows = τ·dS @ C      grad_cols = τ·dSᵀ @ A      grad_τ = Σ dS ⊙ (A·Cᵀ)
 
-Products per tile: one to recompute the dots, one for grad_rows, one for
-grad_cols (three M×K×d products for the whole backward). The gradient products
-loop over d in BLOCK_D slices and accumulate into float32 (float64) buffers with
-atomic adds, so any d works and no program holds more than one tile.
+The columns are cut into panels of `panel_blocks·BLOCK_N` columns. Per panel:
 
-Gradient filtering (FILTER): the tile's products are skipped (one relaxed
-atomic increments the skipped-tile counter instead) when every weight of the
-tile, measured against the softmax mass its row or column gradient is made of,
-is below `filter_eps`:
+1. `ds_panel_kernel`, one program per tile of the panel: recompute the tile's logits
+   (`tl_utils.tile_logits`, the forward's tile: bitwise the forward's logits), form dS,
+   decide whether the tile is kept (gradient filter), store `dS·2^e` in the operand
+   dtype into the panel (kept tiles only), its keep bit, and `Σ dS ⊙ dots` (grad_τ's
+   per-tile partial). One product.
+2. `grad_gemm.write_grad_cols`: `grad_cols[panel] = τ·2^-e · dS_panelᵀ @ A`, one product
+   over the kept tiles.
+3. `grad_gemm.add_grad_rows`: `grad_rows += τ·2^-e · dS_panel @ C_panel`, one product
+   over the kept tiles.
+
+So the backward costs 3 products unfiltered and 1 + 2f with a fraction f of kept tiles.
+Every output element has one owner program; the panels run in order; grad_τ is the sum
+of the per-tile partials in a fixed order. Identical inputs give identical bits.
+
+float16: at large batches the weights dS are far below float16's smallest subnormal
+(~1e-8 at B = 32768 against 6e-8). The panel stores `dS·2^e`, with `2^e` the largest power
+of two that keeps `max|g_row| + max|g_col|` (a bound on |dS|, since p, q ≤ 1) under 2^14;
+the GEMMs multiply their float32 accumulators by `τ·2^-e`. Exact (powers of two), and
+it keeps every weight within 2^-38 of the largest normal.
+
+Gradient filtering (FILTER): a tile is skipped (not stored, not multiplied) when every
+weight of the tile, measured against the softmax mass its row or column gradient is
+made of, is below `filter_eps`:
 
     p_ic               (row i's mass Σ_c p_ic is 1)
     q_ic               (query column c's mass Σ_i q_ic is 1)
     p_ic / mass_lb_c   (column c's row-direction mass Σ_i p_ic ≥ mass_lb_c =
                         exp(bias_c + col_lse_c − max_i row_lse_i), col_lse over all rows)
 
-The third term protects columns that are nobody's query (negations): their
-gradient is made only of row-softmax weights, which may all be tiny. The
-factor 1/mass_lb_c is clamped at e^80 (so p_ic·factor cannot overflow float32):
-a weight skipped because of the clamp is below e^-80·filter_eps ≈ 2e-35·filter_eps,
-under float32's normal range. `filter_eps` is chosen
-by the caller; its default keeps every row's and column's dropped mass below
-float32's unit roundoff (see `backends/triton_fused.py`). The filter assumes
-the upstream gradients g_row are of one magnitude (they are all 1/(2B) in the
-loss); the caller turns it off when there is no g_row.
+The third term protects columns that are nobody's query (negations): their gradient is
+made only of row-softmax weights, which may all be tiny. The factor 1/mass_lb_c is
+clamped at e^80 (so p_ic·factor cannot overflow float32). NaN weights compare false and
+are never filtered. The filter needs g_row and the column partitions of every column.
+
+Memory: the panel holds `n_rows × panel_cols` operand-dtype elements; by default no more
+elements than the features (`(M + K)·d`) or a fixed 2^22 (small d), so docs/contract.md §3 holds. Plus per panel
+`n_row_blocks × panel_blocks` keep bits and grad_τ partials, and a float32 `grad_rows`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
 import triton
 import triton.language as tl
 
-from .tl_utils import dot_operand, grouped_tile_ids, tile_dots
+from .config import GemmConfig, Launch, TileConfig, tile_launch
+from .grad_gemm import add_grad_rows, write_grad_cols
+from .tl_utils import grouped_tile_ids, tile_logits
+
+# |dS·2^e| stays below 2^14: float16's largest finite is 65504 ≈ 2^16.
+_DS_HEADROOM_LOG2 = 14.0
 
 
 @triton.jit
-def backward_kernel(
+def ds_panel_kernel(
     rows_ptr,
     cols_ptr,
     scale_ptr,
     col_bias_ptr,
     row_lse_ptr,
-    col_lse_ptr,  # [n_cols]: column partitions over every row, query or not
+    col_lse_ptr,  # [n_cols]: column partitions over every row (query columns at least)
     max_row_lse_ptr,  # [1]: max_i row_lse_i (for the filter's column-mass bound)
     grad_row_lse_ptr,
     grad_col_lse_ptr,
-    grad_rows_ptr,  # [n_rows, dim] accumulator (zeros), contiguous
-    grad_cols_ptr,  # [n_cols, dim] accumulator (zeros), contiguous
-    grad_scale_ptr,  # [1] accumulator (zero)
-    skipped_tiles_ptr,  # [1] int32 counter
+    ds_scale_ptr,  # [1]: 2^e
+    panel_ptr,  # [n_rows, panel_blocks·BLOCK_N], operand dtype
+    keep_ptr,  # [n_row_blocks, panel_blocks] int32
+    grad_scale_parts_ptr,  # [n_row_blocks, panel_blocks]: Σ dS ⊙ dots per tile
     filter_eps,
     n_rows,
     n_cols,
     n_query_cols,
     dim,
+    first_col_block,
+    panel_blocks,
     stride_row_m,
     stride_row_d,
     stride_col_n,
     stride_col_d,
+    stride_panel,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -75,27 +100,28 @@ def backward_kernel(
     DOT_PRECISION: tl.constexpr,
     HAS_ROW_GRAD: tl.constexpr,  # g_row given (the row direction contributes)
     HAS_COL_GRAD: tl.constexpr,  # g_col given and Kq > 0 (the column direction contributes)
-    NEED_GRAD_ROWS: tl.constexpr,
-    NEED_GRAD_COLS: tl.constexpr,
+    NEED_PANEL: tl.constexpr,  # a feature gradient is wanted: store dS
     NEED_GRAD_SCALE: tl.constexpr,
     FILTER: tl.constexpr,
 ):
-    row_block, col_block = grouped_tile_ids(n_rows, n_cols, BLOCK_M, BLOCK_N, GROUP_M)
+    row_block, panel_block = grouped_tile_ids(n_rows, panel_blocks * BLOCK_N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_p = panel_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = first_col_block * BLOCK_N + offs_p
     row_in = offs_m < n_rows
     col_in = offs_n < n_cols
-
-    dots = tile_dots(
-        rows_ptr, cols_ptr, offs_m, offs_n, n_rows, n_cols, dim,
+    scale = tl.load(scale_ptr).to(ACC_DTYPE)
+    dots, logits = tile_logits(
+        rows_ptr, cols_ptr, scale, offs_m, offs_n, n_rows, n_cols, dim,
         stride_row_m, stride_row_d, stride_col_n, stride_col_d,
         BLOCK_M, BLOCK_N, BLOCK_D, ACC_DTYPE, UPCAST_DOT, DOT_PRECISION,
     )  # fmt: skip
-    scale = tl.load(scale_ptr).to(ACC_DTYPE)
-    logits = dots * scale
 
+    # Each weight tile is folded into dS and the filter's maximum as soon as it exists, so at
+    # most dots, logits, dS and one weight tile are live (registers: see config.py).
     grad_logits = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     max_weight = tl.zeros((), dtype=ACC_DTYPE)
+    col_lse = tl.load(col_lse_ptr + offs_n, mask=col_in, other=0.0).to(ACC_DTYPE)
     if HAS_ROW_GRAD:
         col_bias = tl.load(col_bias_ptr + offs_n, mask=col_in, other=0.0).to(ACC_DTYPE)
         row_lse = tl.load(row_lse_ptr + offs_m, mask=row_in, other=0.0).to(ACC_DTYPE)
@@ -103,15 +129,14 @@ def backward_kernel(
         row_softmax = tl.exp(logits + col_bias[None, :] - row_lse[:, None])
         row_softmax = tl.where(row_in[:, None] & col_in[None, :], row_softmax, 0.0)
         grad_logits += g_row[:, None] * row_softmax
-        max_weight = tl.maximum(max_weight, tl.max(row_softmax))
-    col_lse = tl.load(col_lse_ptr + offs_n, mask=col_in, other=0.0).to(ACC_DTYPE)
-    if FILTER:
-        # 1 / (lower bound of column c's row-softmax mass), as a per-column factor.
-        max_row_lse = tl.load(max_row_lse_ptr).to(ACC_DTYPE)
-        log_inv_mass = tl.minimum(max_row_lse - col_bias - col_lse, 80.0)
-        col_relative = row_softmax * tl.exp(log_inv_mass)[None, :]
-        col_relative = tl.where(row_softmax > 0, col_relative, 0.0)
-        max_weight = tl.maximum(max_weight, tl.max(col_relative))
+        if FILTER:
+            # Relative to a lower bound of column c's row-softmax mass, exp(bias + col_lse − max row_lse):
+            # the factor is clamped at e^80 so that the product stays finite.
+            max_row_lse = tl.load(max_row_lse_ptr).to(ACC_DTYPE)
+            inv_mass = tl.exp(tl.minimum(max_row_lse - col_bias - col_lse, 80.0))
+            max_weight = tl.maximum(max_weight, tl.max(row_softmax * tl.maximum(inv_mass, 1.0)[None, :]))
+        else:
+            max_weight = tl.maximum(max_weight, tl.max(row_softmax))
     if HAS_COL_GRAD:
         is_query = offs_n < n_query_cols
         g_col = tl.load(grad_col_lse_ptr + offs_n, mask=is_query, other=0.0).to(ACC_DTYPE)
@@ -120,37 +145,142 @@ def backward_kernel(
         grad_logits += g_col[None, :] * col_softmax
         max_weight = tl.maximum(max_weight, tl.max(col_softmax))
 
-    # NaN weights compare false and are never filtered: they reach the gradients.
+    tile = row_block * panel_blocks + panel_block
+    if NEED_GRAD_SCALE:  # every tile, kept or not: grad_τ never depends on the filter
+        tl.store(grad_scale_parts_ptr + tile, tl.sum(grad_logits * dots))
     # (The caller sets FILTER only with HAS_ROW_GRAD, which defines row_softmax and col_bias.)
     skip = False
     if FILTER:
         skip = max_weight < filter_eps
     if skip:
-        tl.atomic_add(skipped_tiles_ptr, 1, sem="relaxed")
+        tl.store(keep_ptr + tile, 0)
     else:
-        if NEED_GRAD_SCALE:
-            tl.atomic_add(grad_scale_ptr, tl.sum(grad_logits * dots), sem="relaxed")
-        if NEED_GRAD_ROWS or NEED_GRAD_COLS:
-            # dL/d<A_i, C_c> = τ·dS_ic, in the operands' dtype (tensor cores) with float32 accumulation.
-            grad_dots = dot_operand((grad_logits * scale).to(rows_ptr.dtype.element_ty), UPCAST_DOT)
-            offs_d = tl.arange(0, BLOCK_D)
-            for k in range(0, tl.cdiv(dim, BLOCK_D)):
-                d_in = offs_d < dim - k * BLOCK_D
-                offs_kd = k * BLOCK_D + offs_d
-                if NEED_GRAD_ROWS:
-                    col_ptrs = cols_ptr + offs_n[:, None].to(tl.int64) * stride_col_n + offs_kd[None, :] * stride_col_d
-                    c = tl.load(col_ptrs, mask=col_in[:, None] & d_in[None, :], other=0.0)
-                    grad_rows_part = tl.dot(
-                        grad_dots, dot_operand(c, UPCAST_DOT), input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE
-                    )
-                    out_ptrs = grad_rows_ptr + offs_m[:, None].to(tl.int64) * dim + offs_kd[None, :]
-                    tl.atomic_add(out_ptrs, grad_rows_part, mask=row_in[:, None] & d_in[None, :], sem="relaxed")
-                if NEED_GRAD_COLS:
-                    row_ptrs = rows_ptr + offs_m[:, None].to(tl.int64) * stride_row_m + offs_kd[None, :] * stride_row_d
-                    a = tl.load(row_ptrs, mask=row_in[:, None] & d_in[None, :], other=0.0)
-                    grad_cols_part = tl.dot(
-                        tl.trans(grad_dots), dot_operand(a, UPCAST_DOT), input_precision=DOT_PRECISION,
-                        out_dtype=ACC_DTYPE,
-                    )
-                    out_ptrs = grad_cols_ptr + offs_n[:, None].to(tl.int64) * dim + offs_kd[None, :]
-                    tl.atomic_add(out_ptrs, grad_cols_part, mask=col_in[:, None] & d_in[None, :], sem="relaxed")
+        tl.store(keep_ptr + tile, 1)
+        if NEED_PANEL:
+            ds_scale = tl.load(ds_scale_ptr).to(ACC_DTYPE)
+            panel_ptrs = panel_ptr + offs_m[:, None].to(tl.int64) * stride_panel + offs_p[None, :]
+            tl.store(panel_ptrs, (grad_logits * ds_scale).to(panel_ptr.dtype.element_ty), mask=row_in[:, None])
+
+
+def ds_panel_launch(
+    tile: TileConfig, dtype: torch.dtype, precision: str, *, has_row_grad: bool, has_col_grad: bool,
+    need_panel: bool, need_grad_scale: bool, filtering: bool,
+) -> Launch:  # fmt: skip
+    """The launch of `ds_panel_kernel` for one combination of its feature flags."""
+    return tile_launch(
+        tile, dtype, precision, GROUP_M=tile.group_m, HAS_ROW_GRAD=has_row_grad, HAS_COL_GRAD=has_col_grad,
+        NEED_PANEL=need_panel, NEED_GRAD_SCALE=need_grad_scale, FILTER=filtering,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class BackwardResult:
+    grad_rows: torch.Tensor | None  # in the rows' dtype
+    grad_cols: torch.Tensor | None  # in the columns' dtype
+    grad_scale: torch.Tensor | None  # 0-dim, statistics dtype
+    tiles: int
+    kept_tiles: torch.Tensor  # 0-dim int64 on the device (read lazily: reading synchronizes)
+
+
+# The panel's floor, in elements, for small d (8 MB in 16-bit): a fixed buffer, independent of the batch.
+MIN_PANEL_ELEMENTS = 1 << 22
+
+
+def default_panel_cols(n_rows: int, n_cols: int, dim: int, block_n: int) -> int:
+    """Widest panel (a multiple of BLOCK_N) within `max((M + K)·d, MIN_PANEL_ELEMENTS)` elements."""
+    budget = max((n_rows + n_cols) * dim, MIN_PANEL_ELEMENTS) // max(n_rows, 1)
+    return max(block_n, budget // block_n * block_n)
+
+
+def ds_scale_for(grad_row_lse: torch.Tensor | None, grad_col_lse: torch.Tensor | None, like: torch.Tensor):
+    """`2^e` with `(max|g_row| + max|g_col|)·2^e ≤ 2^14` (clamped to 2^±126; a 1-element device tensor, no sync)."""
+    bound = torch.zeros((), dtype=torch.float32, device=like.device)
+    for grad in (grad_row_lse, grad_col_lse):
+        if grad is not None and grad.numel():
+            bound = bound + grad.detach().abs().amax().float()
+    exponent = torch.floor(_DS_HEADROOM_LOG2 - torch.log2(bound)).clamp(-126.0, 126.0)
+    return torch.exp2(exponent).reshape(1)
+
+
+def partitions_backward(
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    scale: torch.Tensor,
+    col_bias: torch.Tensor,
+    n_query_cols: int,
+    row_lse: torch.Tensor,
+    col_lse: torch.Tensor,
+    grad_row_lse: torch.Tensor | None,
+    grad_col_lse: torch.Tensor | None,
+    needs: tuple[bool, bool, bool],
+    precision: str,
+    filter_eps: float,
+    tile: TileConfig,
+    gemm: GemmConfig,
+    panel_cols: int | None = None,
+) -> BackwardResult:
+    """Gradients of `Σ g_row·row_lse + Σ g_col·col_lse[:Kq]` with respect to rows, cols and scale.
+
+    `scale` [1] and `col_bias` [K] in the statistics dtype; `col_lse` covers every column
+    when `filter_eps > 0` (the filter's column-mass bound), at least the query columns
+    otherwise. `precision` must be the forward's (bitwise recompute).
+    """
+    need_rows, need_cols, need_scale = needs
+    n_rows, dim = rows.shape
+    n_cols = cols.shape[0]
+    device, stat = rows.device, scale.dtype
+    has_row_grad = grad_row_lse is not None
+    has_col_grad = grad_col_lse is not None and n_query_cols > 0
+    n_row_blocks, n_col_blocks = triton.cdiv(n_rows, tile.block_m), triton.cdiv(n_cols, tile.block_n)
+    grad_rows = torch.zeros((n_rows, dim), dtype=stat, device=device) if need_rows else None
+    grad_cols = torch.empty((n_cols, dim), dtype=cols.dtype, device=device) if need_cols else None
+    grad_scale = torch.zeros((), dtype=stat, device=device) if need_scale else None
+    kept_tiles = torch.zeros((), dtype=torch.int64, device=device)
+    tiles = n_row_blocks * n_col_blocks
+    if not (has_row_grad or has_col_grad) or tiles == 0 or not any(needs):
+        if need_cols:
+            grad_cols.zero_()
+        return BackwardResult(grad_rows.to(rows.dtype) if need_rows else None, grad_cols, grad_scale, tiles,
+                              kept_tiles)  # fmt: skip
+
+    # The filter's column-mass bound needs every column's partition (a caller may give only the queries').
+    filtering = filter_eps > 0 and has_row_grad and col_lse.shape[0] >= n_cols
+    need_panel = need_rows or need_cols
+    panel_cols = panel_cols or default_panel_cols(n_rows, n_cols, dim, tile.block_n)
+    panel_width = max(1, min(triton.cdiv(panel_cols, tile.block_n), n_col_blocks))
+    panel = torch.empty((n_rows, panel_width * tile.block_n), dtype=rows.dtype, device=device) if need_panel else None
+    keep = torch.empty((n_row_blocks, panel_width), dtype=torch.int32, device=device)
+    grad_scale_parts = torch.empty((n_row_blocks, panel_width), dtype=stat, device=device)
+    ds_scale = ds_scale_for(grad_row_lse, grad_col_lse, rows)
+    factor = (scale.detach().float() / ds_scale).to(stat)  # τ·2^-e
+    max_row_lse = row_lse.detach().amax().reshape(1).to(stat)
+    if col_lse.shape[0] < n_cols:  # the non-query entries are then never read
+        col_lse = torch.cat([col_lse, col_lse.new_zeros(n_cols - col_lse.shape[0])])
+    dummy = scale  # stands in for pointers a constexpr flag keeps unused
+    launch = ds_panel_launch(
+        tile, rows.dtype, precision, has_row_grad=has_row_grad, has_col_grad=has_col_grad, need_panel=need_panel,
+        need_grad_scale=need_scale, filtering=filtering,
+    )  # fmt: skip
+    for first_block in range(0, n_col_blocks, panel_width):
+        blocks = min(panel_width, n_col_blocks - first_block)
+        ds_panel_kernel[(n_row_blocks * blocks,)](
+            rows, cols, scale, col_bias, row_lse, col_lse, max_row_lse,
+            grad_row_lse.contiguous() if has_row_grad else dummy,
+            grad_col_lse.contiguous() if has_col_grad else dummy,
+            ds_scale, panel if need_panel else dummy, keep, grad_scale_parts, filter_eps,
+            n_rows, n_cols, n_query_cols, dim, first_block, blocks,
+            rows.stride(0), rows.stride(1), cols.stride(0), cols.stride(1), panel.stride(0) if need_panel else 0,
+            **launch.kwargs(),
+        )  # fmt: skip
+        # The kernel indexes tiles as row_block·blocks + panel_block: the first n_row_blocks·blocks entries.
+        panel_keep = keep.view(-1)[: n_row_blocks * blocks].view(n_row_blocks, blocks)
+        kept_tiles += panel_keep.sum()
+        if need_scale:
+            grad_scale += grad_scale_parts.view(-1)[: n_row_blocks * blocks].sum()
+        sparse_keep = panel_keep if filtering else None
+        first_col = first_block * tile.block_n
+        if need_cols:
+            write_grad_cols(grad_cols, panel, rows, factor, sparse_keep, first_col, blocks, tile, gemm, precision)
+        if need_rows:
+            add_grad_rows(grad_rows, panel, cols, factor, sparse_keep, first_col, blocks, tile, gemm, precision)
+    return BackwardResult(grad_rows.to(rows.dtype) if need_rows else None, grad_cols, grad_scale, tiles, kept_tiles)

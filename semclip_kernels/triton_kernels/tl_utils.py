@@ -1,4 +1,4 @@
-"""Small `@triton.jit` helpers shared by the forward and backward kernels."""
+"""Small `@triton.jit` helpers shared by the kernels: tile order, the tile logits, running statistics."""
 
 from __future__ import annotations
 
@@ -45,9 +45,10 @@ def dot_operand(x, UPCAST_DOT: tl.constexpr):
 
 
 @triton.jit
-def tile_dots(
+def tile_logits(
     rows_ptr,
     cols_ptr,
+    scale,
     offs_m,
     offs_n,
     n_rows,
@@ -64,10 +65,12 @@ def tile_dots(
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """`A[offs_m] · C[offs_n]ᵀ` as a [BLOCK_M, BLOCK_N] tile, looping over d in BLOCK_D slices.
+    """`(dots, logits)` of the tile: `A[offs_m]·C[offs_n]ᵀ` and `scale·dots`, [BLOCK_M, BLOCK_N] each.
 
-    Out-of-range rows, columns and features load as zeros, so any d works and
-    ragged edges give dots of 0 (the callers mask them out of the softmaxes).
+    The one place logits are computed: the forward and the backward call it with the same
+    tile configuration, so the backward's recomputed logits are bitwise the forward's.
+    Loops over d in BLOCK_D slices. Out-of-range rows, columns and features load as
+    zeros, so any d works and ragged edges give dots of 0 (the callers mask them out).
     """
     offs_d = tl.arange(0, BLOCK_D)
     row_ptrs = rows_ptr + offs_m[:, None].to(tl.int64) * stride_row_m + offs_d[None, :] * stride_row_d
@@ -89,7 +92,7 @@ def tile_dots(
         )
         row_ptrs += BLOCK_D * stride_row_d
         col_ptrs += BLOCK_D * stride_col_d
-    return dots
+    return dots, dots * scale
 
 
 @triton.jit
@@ -99,32 +102,15 @@ def finite_or_zero(x):
 
 
 @triton.jit
-def logsumexp(x, axis: tl.constexpr):
-    """Log-sum-exp along `axis` with the running-max shift; all -inf gives -inf, not NaN."""
-    shift = finite_or_zero(tl.max(x, axis=axis))
+def online_update(running_max, running_sum, x, axis: tl.constexpr):
+    """Fold the tile `x` into running (max, Σ exp(· − max)) statistics along `axis` (one exp per element).
+
+    All -inf stays (-inf, 0), never NaN: the shift of an empty line is 0.
+    """
+    new_max = tl.maximum(running_max, tl.max(x, axis=axis))
+    shift = finite_or_zero(new_max)
     if axis == 0:
-        total = tl.sum(tl.exp(x - shift[None, :]), axis=0)
+        tile_sum = tl.sum(tl.exp(x - shift[None, :]), axis=0)
     else:
-        total = tl.sum(tl.exp(x - shift[:, None]), axis=1)
-    return shift + tl.log(total)
-
-
-@triton.jit
-def logaddexp(a, b):
-    """Exact merge of two partial log-sum-exps (either may be -inf)."""
-    shift = finite_or_zero(tl.maximum(a, b))
-    return shift + tl.log(tl.exp(a - shift) + tl.exp(b - shift))
-
-
-@triton.jit
-def acquire(lock_ptr):
-    """Spin until this program owns the lock (0 = free, 1 = held); acquire ordering."""
-    while tl.atomic_cas(lock_ptr, 0, 1, sem="acquire") == 1:
-        pass
-
-
-@triton.jit
-def release(lock_ptr):
-    """Make this program's stores visible, then free the lock."""
-    tl.debug_barrier()
-    tl.atomic_xchg(lock_ptr, 0, sem="release")
+        tile_sum = tl.sum(tl.exp(x - shift[:, None]), axis=1)
+    return new_max, running_sum * tl.exp(running_max - shift) + tile_sum

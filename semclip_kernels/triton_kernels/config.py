@@ -1,0 +1,151 @@
+"""Launch configurations of the fused kernels: the one place that turns (d, dtype, options) into constexprs.
+
+Every launcher asks `tile_launch`, `gemm_launch` for a `Launch` (constexprs + warps,
+stages, register cap); `benchmarks/kernel_resources.py` compiles the very same `Launch`
+objects ahead of time, so what the resource table reports is what the backend runs.
+
+Tiles of `S = τ·A·Cᵀ`. The forward (`lse_forward_kernel`) and the backward's dS panel
+(`ds_panel_kernel`) compute their logits with the same helper (`tl_utils.tile_logits`)
+from the same `TileConfig`: same BLOCK_M, BLOCK_N, BLOCK_D, warps. The backward's
+recomputed logits are then bitwise the forward's, so its softmax weights are normalized
+by exactly the statistics they were computed with (docs/contract.md §4).
+
+Why these entries (registers measured with `python -m benchmarks.kernel_resources`):
+- 16-bit tiles: 128×128, BLOCK_D 32, 8 warps: the usual tensor-core tile; one float32
+  [128, 128] accumulator is 64 registers per thread. Shared memory per pipeline stage is
+  (BLOCK_M + BLOCK_N)·BLOCK_D·2 = 16 KB, 4 stages fit sm_80 (163 KB) and sm_90 (227 KB).
+- float32 tiles: 128×64: at 128×128 the full-float32 dot needs 255 registers and spills.
+- float64 (gradcheck, tests): 64×64×16, 4 warps.
+- Gradient GEMMs (`grad_gemm.py`): an output tile of BLOCK_M (or BLOCK_N) feature rows ×
+  BLOCK_OUT_D features, reducing over the panel's tiles one dS tile at a time.
+- Small d shrinks BLOCK_D to d rounded up (at least 16): no work on padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+import triton
+import triton.language as tl
+
+from . import tl_utils
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tile of `S` shared by the forward and the backward's dS panel."""
+
+    block_m: int
+    block_n: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+    group_m: int = 8
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Output tile width (features), reduction chunk and launch of the gradient GEMMs."""
+
+    block_out_d: int
+    num_warps: int
+    num_stages: int
+    block_k: int | None = None  # None: a whole dS tile side per dot
+
+
+# Keyed on the operand size in bytes (2: float16/bfloat16, 4: float32, 8: float64).
+_TILES: dict[int, TileConfig] = {
+    2: TileConfig(block_m=128, block_n=64, block_d=64, num_warps=8, num_stages=3),
+    4: TileConfig(block_m=128, block_n=64, block_d=32, num_warps=8, num_stages=2),
+    8: TileConfig(block_m=64, block_n=64, block_d=16, num_warps=4, num_stages=2),
+}
+_GEMMS: dict[int, GemmConfig] = {
+    2: GemmConfig(block_out_d=128, num_warps=8, num_stages=3),
+    4: GemmConfig(block_out_d=64, num_warps=8, num_stages=2, block_k=16),
+    8: GemmConfig(block_out_d=32, num_warps=4, num_stages=1, block_k=16),
+}
+MIN_BLOCK = 16  # smallest tl.dot dimension
+MAX_BLOCK = 256
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Everything a kernel launch fixes at compile time: constexprs and launch options."""
+
+    constexprs: dict[str, object] = field(hash=False)
+    num_warps: int
+    num_stages: int
+
+    def kwargs(self) -> dict[str, object]:
+        """Keyword arguments of `kernel[grid](...)`."""
+        return dict(self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+def _block_from_option(value: int) -> int:
+    """A user tile size (PartitionOptions) as a power of two tl.dot accepts."""
+    return min(MAX_BLOCK, max(MIN_BLOCK, triton.next_power_of_2(value)))
+
+
+def _block_d(preferred: int, dim: int) -> int:
+    return min(preferred, max(MIN_BLOCK, triton.next_power_of_2(dim)))
+
+
+def tile_config(
+    dim: int, dtype: torch.dtype, block_rows: int | None = None, block_cols: int | None = None
+) -> TileConfig:
+    """The tile of the forward and of the dS panel for features of size `dim` and `dtype`."""
+    config = _TILES[dtype.itemsize]
+    config = replace(config, block_d=_block_d(config.block_d, dim))
+    if block_rows is not None:
+        config = replace(config, block_m=_block_from_option(block_rows))
+    if block_cols is not None:
+        config = replace(config, block_n=_block_from_option(block_cols))
+    return config
+
+
+def gemm_config(dim: int, dtype: torch.dtype) -> GemmConfig:
+    config = _GEMMS[dtype.itemsize]
+    return replace(config, block_out_d=_block_d(config.block_out_d, dim))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """TF32 for float32 inputs when PyTorch's matmuls may use it (never under the interpreter).
+
+    Read once per forward and saved for its backward: the recompute must use the same dots.
+    """
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not tl_utils.INTERPRETED:
+        return "tf32"
+    return "ieee"
+
+
+def upcast_dot(dtype: torch.dtype) -> bool:
+    """Interpreter work-around for 16-bit tl.dot (see tl_utils.dot_operand)."""
+    return tl_utils.INTERPRETED and dtype in (torch.float16, torch.bfloat16)
+
+
+def acc_dtype(dtype: torch.dtype) -> tl.dtype:
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _numeric_constexprs(dtype: torch.dtype, precision: str) -> dict[str, object]:
+    return dict(ACC_DTYPE=acc_dtype(dtype), UPCAST_DOT=upcast_dot(dtype), DOT_PRECISION=precision)
+
+
+def tile_launch(config: TileConfig, dtype: torch.dtype, precision: str, **flags: bool) -> Launch:
+    """Launch of a tile kernel (`lse_forward_kernel`, `ds_panel_kernel`); `flags` are its feature constexprs."""
+    constexprs = dict(
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=config.block_d,
+        **_numeric_constexprs(dtype, precision), **flags,
+    )  # fmt: skip
+    return Launch(constexprs, config.num_warps, config.num_stages)
+
+
+def gemm_launch(tile: TileConfig, gemm: GemmConfig, dtype: torch.dtype, precision: str, **flags: bool) -> Launch:
+    """Launch of a gradient GEMM (`grad_rows_kernel`, `grad_cols_kernel`) over dS tiles of shape `tile`."""
+    constexprs = dict(
+        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_OUT_D=gemm.block_out_d,
+        BLOCK_K=min(gemm.block_k or MAX_BLOCK, tile.block_m, tile.block_n),
+        **_numeric_constexprs(dtype, precision), **flags,
+    )  # fmt: skip
+    return Launch(constexprs, gemm.num_warps, gemm.num_stages)
