@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-gpu_report = pytest.importorskip("benchmarks.gpu_report")
+from benchmarks import gpu_report  # noqa: E402
 
 
 def synthetic():
