@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .backends import check_backend_name
-from .backends.base import stat_dtype
+from .backends.dtypes import stat_dtype
 from .backends.options import PartitionOptions
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

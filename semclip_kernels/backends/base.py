@@ -8,17 +8,11 @@ backend module directly.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 
-if TYPE_CHECKING:  # annotations only: options.py uses stat_dtype, so no runtime import back
-    from .options import PartitionOptions
-
-
-def stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of every softmax statistic for features of `dtype`: float64 for float64, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .options import PartitionOptions
 
 
 @dataclass(frozen=True)

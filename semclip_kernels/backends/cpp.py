@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import BackwardStats, stat_dtype
+from .base import BackwardStats
+from .dtypes import stat_dtype
 from .options import PartitionOptions, default_grad_filter_eps
 
 try:

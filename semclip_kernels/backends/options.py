@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import stat_dtype
+from .dtypes import stat_dtype
 
 
 @dataclass(frozen=True)

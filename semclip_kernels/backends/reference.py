@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import BackwardStats, stat_dtype
+from .base import BackwardStats
+from .dtypes import stat_dtype
 from .options import PartitionOptions
 
 

@@ -32,7 +32,8 @@ import math
 
 import torch
 
-from .base import BackwardStats, stat_dtype
+from .base import BackwardStats
+from .dtypes import stat_dtype
 from .options import PartitionOptions
 
 DEFAULT_BLOCK_ROWS = 512

@@ -27,7 +27,8 @@ from ..triton_kernels.backward import BackwardResult
 from ..triton_kernels.backward import partitions_backward as _launch_backward
 from ..triton_kernels.config import dot_precision, gemm_config, tile_config
 from ..triton_kernels.lse_forward import lse_forward
-from .base import BackwardStats, stat_dtype
+from .base import BackwardStats
+from .dtypes import stat_dtype
 from .options import PartitionOptions, default_grad_filter_eps
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
