@@ -162,16 +162,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         },
         args.repeats,
     )
-    stats = dict(cpp.last_backward_stats)  # of the last call: eps = 0
+    stats = cpp.last_backward_stats()  # of the last call: eps = 0
     forward_backward(cpp_loss(None), inputs)
-    stats_filtered = dict(cpp.last_backward_stats)
+    stats_filtered = cpp.last_backward_stats()
     for name, s in seconds.items():
         print(f"  trained {name:<9} {s:7.3f} s (median of {args.repeats})", flush=True)
     results["trained GEMM-eq"] = seconds["cpp"] / seconds["gemm"]
     results["trained GEMM-eq without filtering"] = seconds["cpp eps=0"] / seconds["gemm"]
-    results["trained skipped tile fraction"] = stats_filtered["skipped"] / stats_filtered["tiles"]
-    print(f"  trained tiles skipped by the default filter: {stats_filtered['skipped']} of {stats_filtered['tiles']}"
-          f" (eps=0: {stats['skipped']})", flush=True)
+    results["trained skipped tile fraction"] = stats_filtered.skipped_fraction
+    print(f"  trained tiles skipped by the default filter: {stats_filtered.skipped_tiles} of {stats_filtered.tiles}"
+          f" (eps=0: {stats.skipped_tiles})", flush=True)
 
     filtered = gradients(cpp_loss(None), inputs)
     unfiltered = gradients(cpp_loss(0.0), inputs)

@@ -122,10 +122,10 @@ def peaked_case(batch, dim, tau=100.0, seed=0):
 def test_trained_regime_default_filter_skips_most_tiles_and_stays_exact():
     case = peaked_case(384, 64)
     assert_matches(case, "cpp", block_rows=32, block_cols=64)  # default eps
-    stats = dict(cpp.last_backward_stats)
-    assert stats["skipped"] >= 0.5 * stats["tiles"], stats
+    stats = cpp.last_backward_stats()
+    assert stats.skipped_tiles >= 0.5 * stats.tiles, stats
     assert_matches(case, "cpp", block_rows=32, block_cols=64, grad_filter_eps=0.0)
-    assert cpp.last_backward_stats["skipped"] == 0
+    assert cpp.last_backward_stats().skipped_tiles == 0
 
 
 def test_larger_filter_eps_skips_more_and_error_stays_bounded():
@@ -134,7 +134,7 @@ def test_larger_filter_eps_skips_more_and_error_stays_bounded():
     skipped = []
     for eps in (1e-9, 1e-6, 1e-3):
         _, grads = run_backend(case, "cpp", block_rows=32, block_cols=32, grad_filter_eps=eps)
-        skipped.append(cpp.last_backward_stats["skipped"])
+        skipped.append(cpp.last_backward_stats().skipped_tiles)
         # Dropped weights are each < eps, at most K = 3B of them per row or column: every gradient moves by
         # at most ~K·eps times the scale of the largest gradient (the negations' own are ~1e-9 here).
         bound = max(1e-6, 3 * case.image.shape[0] * eps)
@@ -152,7 +152,7 @@ def test_large_logits_take_the_exact_path_and_match():
         case.image.mul_(3.0)
         case.text.mul_(3.0)
     assert_matches(case, "cpp", block_rows=16, block_cols=32, grad_filter_eps=0.0)
-    assert cpp.last_backward_stats["exact_lines"] > 0
+    assert cpp.last_backward_stats().exact_lines > 0
 
 
 def test_thread_counts_agree_and_each_is_deterministic():

@@ -8,11 +8,12 @@ backend module directly.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from .options import PartitionOptions
+if TYPE_CHECKING:  # annotations only: options.py uses stat_dtype, so no runtime import back
+    from .options import PartitionOptions
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:

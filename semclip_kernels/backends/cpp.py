@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from .base import BackwardStats, stat_dtype
 from .options import PartitionOptions, default_grad_filter_eps
 
 try:
@@ -29,8 +30,12 @@ else:
 DEFAULT_BLOCK_ROWS = 256
 DEFAULT_BLOCK_COLS = 512
 
-# Tiles and skipped tiles of the most recent backward, for the benchmark (not thread-safe, informative only).
-last_backward_stats: dict[str, int] = {}
+_last_stats = BackwardStats()
+
+
+def last_backward_stats() -> BackwardStats:
+    """What the most recent backward did (tiles, skipped tiles, exactly recomputed lines)."""
+    return _last_stats
 
 
 def is_available(device: torch.device) -> tuple[bool, str]:
@@ -55,7 +60,7 @@ class CppPartitions(torch.autograd.Function):
         n_query_cols: int,
         options: PartitionOptions,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        compute_dtype = torch.float64 if scale.dtype == torch.float64 else torch.float32
+        compute_dtype = stat_dtype(scale.dtype)
         rows_c = rows.detach().to(compute_dtype).contiguous()
         cols_c = cols.detach().to(compute_dtype).contiguous()
         col_bias_c = col_bias.detach().to(compute_dtype).contiguous()
@@ -85,8 +90,8 @@ class CppPartitions(torch.autograd.Function):
             rows_c, cols_c, ctx.tau, col_bias_c, ctx.n_query_cols, row_lse, col_lse, tile_max,
             grad_row_lse, grad_col_lse, need_rows, need_cols, need_scale, *ctx.blocks, eps,
         )
-        tiles, skipped, exact_lines = stats.tolist()
-        last_backward_stats.update(tiles=tiles, skipped=skipped, exact_lines=exact_lines)
+        global _last_stats
+        _last_stats = BackwardStats(*stats.tolist())
         rows_dtype, cols_dtype, scale_dtype = ctx.dtypes
         return (
             grad_rows.to(rows_dtype) if need_rows else None,

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .base import stat_dtype
+
 
 @dataclass(frozen=True)
 class PartitionOptions:
@@ -44,6 +46,5 @@ def default_grad_filter_eps(n_rows: int, n_cols: int, dtype: torch.dtype) -> flo
     for float64 inputs), every row and column loses less than `u` of its mass: below
     the rounding that the unfiltered float32 accumulation makes anyway.
     """
-    stat_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    unit_roundoff = torch.finfo(stat_dtype).eps / 2
+    unit_roundoff = torch.finfo(stat_dtype(dtype)).eps / 2
     return unit_roundoff / max(n_rows, n_cols, 1)

@@ -26,6 +26,7 @@ import math
 
 import torch
 
+from .base import BackwardStats, stat_dtype
 from .options import PartitionOptions
 
 DEFAULT_BLOCK_ROWS = 512
@@ -36,6 +37,14 @@ _MIN_SHARED_SUM = math.exp(-50.0)
 # exp(m − lse) above e^20 could overflow once multiplied into a weight, and only then
 # could a weight whose exp(S − m) underflowed matter: fall back beyond it.
 _MAX_SHARED_EXCESS = 20.0
+
+
+_last_stats = BackwardStats()
+
+
+def last_backward_stats() -> BackwardStats:
+    """What the most recent backward did (this backend filters nothing)."""
+    return _last_stats
 
 
 def is_available(device: torch.device) -> tuple[bool, str]:
@@ -60,10 +69,10 @@ def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: flo
         out.add_(_mm_f32(a, b.to(a.dtype)), alpha=alpha)
 
 
-def _scaled_dots(a: torch.Tensor, b: torch.Tensor, tau: float, stat_dtype: torch.dtype) -> torch.Tensor:
+def _scaled_dots(a: torch.Tensor, b: torch.Tensor, tau: float, dtype: torch.dtype) -> torch.Tensor:
     """The logits tile `τ · a @ bᵀ` in float32 (float64), the scale folded into the product."""
-    if a.dtype == stat_dtype:
-        return torch.addmm(torch.zeros((), dtype=stat_dtype, device=a.device), a, b.T, beta=0, alpha=tau)
+    if a.dtype == dtype:
+        return torch.addmm(torch.zeros((), dtype=dtype, device=a.device), a, b.T, beta=0, alpha=tau)
     return _mm_f32(a, b.T).mul_(tau)
 
 
@@ -122,25 +131,25 @@ class TiledPartitions(torch.autograd.Function):
         block_rows: int,
         block_cols: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        stat_dtype = scale.dtype
+        dtype = stat_dtype(scale.dtype)
         tau = float(scale)
         n_rows, n_cols = rows.shape[0], cols.shape[0]
         shared_shift = not rows.is_cuda
-        row_lse = torch.full((n_rows,), -math.inf, dtype=stat_dtype, device=rows.device)
-        col_lse = torch.full((n_query_cols,), -math.inf, dtype=stat_dtype, device=rows.device)
+        row_lse = torch.full((n_rows,), -math.inf, dtype=dtype, device=rows.device)
+        col_lse = torch.full((n_query_cols,), -math.inf, dtype=dtype, device=rows.device)
         row_tiles, col_tiles = _tiles(n_rows, block_rows), _tiles(n_cols, block_cols)
         # Each tile's max, reused as the backward's shift (one number per tile).
-        tile_maxes = torch.full((len(row_tiles), len(col_tiles)), math.nan, dtype=stat_dtype, device=rows.device)
+        tile_maxes = torch.full((len(row_tiles), len(col_tiles)), math.nan, dtype=dtype, device=rows.device)
         for i, r in enumerate(row_tiles):
             for j, c in enumerate(col_tiles):
-                logits = _scaled_dots(rows[r], cols[c], tau, stat_dtype)
+                logits = _scaled_dots(rows[r], cols[c], tau, dtype)
                 n_q = max(0, min(c.stop, n_query_cols) - c.start)
                 lse = None
                 if shared_shift:
                     tile_maxes[i, j] = tile_max = logits.max()
                     lse = _shared_shift_lse(logits, col_bias[c], n_q, tile_max)
                     if lse is None:  # the shift consumed the logits: recompute them
-                        logits = _scaled_dots(rows[r], cols[c], tau, stat_dtype)
+                        logits = _scaled_dots(rows[r], cols[c], tau, dtype)
                 tile_row_lse, tile_col_lse = lse or _per_line_lse(logits, col_bias[c], n_q)
                 torch.logaddexp(row_lse[r], tile_row_lse, out=row_lse[r])
                 if n_q:
@@ -158,7 +167,7 @@ class TiledPartitions(torch.autograd.Function):
         need_rows, need_cols, need_scale = ctx.needs_input_grad[:3]
         block_rows, block_cols = ctx.blocks
         n_query_cols = ctx.n_query_cols
-        stat_dtype = scale.dtype
+        dtype = stat_dtype(scale.dtype)
         tau = float(scale)
         n_rows, n_cols = rows.shape[0], cols.shape[0]
         if grad_row_lse is None:
@@ -169,14 +178,14 @@ class TiledPartitions(torch.autograd.Function):
         # grad_τ = Σ dS ⊙ A·Cᵀ = Σ_i <grad_A_i, A_i> / τ: read it off a feature gradient
         # after the loop, unless τ = 0 or no feature needs a gradient.
         scale_per_tile = need_scale and (tau == 0 or not (need_rows or need_cols))
-        grad_rows = torch.zeros(rows.shape, dtype=stat_dtype, device=rows.device) if need_rows else None
-        grad_cols = torch.zeros(cols.shape, dtype=stat_dtype, device=cols.device) if need_cols else None
-        grad_scale = torch.zeros((), dtype=stat_dtype, device=rows.device)
+        grad_rows = torch.zeros(rows.shape, dtype=dtype, device=rows.device) if need_rows else None
+        grad_cols = torch.zeros(cols.shape, dtype=dtype, device=cols.device) if need_cols else None
+        grad_scale = torch.zeros((), dtype=dtype, device=rows.device)
         # Gradient products run in the inputs' dtype (tensor cores on GPU), like the logits.
-        operand_dtype = rows.dtype if rows.is_cuda else stat_dtype
+        operand_dtype = rows.dtype if rows.is_cuda else dtype
         for i, r in enumerate(_tiles(n_rows, block_rows)):
             for j, c in enumerate(_tiles(n_cols, block_cols)):
-                logits = _scaled_dots(rows[r], cols[c], tau, stat_dtype)
+                logits = _scaled_dots(rows[r], cols[c], tau, dtype)
                 q = slice(c.start, max(c.start, min(c.stop, n_query_cols)))
                 if scale_per_tile:
                     grad_scale += torch.dot(_per_line_grad_logits(
@@ -198,9 +207,11 @@ class TiledPartitions(torch.autograd.Function):
                     _add_product(grad_rows[r], grad_logits, cols[c], tau)
                 if need_cols:
                     _add_product(grad_cols[c], grad_logits.T, rows[r], tau)
+        global _last_stats
+        _last_stats = BackwardStats(tiles=len(_tiles(n_rows, block_rows)) * len(_tiles(n_cols, block_cols)))
         if need_scale and not scale_per_tile:
             feature, grad = (rows, grad_rows) if need_rows else (cols, grad_cols)
-            grad_scale = torch.dot(grad.view(-1), feature.to(stat_dtype).reshape(-1)) / tau
+            grad_scale = torch.dot(grad.view(-1), feature.to(dtype).reshape(-1)) / tau
         return (
             grad_rows.to(rows.dtype) if need_rows else None,
             grad_cols.to(cols.dtype) if need_cols else None,
