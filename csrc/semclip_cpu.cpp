@@ -75,11 +75,13 @@ inline void merge_lse(T& m, T& s, T shift, T sum) {
 
 template <typename T>
 inline void merge_exact(T& m, T& s, const T* x, int64_t n, int64_t stride, const T* bias) {
-  // log Σ_k exp(x_k + bias_k) with its own max, merged into (m, s). bias may be null.
+  // log Σ_k exp(x_k + bias_k) with the line's own max, merged into (m, s). bias may be null. The bias is
+  // added after the shift, (x_k − max) + bias_k: at |x| ≈ 1e4 rounding x_k + bias_k first would cost
+  // ~5e-4 of the weight, where the shifted difference is exact.
   T shift = -std::numeric_limits<T>::infinity();
   bool has_nan = false;
   for (int64_t k = 0; k < n; ++k) {
-    const T xk = x[k * stride] + (bias ? bias[k] : T(0));
+    const T xk = x[k * stride];
     has_nan |= std::isnan(xk);
     shift = std::max(shift, xk);
   }
@@ -89,9 +91,17 @@ inline void merge_exact(T& m, T& s, const T* x, int64_t n, int64_t stride, const
   }
   if (shift == -std::numeric_limits<T>::infinity()) return;
   T sum = 0;
-  for (int64_t k = 0; k < n; ++k) sum += std::exp(x[k * stride] + (bias ? bias[k] : T(0)) - shift);
+  for (int64_t k = 0; k < n; ++k) sum += std::exp((x[k * stride] - shift) + (bias ? bias[k] : T(0)));
   merge_lse(m, s, shift, sum);
 }
+
+// log(s) + m in double: the statistics the backward divides by. Rounding lse to the inputs' float32 would
+// cost up to half an ulp of |lse| in every weight (5e-4 at |lse| ≈ 1e4); in double it costs nothing.
+inline double lse_of(double m, double s) { return m + std::log(s); }
+
+// min/max that return NaN when either argument is NaN (std::min/max keep the first argument then).
+inline double nan_min(double a, double b) { return std::isnan(a) || std::isnan(b) ? a + b : std::min(a, b); }
+inline double nan_max(double a, double b) { return std::isnan(a) || std::isnan(b) ? a + b : std::max(a, b); }
 
 // The row blocks split into n_parts contiguous parts, one per thread, processed by at::parallel_for.
 // Parts (not thread ids) index the per-part accumulators, so results depend only on the thread count.
@@ -133,6 +143,8 @@ at::Tensor logits_tile(const at::Tensor& buffer, const at::Tensor& rows, const a
   return S;
 }
 
+// Returns row_lse [M] and col_lse [K] in float64 (every column's log-partition: the query columns' are the
+// primitive's output, the others bound the column masses for the backward's filter), and each tile's max.
 template <typename T>
 std::vector<at::Tensor> forward_impl(const at::Tensor& rows, const at::Tensor& cols, double scale,
                                      const at::Tensor& col_bias, int64_t Kq, int64_t br, int64_t bc) {
@@ -145,12 +157,12 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& rows, const at::Tensor& c
 
   at::Tensor row_m = at::full({M}, -std::numeric_limits<double>::infinity(), opts);
   at::Tensor row_s = at::zeros({M}, opts);
-  // Column statistics: one (m, s) pair per query column and thread, merged after the parallel loop.
+  // Column statistics: one (m, s) pair per column and part, merged after the parallel loop.
   // Each tile's max, kept for the backward's filter: it skips a tile before recomputing its logits.
   at::Tensor tile_max = at::empty({n_rb, n_cb}, opts);
   const Parts parts(n_rb);
-  at::Tensor col_m = at::full({parts.count, Kq}, -std::numeric_limits<double>::infinity(), opts);
-  at::Tensor col_s = at::zeros({parts.count, Kq}, opts);
+  at::Tensor col_m = at::full({parts.count, K}, -std::numeric_limits<double>::infinity(), opts);
+  at::Tensor col_s = at::zeros({parts.count, K}, opts);
 
   parts.run([&](int64_t part) {
     const FlushDenormals flush_denormals;
@@ -158,8 +170,8 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& rows, const at::Tensor& c
     std::vector<T> col_sum(bc), row_sum(br);
     T* rm = row_m.data_ptr<T>();
     T* rs = row_s.data_ptr<T>();
-    T* cm = col_m.data_ptr<T>() + part * Kq;
-    T* cs = col_s.data_ptr<T>() + part * Kq;
+    T* cm = col_m.data_ptr<T>() + part * K;
+    T* cs = col_s.data_ptr<T>() + part * K;
     for (int64_t rb = parts.begin(part); rb < parts.end(part); ++rb) {
       for (int64_t cb = 0; cb < n_cb; ++cb) {
         const Tile t = make_tile(rb, cb, M, K, Kq, br, bc);
@@ -167,9 +179,9 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& rows, const at::Tensor& c
         const T* S = S_tile.data_ptr<T>();
         const T shift = max_of(S, t.nr * t.nc);
         tile_max.data_ptr<T>()[rb * n_cb + cb] = shift;
-        std::fill(col_sum.begin(), col_sum.begin() + t.nq, T(0));
+        std::fill(col_sum.begin(), col_sum.begin() + t.nc, T(0));
         for (int64_t i = 0; i < t.nr; ++i)
-          row_sum[i] = row_exp_sums(S + i * t.nc, w + t.c0, t.nc, t.nq, shift, col_sum.data());
+          row_sum[i] = row_exp_sums(S + i * t.nc, w + t.c0, t.nc, t.nc, shift, col_sum.data());
         for (int64_t i = 0; i < t.nr; ++i) {
           const int64_t r = t.r0 + i;
           if (row_sum[i] >= kMinSharedSum)
@@ -177,7 +189,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& rows, const at::Tensor& c
           else  // the tile max is far above this row's: redo it with its own max (also NaN rows)
             merge_exact(rm[r], rs[r], S + i * t.nc, t.nc, 1, bias + t.c0);
         }
-        for (int64_t j = 0; j < t.nq; ++j) {
+        for (int64_t j = 0; j < t.nc; ++j) {
           const int64_t c = t.c0 + j;
           if (col_sum[j] >= kMinSharedSum)
             merge_lse(cm[c], cs[c], shift, col_sum[j]);
@@ -188,22 +200,26 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& rows, const at::Tensor& c
     }
   });
 
-  at::Tensor row_lse = row_m + row_s.log();
-  at::Tensor col_lse = at::empty({Kq}, opts);
-  T* out = col_lse.data_ptr<T>();
+  at::Tensor row_lse = at::empty({M}, opts.dtype(at::kDouble));
+  at::Tensor col_lse = at::empty({K}, opts.dtype(at::kDouble));
+  double* row_out = row_lse.data_ptr<double>();
+  const T* rm = row_m.data_ptr<T>();
+  const T* rs = row_s.data_ptr<T>();
+  for (int64_t r = 0; r < M; ++r) row_out[r] = lse_of(rm[r], rs[r]);
+  double* col_out = col_lse.data_ptr<double>();
   const T* cm = col_m.data_ptr<T>();
   const T* cs = col_s.data_ptr<T>();
-  for (int64_t c = 0; c < Kq; ++c) {
+  for (int64_t c = 0; c < K; ++c) {
     T m = -std::numeric_limits<T>::infinity(), s = 0;
     for (int64_t part = 0; part < parts.count; ++part) {
-      const T tm = cm[part * Kq + c], ts = cs[part * Kq + c];
+      const T tm = cm[part * K + c], ts = cs[part * K + c];
       if (std::isnan(tm) || std::isnan(ts)) {
         m = s = std::numeric_limits<T>::quiet_NaN();
       } else if (ts > 0) {
         merge_lse(m, s, tm, ts);
       }
     }
-    out[c] = m + std::log(s);
+    col_out[c] = lse_of(m, s);
   }
   return {row_lse, col_lse, tile_max};
 }
@@ -211,7 +227,8 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& rows, const at::Tensor& c
 template <typename T>
 std::vector<at::Tensor> backward_impl(const at::Tensor& rows, const at::Tensor& cols, double scale,
                                       const at::Tensor& col_bias, int64_t Kq, const at::Tensor& row_lse,
-                                      const at::Tensor& col_lse, const at::Tensor& tile_max,
+                                      const at::Tensor& col_lse, const at::Tensor& col_mass_lse,
+                                      const at::Tensor& tile_max,
                                       const at::Tensor& g_row, const at::Tensor& g_col,
                                       bool need_rows, bool need_cols, bool need_scale, int64_t br, int64_t bc,
                                       double eps) {
@@ -231,19 +248,40 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& rows, const at::Tensor& 
   const at::Tensor col_weight = col_bias.exp().contiguous();
   const T* w = col_weight.data_ptr<T>();
   const T* bias = col_bias.data_ptr<T>();
-  const T* rl = row_lse.data_ptr<T>();
-  const T* cl = col_lse.data_ptr<T>();
+  const double* rl = row_lse.data_ptr<double>();
+  const double* cl = col_lse.data_ptr<double>();
   const T* gr = g_row.data_ptr<T>();
   const T* gc = g_col.data_ptr<T>();
-  const T* fwd_tile_max = tile_max.data_ptr<T>();
+  // Without the forward's tile maxima (a backward given statistics computed elsewhere) each tile's shift is
+  // its max, taken after recomputing it, and the filter judges the tile from that max.
+  const T* fwd_tile_max = tile_max.numel() > 0 ? tile_max.data_ptr<T>() : nullptr;
 
-  // Per-block bounds for the filter: min row_lse per row block, max bias and min col_lse per column block.
-  const T inf = std::numeric_limits<T>::infinity();
-  std::vector<T> rb_min_lse(n_rb, inf), cb_max_bias(n_cb, -inf), cb_min_col_lse(n_cb, inf);
-  for (int64_t r = 0; r < M; ++r) rb_min_lse[r / br] = std::min(rb_min_lse[r / br], rl[r]);
-  for (int64_t c = 0; c < K; ++c) cb_max_bias[c / bc] = std::max(cb_max_bias[c / bc], bias[c]);
-  for (int64_t c = 0; c < Kq; ++c) cb_min_col_lse[c / bc] = std::min(cb_min_col_lse[c / bc], cl[c]);
-  const double log_eps = eps > 0 ? std::log(eps) : -std::numeric_limits<double>::infinity();
+  // Per-block bounds for the filter (NaN-propagating: a NaN statistic never lets a tile be skipped):
+  // min row_lse per row block; per column block the max bias, the min col_lse, and the min log-mass of the
+  // columns' gradients that row weights feed (0 for a query column with a column gradient, whose column
+  // softmax alone has mass 1; else log of exp(b_c + col_mass_lse_c − max row_lse) ≤ Σ_i p_ic, or −inf
+  // without col_mass_lse: such a column's mass is unknown and its tiles are never skipped).
+  const double inf = std::numeric_limits<double>::infinity();
+  std::vector<double> rb_min_lse(n_rb, inf), cb_max_bias(n_cb, -inf), cb_min_col_lse(n_cb, inf),
+      cb_min_col_mass(n_cb, 0.0);
+  double max_row_lse = -inf;
+  for (int64_t r = 0; r < M; ++r) {
+    rb_min_lse[r / br] = nan_min(rb_min_lse[r / br], rl[r]);
+    max_row_lse = nan_max(max_row_lse, rl[r]);
+  }
+  const double* mass_lse = col_mass_lse.numel() > 0 ? col_mass_lse.data_ptr<double>() : nullptr;
+  for (int64_t c = 0; c < K; ++c) {
+    cb_max_bias[c / bc] = nan_max(cb_max_bias[c / bc], double(bias[c]));
+    if (c < Kq) cb_min_col_lse[c / bc] = nan_min(cb_min_col_lse[c / bc], cl[c]);
+    if (c < Kq && gc[c] != 0) continue;
+    double log_mass = -inf;
+    if (mass_lse) {
+      const double x = bias[c] + mass_lse[c] - max_row_lse;
+      log_mass = std::isnan(x) ? x : std::min(0.0, x);
+    }
+    cb_min_col_mass[c / bc] = nan_min(cb_min_col_mass[c / bc], log_mass);
+  }
+  const double log_eps = eps > 0 ? std::log(eps) : -inf;
 
   // grad_cols of a column block collects from every part. Each part sums its own contributions in a
   // private block_cols × d buffer, then adds it to grad_cols: with more than two parts in part order
@@ -272,37 +310,47 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& rows, const at::Tensor& 
         bool col_grad_live = false;  // whether col_grad_buffer holds this column block's sum yet
         for (int64_t rb = parts.begin(part); rb < parts.end(part); ++rb) {
           const Tile t = make_tile(rb, cb, M, K, Kq, br, bc);
-          // Filter: skip when every row weight and every column weight of the tile is below eps, judged from
-          // the tile max the forward recorded, so a skipped tile costs no product at all.
-          const double fwd_max = fwd_tile_max[rb * n_cb + cb];
-          const double row_bound = fwd_max + cb_max_bias[cb] - rb_min_lse[rb];
-          const double col_bound = t.nq > 0 ? fwd_max - cb_min_col_lse[cb] : -inf;
-          if (row_bound < log_eps && col_bound < log_eps) {
+          // Filter: skip when every weight of the tile is below eps of the mass of the gradient it feeds (rows:
+          // 1; columns: see cb_min_col_mass). With the forward's tile max a skipped tile costs no product at
+          // all; without it, the logits product. NaN bounds compare false: NaN always reaches the gradients.
+          const auto skippable = [&](double tile_max_value) {
+            const double row_bound = tile_max_value + cb_max_bias[cb] - rb_min_lse[rb] - cb_min_col_mass[cb];
+            const double col_bound = t.nq > 0 ? tile_max_value - cb_min_col_lse[cb] : -inf;
+            return row_bound < log_eps && col_bound < log_eps;
+          };
+          if (fwd_tile_max && skippable(fwd_tile_max[rb * n_cb + cb])) {
             skipped.fetch_add(1, std::memory_order_relaxed);
             continue;
           }
           const at::Tensor S_tile = logits_tile(s_buffer, rows, cols, t, scale);
           const T* S = S_tile.data_ptr<T>();
-          const T shift = fwd_tile_max[rb * n_cb + cb];  // the same products as the forward's: no max pass
+          // The forward's shift where known (the same products: no max pass), else this tile's max.
+          const T shift = fwd_tile_max ? fwd_tile_max[rb * n_cb + cb] : max_of(S, t.nr * t.nc);
+          if (!fwd_tile_max && skippable(shift)) {
+            skipped.fetch_add(1, std::memory_order_relaxed);
+            continue;
+          }
 
           exact_rows.clear();
           exact_cols.clear();
           for (int64_t i = 0; i < t.nr; ++i) {
-            const T g = gr[t.r0 + i], excess = shift - rl[t.r0 + i];
+            const T g = gr[t.r0 + i];
+            const double excess = shift - rl[t.r0 + i];
             u[i] = 0;
             if (g == 0) continue;
             if (excess <= kMaxShiftExcess)
-              u[i] = g * std::exp(excess);
+              u[i] = T(g * std::exp(excess));
             else
               exact_rows.push_back(i);  // also NaN
           }
           for (int64_t j = 0; j < t.nc; ++j) {
             v[j] = 0;
             if (j >= t.nq) continue;
-            const T g = gc[t.c0 + j], excess = shift - cl[t.c0 + j];
+            const T g = gc[t.c0 + j];
+            const double excess = shift - cl[t.c0 + j];
             if (g == 0) continue;
             if (excess <= kMaxShiftExcess)
-              v[j] = g * std::exp(excess);
+              v[j] = T(g * std::exp(excess));
             else
               exact_cols.push_back(j);
           }
@@ -313,17 +361,19 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& rows, const at::Tensor& 
           for (int64_t i = 0; i < t.nr; ++i)
             dot += row_grad_logits(S + i * t.nc, w + t.c0, v.data(), t.nc, shift, u[i], G + i * t.nc);
           for (int64_t i : exact_rows) {
-            const T g = gr[t.r0 + i], lse = rl[t.r0 + i];
-            for (int64_t j = 0; j < t.nc; ++j) {
-              const T s = S[i * t.nc + j], p = g * std::exp(s + bias[t.c0 + j] - lse);
+            const T g = gr[t.r0 + i];
+            const double lse = rl[t.r0 + i];
+            for (int64_t j = 0; j < t.nc; ++j) {  // (S − lse) + b: see merge_exact
+              const T s = S[i * t.nc + j], p = T(g * std::exp((s - lse) + bias[t.c0 + j]));
               G[i * t.nc + j] += p;
               dot += double(p) * s;
             }
           }
           for (int64_t j : exact_cols) {
-            const T g = gc[t.c0 + j], lse = cl[t.c0 + j];
+            const T g = gc[t.c0 + j];
+            const double lse = cl[t.c0 + j];
             for (int64_t i = 0; i < t.nr; ++i) {
-              const T s = S[i * t.nc + j], p = g * std::exp(s - lse);
+              const T s = S[i * t.nc + j], p = T(g * std::exp(s - lse));
               G[i * t.nc + j] += p;
               dot += double(p) * s;
             }
@@ -406,28 +456,33 @@ std::vector<at::Tensor> forward(const at::Tensor& rows, const at::Tensor& cols, 
 
 std::vector<at::Tensor> backward(const at::Tensor& rows, const at::Tensor& cols, double scale,
                                  const at::Tensor& col_bias, int64_t n_query_cols, const at::Tensor& row_lse,
-                                 const at::Tensor& col_lse, const at::Tensor& tile_max,
-                                 const at::Tensor& grad_row_lse,
-                                 const at::Tensor& grad_col_lse, bool need_rows, bool need_cols, bool need_scale,
-                                 int64_t block_rows, int64_t block_cols, double grad_filter_eps) {
+                                 const at::Tensor& col_lse, const at::Tensor& col_mass_lse, const at::Tensor& tile_max,
+                                 const at::Tensor& grad_row_lse, const at::Tensor& grad_col_lse, bool need_rows,
+                                 bool need_cols, bool need_scale, int64_t block_rows, int64_t block_cols,
+                                 double grad_filter_eps) {
   check_inputs(rows, cols, col_bias, n_query_cols, block_rows, block_cols);
-  for (const at::Tensor* t : {&row_lse, &col_lse, &grad_row_lse, &grad_col_lse})
+  for (const at::Tensor* t : {&grad_row_lse, &grad_col_lse})
     TORCH_CHECK(t->scalar_type() == rows.scalar_type() && t->is_contiguous() && t->dim() == 1,
-                "statistics and their gradients must be contiguous 1-d tensors of the inputs' dtype");
+                "grad_row_lse and grad_col_lse must be contiguous 1-d tensors of the inputs' dtype");
+  for (const at::Tensor* t : {&row_lse, &col_lse, &col_mass_lse})
+    TORCH_CHECK(t->scalar_type() == at::kDouble && t->is_contiguous() && t->dim() == 1,
+                "row_lse, col_lse and col_mass_lse must be contiguous 1-d float64 tensors");
   TORCH_CHECK(row_lse.size(0) == rows.size(0) && grad_row_lse.size(0) == rows.size(0), "row statistics must be [M]");
   TORCH_CHECK(col_lse.size(0) == n_query_cols && grad_col_lse.size(0) == n_query_cols,
               "column statistics must be [n_query_cols]");
-  TORCH_CHECK(tile_max.scalar_type() == rows.scalar_type() && tile_max.is_contiguous() &&
-                  tile_max.numel() == ceil_div(rows.size(0), block_rows) * ceil_div(cols.size(0), block_cols),
-              "tile_max must be the forward's [row blocks, column blocks] tensor for these block sizes");
+  TORCH_CHECK(col_mass_lse.numel() == 0 || col_mass_lse.size(0) == cols.size(0),
+              "col_mass_lse must be empty or the forward's [K] log-partitions of every column");
+  TORCH_CHECK(tile_max.numel() == 0 ||
+                  (tile_max.scalar_type() == rows.scalar_type() && tile_max.is_contiguous() &&
+                   tile_max.numel() == ceil_div(rows.size(0), block_rows) * ceil_div(cols.size(0), block_cols)),
+              "tile_max must be empty or the forward's [row blocks, column blocks] tensor for these block sizes");
   at::NoGradGuard no_grad;
   if (rows.scalar_type() == at::kDouble)
-    return backward_impl<double>(rows, cols, scale, col_bias, n_query_cols, row_lse, col_lse, tile_max,
-                                 grad_row_lse,
-                                 grad_col_lse, need_rows, need_cols, need_scale, block_rows, block_cols,
-                                 grad_filter_eps);
-  return backward_impl<float>(rows, cols, scale, col_bias, n_query_cols, row_lse, col_lse, tile_max, grad_row_lse,
-                              grad_col_lse, need_rows, need_cols, need_scale, block_rows, block_cols,
+    return backward_impl<double>(rows, cols, scale, col_bias, n_query_cols, row_lse, col_lse, col_mass_lse, tile_max,
+                                 grad_row_lse, grad_col_lse, need_rows, need_cols, need_scale, block_rows,
+                                 block_cols, grad_filter_eps);
+  return backward_impl<float>(rows, cols, scale, col_bias, n_query_cols, row_lse, col_lse, col_mass_lse, tile_max,
+                              grad_row_lse, grad_col_lse, need_rows, need_cols, need_scale, block_rows, block_cols,
                               grad_filter_eps);
 }
 
@@ -444,9 +499,10 @@ bool has_avx2() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused CPU kernel of the SemCLIP partitions (row and query-column log-sum-exps of tau*A*C^T)";
   m.def("forward", &semclip::forward, "(rows, cols, scale, col_bias, n_query_cols, block_rows, block_cols) -> "
-        "[row_lse, col_lse, tile_max (the max logit of each tile, for the backward's filter)]");
+        "[row_lse [M] (float64), col_lse [K] (float64, every column), tile_max (each tile's max logit)]");
   m.def("backward", &semclip::backward,
-        "(rows, cols, scale, col_bias, n_query_cols, row_lse, col_lse, tile_max, grad_row_lse, grad_col_lse, need_rows, "
+        "(rows, cols, scale, col_bias, n_query_cols, row_lse [M] f64, col_lse [Kq] f64, col_mass_lse [K] f64 or "
+        "empty, tile_max or empty, grad_row_lse, grad_col_lse, need_rows, "
         "need_cols, need_scale, block_rows, block_cols, grad_filter_eps) -> [grad_rows, grad_cols, grad_scale, "
         "stats = (tiles, skipped tiles, exactly recomputed rows+columns)]");
   m.def("has_avx2", &semclip::has_avx2, "whether the vectorized exp was compiled in");

@@ -10,14 +10,20 @@ Backward, recomputing each tile once:
     dS_ic   = g_row_i · exp(S_ic + bias_c − row_lse_i) + g_col_c · exp(S_ic − col_lse_c)
     grad_A += τ · dS @ C_tile,  grad_C += τ · dSᵀ @ A_tile,  grad_τ += Σ dS ⊙ (A·Cᵀ)
 
-Speed comes from one exponential per element: with the tile's max `m`,
+Eager CPU fast path: one exponential per element. With the tile's max `m`,
 `e = exp(S − m)` feeds both directions (row sums `e·β`, column sums `Σ_i e`,
 and in the backward `dS = e ⊙ (u ⊗ β + 1 ⊗ v)` with `u_i = g_row_i·e^{m−row_lse_i}`,
 `v_c = g_col_c·e^{m−col_lse_c}`, `β = e^{bias}`). A shared shift is exact only
 while every line of the tile lies near `m`; a tile where some line does not
 (its sum underflows, or `m − lse` could overflow) takes the two-exponential
-path with per-line shifts instead. The branch needs the tile's statistics on
-the host, so CUDA tensors always take the per-line path (no syncs per tile).
+path with per-line shifts instead. That choice reads the tile's statistics on
+the host, so it is taken only in eager mode on CPU: CUDA tensors and code
+being compiled by `torch.compile` always take the per-line path, which never
+synchronises with the host (the scale stays a tensor too).
+
+On CUDA the gradient products run in the inputs' 16-bit dtype; `dS` is scaled
+by a power of two before the cast so that small weights do not flush to zero
+(docs/contract.md §4), and the scale is undone in float32.
 """
 
 from __future__ import annotations
@@ -37,7 +43,10 @@ _MIN_SHARED_SUM = math.exp(-50.0)
 # exp(m − lse) above e^20 could overflow once multiplied into a weight, and only then
 # could a weight whose exp(S − m) underflowed matter: fall back beyond it.
 _MAX_SHARED_EXCESS = 20.0
-
+# A tile's largest |dS| is scaled to below 2^14 before a float16 cast: float16 then keeps
+# weights down to 2^-38 of it (its smallest subnormal is 2^-24), instead of flushing every
+# weight below 2^-24 absolute (issue: B = 32768 puts off-diagonal weights near 1e-8).
+_OPERAND_TARGET_EXPONENT = 14
 
 _last_stats = BackwardStats()
 
@@ -51,6 +60,16 @@ def is_available(device: torch.device) -> tuple[bool, str]:
     return True, ""
 
 
+def _eager_fast_path(x: torch.Tensor) -> bool:
+    """Whether host-side tile decisions are allowed: eager mode on CPU (no device sync, no graph break)."""
+    return not x.is_cuda and not torch.compiler.is_compiling()
+
+
+def _low_precision_products(x: torch.Tensor) -> bool:
+    """Whether the gradient products run in the 16-bit input dtype (tensor cores; CUDA only)."""
+    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+
+
 def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """`a @ b` in the operands' dtype with float32 (or float64) accumulation and output."""
     if a.dtype in (torch.float32, torch.float64):
@@ -61,17 +80,34 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()
 
 
-def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
+def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float | torch.Tensor) -> None:
     """`out += alpha · a @ b`, in place, with `b` brought to `a`'s dtype (see `_mm_f32`)."""
-    if a.dtype == out.dtype and b.dtype == out.dtype:
+    if isinstance(alpha, float) and a.dtype == out.dtype and b.dtype == out.dtype:
         out.addmm_(a, b, alpha=alpha)
     else:
-        out.add_(_mm_f32(a, b.to(a.dtype)), alpha=alpha)
+        out.add_(_mm_f32(a, b.to(a.dtype)) * alpha)
 
 
-def _scaled_dots(a: torch.Tensor, b: torch.Tensor, tau: float, dtype: torch.dtype) -> torch.Tensor:
-    """The logits tile `τ · a @ bᵀ` in float32 (float64), the scale folded into the product."""
-    if a.dtype == dtype:
+def scaled_to_operand_dtype(grad_logits: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(dS · 2^k cast to dtype, 2^-k)`: a power-of-two scale that puts the tile's largest |dS| below 2^14.
+
+    Powers of two scale exactly, so undoing the scale in float32 (multiplying the products by the
+    returned factor) loses nothing; the cast then flushes only weights below 2^-38 of the tile's
+    largest. Computed on the device (no host synchronisation); an all-zero or non-finite tile keeps
+    factor 1 (NaN and inf still reach the products).
+    """
+    largest = grad_logits.abs().amax()
+    _, exponent = torch.frexp(largest)  # largest = mantissa · 2^exponent, mantissa in [0.5, 1)
+    usable = torch.isfinite(largest) & (largest > 0)
+    shift = torch.where(usable, _OPERAND_TARGET_EXPONENT - exponent, torch.zeros_like(exponent))
+    scaled = torch.ldexp(grad_logits, shift.to(grad_logits.dtype)).to(dtype)
+    return scaled, torch.ldexp(torch.ones((), dtype=grad_logits.dtype, device=grad_logits.device),
+                               (-shift).to(grad_logits.dtype))
+
+
+def _scaled_dots(a: torch.Tensor, b: torch.Tensor, tau: float | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The logits tile `τ · a @ bᵀ` in float32 (float64), the scale folded into the product when it is a float."""
+    if isinstance(tau, float) and a.dtype == dtype:
         return torch.addmm(torch.zeros((), dtype=dtype, device=a.device), a, b.T, beta=0, alpha=tau)
     return _mm_f32(a, b.T).mul_(tau)
 
@@ -84,8 +120,9 @@ def _per_line_lse(logits: torch.Tensor, bias: torch.Tensor, n_q: int) -> tuple[t
     return torch.logsumexp(logits + bias, dim=1), torch.logsumexp(logits[:, :n_q], dim=0)
 
 
-def _shared_shift_lse(logits: torch.Tensor, bias: torch.Tensor, n_q: int, tile_max: torch.Tensor):
+def _shared_shift_lse(logits: torch.Tensor, bias: torch.Tensor, n_q: int):
     """Both directions' log-sum-exps from one `exp(S − m)`; None where the shared shift is unsafe."""
+    tile_max = logits.max()
     exps = logits.sub_(tile_max).exp_()  # the logits are not needed afterwards
     row_sum = exps @ bias.exp() if bool(bias.any()) else exps.sum(1)
     col_sum = exps[:, :n_q].sum(0)
@@ -105,12 +142,13 @@ def _per_line_grad_logits(logits, bias, row_lse, col_lse, g_row, g_col) -> torch
     return grad_logits
 
 
-def _shared_shift_grad_logits(logits, bias, row_lse, col_lse, g_row, g_col, tile_max) -> torch.Tensor | None:
+def _shared_shift_grad_logits(logits, bias, row_lse, col_lse, g_row, g_col) -> torch.Tensor | None:
     """`dS = exp(S − m) ⊙ (u ⊗ e^bias + 1 ⊗ v)`, one exponential per element; None where unsafe."""
     n_q = col_lse.shape[0]
+    tile_max = logits.max()
     row_excess, col_excess = tile_max - row_lse, tile_max - col_lse
     largest = max(float(row_excess.max()), float(col_excess.max()) if n_q else -math.inf)
-    if largest > _MAX_SHARED_EXCESS:
+    if not largest <= _MAX_SHARED_EXCESS:  # also NaN statistics: the per-line path propagates them
         return None
     u = g_row * row_excess.exp_()
     v = torch.zeros_like(bias)
@@ -119,108 +157,123 @@ def _shared_shift_grad_logits(logits, bias, row_lse, col_lse, g_row, g_col, tile
     return logits.sub_(tile_max).exp_().mul_(weights)
 
 
+def _forward_tiles(rows, cols, scale, col_bias, n_query_cols, block_rows, block_cols):
+    """`(row_lse, col_lse)` in the statistics dtype, tile by tile."""
+    dtype = stat_dtype(scale.dtype)
+    fast = _eager_fast_path(rows)
+    tau = float(scale) if fast else scale.to(dtype)
+    n_rows, n_cols = rows.shape[0], cols.shape[0]
+    row_lse = torch.full((n_rows,), -math.inf, dtype=dtype, device=rows.device)
+    col_lse = torch.full((n_query_cols,), -math.inf, dtype=dtype, device=rows.device)
+    for r in _tiles(n_rows, block_rows):
+        for c in _tiles(n_cols, block_cols):
+            logits = _scaled_dots(rows[r], cols[c], tau, dtype)
+            n_q = max(0, min(c.stop, n_query_cols) - c.start)
+            lse = _shared_shift_lse(logits, col_bias[c], n_q) if fast else None
+            if fast and lse is None:  # the shift consumed the logits: recompute them
+                logits = _scaled_dots(rows[r], cols[c], tau, dtype)
+            tile_row_lse, tile_col_lse = lse or _per_line_lse(logits, col_bias[c], n_q)
+            row_lse[r] = torch.logaddexp(row_lse[r], tile_row_lse)
+            if n_q:
+                q = slice(c.start, c.start + n_q)
+                col_lse[q] = torch.logaddexp(col_lse[q], tile_col_lse)
+    return row_lse, col_lse
+
+
+def _backward_tiles(rows, cols, scale, col_bias, row_lse, col_lse, g_row, g_col, needs, block_rows, block_cols):
+    """`(grad_rows, grad_cols, grad_scale)` in the statistics dtype (None where not needed)."""
+    need_rows, need_cols, need_scale = needs
+    dtype = stat_dtype(scale.dtype)
+    fast = _eager_fast_path(rows)
+    tau = float(scale) if fast else scale.to(dtype)
+    n_rows, n_cols, n_query_cols = rows.shape[0], cols.shape[0], col_lse.shape[0]
+    # grad_τ = Σ dS ⊙ A·Cᵀ = Σ_i <grad_A_i, A_i> / τ: read it off a feature gradient after the loop
+    # (eager: τ is known to be nonzero on the host), else accumulate it per tile.
+    scale_per_tile = need_scale and not (fast and tau != 0 and (need_rows or need_cols))
+    grad_rows = torch.zeros(rows.shape, dtype=dtype, device=rows.device) if need_rows else None
+    grad_cols = torch.zeros(cols.shape, dtype=dtype, device=cols.device) if need_cols else None
+    # float64 partial sums: τ's gradient is a difference of large, nearly equal terms (the loss's
+    # positive logits cancel most of it), so float32 accumulation over B·K products is not enough.
+    grad_scale = torch.zeros((), dtype=torch.float64, device=rows.device)
+    low_precision = _low_precision_products(rows)
+    row_tiles, col_tiles = _tiles(n_rows, block_rows), _tiles(n_cols, block_cols)
+    for r in row_tiles:
+        for c in col_tiles:
+            q = slice(c.start, max(c.start, min(c.stop, n_query_cols)))
+            tile_args = (col_bias[c], row_lse[r], col_lse[q], g_row[r], g_col[q])
+            products = _mm_f32(rows[r], cols[c].T) if scale_per_tile else None
+            logits = _scaled_dots(rows[r], cols[c], tau, dtype) if products is None else products * tau
+            grad_logits = _shared_shift_grad_logits(logits, *tile_args) if fast else None
+            if grad_logits is None:  # the shared path leaves logits intact when it declines
+                grad_logits = _per_line_grad_logits(logits, *tile_args)
+            if scale_per_tile:
+                grad_scale = grad_scale + torch.sum(grad_logits.double() * products.double())
+            alpha = tau
+            if low_precision:
+                grad_logits, inverse = scaled_to_operand_dtype(grad_logits, rows.dtype)
+                alpha = tau * inverse
+            if need_rows:
+                _add_product(grad_rows[r], grad_logits, cols[c], alpha)
+            if need_cols:
+                _add_product(grad_cols[c], grad_logits.T, rows[r], alpha)
+    if need_scale and not scale_per_tile:
+        feature, grad = (rows, grad_rows) if need_rows else (cols, grad_cols)
+        grad_scale = torch.dot(grad.double().view(-1), feature.double().reshape(-1)) / tau
+    global _last_stats
+    _last_stats = BackwardStats(tiles=len(row_tiles) * len(col_tiles))
+    return grad_rows, grad_cols, grad_scale.to(dtype) if need_scale else None
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Passes gradients through; differentiating them again raises (instead of a wrong answer)."""
+
+    @staticmethod
+    def forward(ctx, anchor: torch.Tensor, *grads: torch.Tensor):
+        return tuple(g.clone() for g in grads)
+
+    @staticmethod
+    def backward(ctx, *unused):
+        raise RuntimeError(
+            "backend='torch' does not support double backward (differentiating its gradients again, "
+            "create_graph=True); use backend='reference' for second derivatives"
+        )
+
+
 class TiledPartitions(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx,
-        rows: torch.Tensor,
-        cols: torch.Tensor,
-        scale: torch.Tensor,
-        col_bias: torch.Tensor,
-        n_query_cols: int,
-        block_rows: int,
-        block_cols: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        dtype = stat_dtype(scale.dtype)
-        tau = float(scale)
-        n_rows, n_cols = rows.shape[0], cols.shape[0]
-        shared_shift = not rows.is_cuda
-        row_lse = torch.full((n_rows,), -math.inf, dtype=dtype, device=rows.device)
-        col_lse = torch.full((n_query_cols,), -math.inf, dtype=dtype, device=rows.device)
-        row_tiles, col_tiles = _tiles(n_rows, block_rows), _tiles(n_cols, block_cols)
-        # Each tile's max, reused as the backward's shift (one number per tile).
-        tile_maxes = torch.full((len(row_tiles), len(col_tiles)), math.nan, dtype=dtype, device=rows.device)
-        for i, r in enumerate(row_tiles):
-            for j, c in enumerate(col_tiles):
-                logits = _scaled_dots(rows[r], cols[c], tau, dtype)
-                n_q = max(0, min(c.stop, n_query_cols) - c.start)
-                lse = None
-                if shared_shift:
-                    tile_maxes[i, j] = tile_max = logits.max()
-                    lse = _shared_shift_lse(logits, col_bias[c], n_q, tile_max)
-                    if lse is None:  # the shift consumed the logits: recompute them
-                        logits = _scaled_dots(rows[r], cols[c], tau, dtype)
-                tile_row_lse, tile_col_lse = lse or _per_line_lse(logits, col_bias[c], n_q)
-                torch.logaddexp(row_lse[r], tile_row_lse, out=row_lse[r])
-                if n_q:
-                    q = slice(c.start, c.start + n_q)
-                    torch.logaddexp(col_lse[q], tile_col_lse, out=col_lse[q])
-        ctx.save_for_backward(rows, cols, scale, col_bias, row_lse, col_lse, tile_maxes)
-        ctx.n_query_cols = n_query_cols
-        ctx.shared_shift = shared_shift
+    def forward(ctx, rows, cols, scale, col_bias, n_query_cols: int, block_rows: int, block_cols: int):
+        row_lse, col_lse = _forward_tiles(rows, cols, scale, col_bias, n_query_cols, block_rows, block_cols)
+        ctx.save_for_backward(rows, cols, scale, col_bias, row_lse, col_lse)
         ctx.blocks = (block_rows, block_cols)
-        return row_lse, col_lse
+        return row_lse.to(scale.dtype), col_lse.to(scale.dtype)
 
     @staticmethod
-    def backward(ctx, grad_row_lse: torch.Tensor, grad_col_lse: torch.Tensor):
-        rows, cols, scale, col_bias, row_lse, col_lse, tile_maxes = ctx.saved_tensors
-        need_rows, need_cols, need_scale = ctx.needs_input_grad[:3]
-        block_rows, block_cols = ctx.blocks
-        n_query_cols = ctx.n_query_cols
-        dtype = stat_dtype(scale.dtype)
-        tau = float(scale)
-        n_rows, n_cols = rows.shape[0], cols.shape[0]
-        if grad_row_lse is None:
-            grad_row_lse = torch.zeros_like(row_lse)
-        if grad_col_lse is None:
-            grad_col_lse = torch.zeros_like(col_lse)
+    def backward(ctx, grad_row_lse, grad_col_lse):
+        rows, cols, scale, col_bias, row_lse, col_lse = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:3])
+        g_row = torch.zeros_like(row_lse) if grad_row_lse is None else grad_row_lse.to(row_lse.dtype)
+        g_col = torch.zeros_like(col_lse) if grad_col_lse is None else grad_col_lse.to(col_lse.dtype)
+        with torch.no_grad():
+            grads = _backward_tiles(rows, cols, scale, col_bias, row_lse, col_lse, g_row, g_col, needs, *ctx.blocks)
+        grads = _in_dtypes(grads, rows, cols, scale)
+        if torch.is_grad_enabled():  # create_graph=True: first derivatives fine, second ones refused
+            present = [g for g in grads if g is not None]
+            passed = iter(_NoDoubleBackward.apply(rows, *present))
+            grads = tuple(None if g is None else next(passed) for g in grads)
+        return (*grads, None, None, None, None)
 
-        # grad_τ = Σ dS ⊙ A·Cᵀ = Σ_i <grad_A_i, A_i> / τ: read it off a feature gradient
-        # after the loop, unless τ = 0 or no feature needs a gradient.
-        scale_per_tile = need_scale and (tau == 0 or not (need_rows or need_cols))
-        grad_rows = torch.zeros(rows.shape, dtype=dtype, device=rows.device) if need_rows else None
-        grad_cols = torch.zeros(cols.shape, dtype=dtype, device=cols.device) if need_cols else None
-        grad_scale = torch.zeros((), dtype=dtype, device=rows.device)
-        # Gradient products run in the inputs' dtype (tensor cores on GPU), like the logits.
-        operand_dtype = rows.dtype if rows.is_cuda else dtype
-        for i, r in enumerate(_tiles(n_rows, block_rows)):
-            for j, c in enumerate(_tiles(n_cols, block_cols)):
-                logits = _scaled_dots(rows[r], cols[c], tau, dtype)
-                q = slice(c.start, max(c.start, min(c.stop, n_query_cols)))
-                if scale_per_tile:
-                    grad_scale += torch.dot(_per_line_grad_logits(
-                        logits, col_bias[c], row_lse[r], col_lse[q], grad_row_lse[r], grad_col_lse[q]
-                    ).view(-1), _mm_f32(rows[r], cols[c].T).view(-1))
-                    if not (need_rows or need_cols):
-                        continue
-                grad_logits = None
-                if ctx.shared_shift and not torch.isnan(tile_maxes[i, j]):
-                    grad_logits = _shared_shift_grad_logits(
-                        logits, col_bias[c], row_lse[r], col_lse[q], grad_row_lse[r], grad_col_lse[q], tile_maxes[i, j]
-                    )
-                if grad_logits is None:
-                    grad_logits = _per_line_grad_logits(  # the shared path leaves logits intact when it declines
-                        logits, col_bias[c], row_lse[r], col_lse[q], grad_row_lse[r], grad_col_lse[q]
-                    )
-                grad_logits = grad_logits.to(operand_dtype)
-                if need_rows:
-                    _add_product(grad_rows[r], grad_logits, cols[c], tau)
-                if need_cols:
-                    _add_product(grad_cols[c], grad_logits.T, rows[r], tau)
-        global _last_stats
-        _last_stats = BackwardStats(tiles=len(_tiles(n_rows, block_rows)) * len(_tiles(n_cols, block_cols)))
-        if need_scale and not scale_per_tile:
-            feature, grad = (rows, grad_rows) if need_rows else (cols, grad_cols)
-            grad_scale = torch.dot(grad.view(-1), feature.to(dtype).reshape(-1)) / tau
-        return (
-            grad_rows.to(rows.dtype) if need_rows else None,
-            grad_cols.to(cols.dtype) if need_cols else None,
-            grad_scale.to(scale.dtype) if need_scale else None,
-            None,
-            None,
-            None,
-            None,
-        )
+
+def _in_dtypes(grads, rows, cols, scale):
+    grad_rows, grad_cols, grad_scale = grads
+    return (
+        None if grad_rows is None else grad_rows.to(rows.dtype),
+        None if grad_cols is None else grad_cols.to(cols.dtype),
+        None if grad_scale is None else grad_scale.to(scale.dtype),
+    )
+
+
+def _blocks(options: PartitionOptions) -> tuple[int, int]:
+    return options.block_rows or DEFAULT_BLOCK_ROWS, options.block_cols or DEFAULT_BLOCK_COLS
 
 
 def partitions(
@@ -231,12 +284,30 @@ def partitions(
     n_query_cols: int,
     options: PartitionOptions,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return TiledPartitions.apply(
-        rows,
-        cols,
-        scale,
-        col_bias,
-        n_query_cols,
-        options.block_rows or DEFAULT_BLOCK_ROWS,
-        options.block_cols or DEFAULT_BLOCK_COLS,
-    )
+    """Row and query-column log-partitions of `scale·rows·colsᵀ` (docs/contract.md §7), tile by tile."""
+    return TiledPartitions.apply(rows, cols, scale, col_bias, n_query_cols, *_blocks(options))
+
+
+def partitions_backward(
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    scale: torch.Tensor,
+    col_bias: torch.Tensor,
+    n_query_cols: int,
+    row_lse: torch.Tensor,
+    col_lse: torch.Tensor,
+    grad_row_lse: torch.Tensor | None,
+    grad_col_lse: torch.Tensor | None,
+    needs: tuple[bool, bool, bool],
+    options: PartitionOptions,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The backward alone, given statistics computed elsewhere (see `base.Backend.partitions_backward`)."""
+    dtype = stat_dtype(scale.dtype)
+    row_lse, col_lse = row_lse.detach().to(dtype), col_lse.detach().to(dtype)
+    col_bias = col_bias.detach().to(dtype)
+    g_row = torch.zeros_like(row_lse) if grad_row_lse is None else grad_row_lse.detach().to(dtype)
+    g_col = torch.zeros_like(col_lse) if grad_col_lse is None else grad_col_lse.detach().to(dtype)
+    with torch.no_grad():
+        grads = _backward_tiles(rows, cols, scale, col_bias, row_lse, col_lse, g_row, g_col, tuple(needs),
+                                *_blocks(options))
+    return _in_dtypes(grads, rows, cols, scale)
