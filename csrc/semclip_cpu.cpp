@@ -1,4 +1,4 @@
-// Fused CPU kernel of the SemCLIP partitions (SPEC §7):
+// Fused CPU kernel of the SemCLIP partitions (docs/contract.md §7):
 //
 //   row_lse_i = log Σ_c exp(S_ic + b_c),   col_lse_c = log Σ_i exp(S_ic) for c < Kq,   S = τ·A·Cᵀ
 //
@@ -15,14 +15,14 @@
 // underflow, or exp(M − lse) could overflow) is recomputed exactly with its own
 // shift; that happens only in tiles whose logits span > ~50 nats.
 //
-// Gradient filtering: every softmax weight of a tile is at most
-// exp(M + max b − min row_lse) (rows) and exp(M − min col_lse) (columns); when
-// both bounds are below eps the tile's gradient work is skipped entirely: M is
-// the tile max the forward recorded (one number per tile), so a skipped tile
-// costs neither its recomputation nor its two gradient products. The default
-// eps = 2^-24 / max(M, K) (float32; 2^-53 for float64, set in backends/cpp.py)
-// keeps the total dropped weight of any row or column below float resolution,
-// i.e. the default is exact. The design and its measurements: docs/cpu_kernel.md.
+// Gradient filtering: every softmax weight of a tile, relative to the mass of the gradient it feeds, is
+// at most exp(M + max b − min row_lse − min log column mass) (rows; the column-mass term matters for
+// negation columns, whose gradient is made of row weights only) and exp(M − min col_lse) (columns); when
+// both bounds are below eps the tile's gradient work is skipped entirely: M is the tile max the forward
+// recorded (one number per tile), so a skipped tile costs neither its recomputation nor its two gradient
+// products. The default eps = 2^-24 / max(M, K) (float32; 2^-53 for float64, set in backends/cpp.py)
+// keeps the total dropped weight of any row or column below float resolution of its mass, i.e. the
+// default is exact. Statistics enter the backward in float64. The design: docs/cpu_kernel.md.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -224,12 +224,160 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& rows, const at::Tensor& c
   return {row_lse, col_lse, tile_max};
 }
 
+// The gradient filter's per-block bounds (NaN-propagating: a NaN statistic never lets a tile be skipped):
+// min row_lse per row block; per column block the max bias, the min col_lse, and the min log-mass of the
+// columns' gradients that row weights feed (0 for a query column with a column gradient, whose column
+// softmax alone has mass 1; else log of exp(b_c + col_mass_lse_c − max row_lse) ≤ Σ_i p_ic, or −inf
+// without col_mass_lse: such a column's mass is unknown and its tiles are never skipped).
+struct FilterBounds {
+  std::vector<double> rb_min_lse, cb_max_bias, cb_min_col_lse, cb_min_col_mass;
+  double log_eps;
+
+  // Whether every weight of tile (rb, cb) with max logit tile_max is below eps of the mass of the gradient
+  // it feeds. NaN bounds compare false: NaN always reaches the gradients.
+  bool skippable(const Tile& t, int64_t rb, int64_t cb, double tile_max) const {
+    const double row_bound = tile_max + cb_max_bias[cb] - rb_min_lse[rb] - cb_min_col_mass[cb];
+    const double col_bound = t.nq > 0 ? tile_max - cb_min_col_lse[cb] : -std::numeric_limits<double>::infinity();
+    return row_bound < log_eps && col_bound < log_eps;
+  }
+};
+
+template <typename T>
+FilterBounds filter_bounds(const double* rl, const double* cl, const double* mass_lse, const T* bias, const T* gc,
+                           int64_t M, int64_t K, int64_t Kq, int64_t br, int64_t bc, double eps) {
+  const double inf = std::numeric_limits<double>::infinity();
+  const int64_t n_rb = ceil_div(M, br), n_cb = ceil_div(K, bc);
+  FilterBounds f{std::vector<double>(n_rb, inf), std::vector<double>(n_cb, -inf), std::vector<double>(n_cb, inf),
+                 std::vector<double>(n_cb, 0.0), eps > 0 ? std::log(eps) : -inf};
+  double max_row_lse = -inf;
+  for (int64_t r = 0; r < M; ++r) {
+    f.rb_min_lse[r / br] = nan_min(f.rb_min_lse[r / br], rl[r]);
+    max_row_lse = nan_max(max_row_lse, rl[r]);
+  }
+  for (int64_t c = 0; c < K; ++c) {
+    f.cb_max_bias[c / bc] = nan_max(f.cb_max_bias[c / bc], double(bias[c]));
+    if (c < Kq) f.cb_min_col_lse[c / bc] = nan_min(f.cb_min_col_lse[c / bc], cl[c]);
+    if (c < Kq && gc[c] != 0) continue;
+    double log_mass = -inf;
+    if (mass_lse) {
+      const double x = bias[c] + mass_lse[c] - max_row_lse;
+      log_mass = std::isnan(x) ? x : std::min(0.0, x);
+    }
+    f.cb_min_col_mass[c / bc] = nan_min(f.cb_min_col_mass[c / bc], log_mass);
+  }
+  return f;
+}
+
+// What the backward needs to turn a tile of logits into its gradient dS (pointers to whole-problem arrays).
+template <typename T>
+struct GradWeights {
+  const double *row_lse, *col_lse;  // float64 statistics
+  const T *g_row, *g_col, *bias, *col_weight;
+};
+
+// dS of one tile into G (contiguous t.nr × t.nc) with the shared shift, rows/columns where it is unsafe
+// recomputed exactly; returns Σ dS ⊙ S (for dτ) and adds the number of exact lines to *n_exact.
+template <typename T>
+double tile_grad_logits(const GradWeights<T>& gw, const Tile& t, const T* S, T shift, std::vector<T>& u,
+                        std::vector<T>& v, T* G, int64_t* n_exact) {
+  std::vector<int64_t> exact_rows, exact_cols;
+  for (int64_t i = 0; i < t.nr; ++i) {
+    const T g = gw.g_row[t.r0 + i];
+    const double excess = shift - gw.row_lse[t.r0 + i];
+    u[i] = 0;
+    if (g == 0) continue;
+    if (excess <= kMaxShiftExcess)
+      u[i] = T(g * std::exp(excess));
+    else
+      exact_rows.push_back(i);  // also NaN
+  }
+  for (int64_t j = 0; j < t.nc; ++j) {
+    v[j] = 0;
+    if (j >= t.nq) continue;
+    const T g = gw.g_col[t.c0 + j];
+    const double excess = shift - gw.col_lse[t.c0 + j];
+    if (g == 0) continue;
+    if (excess <= kMaxShiftExcess)
+      v[j] = T(g * std::exp(excess));
+    else
+      exact_cols.push_back(j);
+  }
+  double dot = 0;
+  for (int64_t i = 0; i < t.nr; ++i)
+    dot += row_grad_logits(S + i * t.nc, gw.col_weight + t.c0, v.data(), t.nc, shift, u[i], G + i * t.nc);
+  for (int64_t i : exact_rows) {
+    const T g = gw.g_row[t.r0 + i];
+    const double lse = gw.row_lse[t.r0 + i];
+    for (int64_t j = 0; j < t.nc; ++j) {  // (S − lse) + b: see merge_exact
+      const T s = S[i * t.nc + j], p = T(g * std::exp((s - lse) + gw.bias[t.c0 + j]));
+      G[i * t.nc + j] += p;
+      dot += double(p) * s;
+    }
+  }
+  for (int64_t j : exact_cols) {
+    const T g = gw.g_col[t.c0 + j];
+    const double lse = gw.col_lse[t.c0 + j];
+    for (int64_t i = 0; i < t.nr; ++i) {
+      const T s = S[i * t.nc + j], p = T(g * std::exp(s - lse));
+      G[i * t.nc + j] += p;
+      dot += double(p) * s;
+    }
+  }
+  *n_exact += int64_t(exact_rows.size() + exact_cols.size());
+  return dot;
+}
+
+// grad_cols of a column block collects from every part. Each part sums its own contributions in a private
+// block_cols × d buffer, then deposits it: with more than two parts in part order (0, 1, …), deterministic,
+// and the parts sweep the column blocks in the same order, so a part rarely waits for its turn; with two
+// parts in either order, because 0 + a + b and 0 + b + a are the same bits (IEEE addition commutes), so the
+// first part to finish a column block adds first and neither waits for the other.
+class ColumnDeposits {
+ public:
+  ColumnDeposits(int64_t n_parts, int64_t n_col_blocks)
+      : ordered_(n_parts > 2), deposits_(n_col_blocks, 0), col_locks_(ordered_ ? 0 : n_col_blocks) {}
+
+  // Runs add() (which adds the part's share of column block cb, if it has one) in the deterministic order.
+  template <typename F>
+  void deposit(int64_t part, int64_t cb, bool has_share, const F& add) {
+    if (ordered_) {
+      std::unique_lock<std::mutex> lock(mutex_);
+      done_.wait(lock, [&] { return deposits_[cb] == part || failed_; });
+      TORCH_CHECK(!failed_, "semclip_kernels._C: another part of the backward failed");
+      lock.unlock();
+      if (has_share) add();
+      lock.lock();
+      deposits_[cb] += 1;
+      done_.notify_all();
+    } else if (has_share) {
+      std::lock_guard<std::mutex> lock(col_locks_[cb]);
+      add();
+    }
+  }
+
+  // A part threw: wake every waiting part so that none waits forever.
+  void fail() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      failed_ = true;
+    }
+    done_.notify_all();
+  }
+
+ private:
+  const bool ordered_;
+  std::vector<int64_t> deposits_;  // parts that have added their share of each column block
+  std::vector<std::mutex> col_locks_;
+  std::mutex mutex_;
+  std::condition_variable done_;
+  bool failed_ = false;
+};
+
 template <typename T>
 std::vector<at::Tensor> backward_impl(const at::Tensor& rows, const at::Tensor& cols, double scale,
                                       const at::Tensor& col_bias, int64_t Kq, const at::Tensor& row_lse,
                                       const at::Tensor& col_lse, const at::Tensor& col_mass_lse,
-                                      const at::Tensor& tile_max,
-                                      const at::Tensor& g_row, const at::Tensor& g_col,
+                                      const at::Tensor& tile_max, const at::Tensor& g_row, const at::Tensor& g_col,
                                       bool need_rows, bool need_cols, bool need_scale, int64_t br, int64_t bc,
                                       double eps) {
   const int64_t M = rows.size(0), K = cols.size(0);
@@ -237,63 +385,24 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& rows, const at::Tensor& 
   const int64_t n_rb = ceil_div(M, br), n_cb = ceil_div(K, bc);
   at::Tensor grad_rows = need_rows ? at::zeros_like(rows) : at::Tensor();
   at::Tensor grad_cols = need_cols ? at::zeros_like(cols) : at::Tensor();
+  if (!need_rows && !need_cols && !need_scale) {
+    return {grad_rows, grad_cols, at::zeros({}, opts), at::zeros({3}, at::kLong)};
+  }
   const Parts parts(n_rb);
   std::vector<double> scale_dot(parts.count, 0.0);  // Σ dS ⊙ S per part (dτ = Σ dS ⊙ A·Cᵀ = that / τ)
   std::vector<double> scale_dot_raw(parts.count, 0.0);  // only for τ == 0, where S carries no A·Cᵀ
   std::atomic<int64_t> skipped{0}, exact_lines{0};
-  if (!need_rows && !need_cols && !need_scale) {
-    return {grad_rows, grad_cols, at::zeros({}, opts), at::zeros({3}, at::kLong)};
-  }
 
   const at::Tensor col_weight = col_bias.exp().contiguous();
-  const T* w = col_weight.data_ptr<T>();
-  const T* bias = col_bias.data_ptr<T>();
-  const double* rl = row_lse.data_ptr<double>();
-  const double* cl = col_lse.data_ptr<double>();
-  const T* gr = g_row.data_ptr<T>();
-  const T* gc = g_col.data_ptr<T>();
+  const GradWeights<T> gw{row_lse.data_ptr<double>(), col_lse.data_ptr<double>(), g_row.data_ptr<T>(),
+                          g_col.data_ptr<T>(), col_bias.data_ptr<T>(), col_weight.data_ptr<T>()};
   // Without the forward's tile maxima (a backward given statistics computed elsewhere) each tile's shift is
   // its max, taken after recomputing it, and the filter judges the tile from that max.
   const T* fwd_tile_max = tile_max.numel() > 0 ? tile_max.data_ptr<T>() : nullptr;
-
-  // Per-block bounds for the filter (NaN-propagating: a NaN statistic never lets a tile be skipped):
-  // min row_lse per row block; per column block the max bias, the min col_lse, and the min log-mass of the
-  // columns' gradients that row weights feed (0 for a query column with a column gradient, whose column
-  // softmax alone has mass 1; else log of exp(b_c + col_mass_lse_c − max row_lse) ≤ Σ_i p_ic, or −inf
-  // without col_mass_lse: such a column's mass is unknown and its tiles are never skipped).
-  const double inf = std::numeric_limits<double>::infinity();
-  std::vector<double> rb_min_lse(n_rb, inf), cb_max_bias(n_cb, -inf), cb_min_col_lse(n_cb, inf),
-      cb_min_col_mass(n_cb, 0.0);
-  double max_row_lse = -inf;
-  for (int64_t r = 0; r < M; ++r) {
-    rb_min_lse[r / br] = nan_min(rb_min_lse[r / br], rl[r]);
-    max_row_lse = nan_max(max_row_lse, rl[r]);
-  }
-  const double* mass_lse = col_mass_lse.numel() > 0 ? col_mass_lse.data_ptr<double>() : nullptr;
-  for (int64_t c = 0; c < K; ++c) {
-    cb_max_bias[c / bc] = nan_max(cb_max_bias[c / bc], double(bias[c]));
-    if (c < Kq) cb_min_col_lse[c / bc] = nan_min(cb_min_col_lse[c / bc], cl[c]);
-    if (c < Kq && gc[c] != 0) continue;
-    double log_mass = -inf;
-    if (mass_lse) {
-      const double x = bias[c] + mass_lse[c] - max_row_lse;
-      log_mass = std::isnan(x) ? x : std::min(0.0, x);
-    }
-    cb_min_col_mass[c / bc] = nan_min(cb_min_col_mass[c / bc], log_mass);
-  }
-  const double log_eps = eps > 0 ? std::log(eps) : -inf;
-
-  // grad_cols of a column block collects from every part. Each part sums its own contributions in a
-  // private block_cols × d buffer, then adds it to grad_cols: with more than two parts in part order
-  // (0, 1, …), deterministic, and the parts sweep the column blocks in the same order, so a part rarely
-  // waits for its turn; with two parts in either order (see below).
-  std::vector<int64_t> deposits(n_cb, 0);  // parts that have added their share of each column block
-  std::mutex deposit_mutex;
-  std::condition_variable deposit_done;
-
-  const bool ordered_deposits = parts.count > 2;
-  std::vector<std::mutex> col_locks(ordered_deposits ? 0 : n_cb);
-  bool part_failed = false;  // set (under deposit_mutex) when a part throws, so no other part waits forever
+  const FilterBounds filter = filter_bounds(gw.row_lse, gw.col_lse,
+                                            col_mass_lse.numel() > 0 ? col_mass_lse.data_ptr<double>() : nullptr,
+                                            gw.bias, gw.g_col, M, K, Kq, br, bc, eps);
+  ColumnDeposits deposits(parts.count, n_cb);
   parts.run([&](int64_t part) {
     try {
       const FlushDenormals flush_denormals;
@@ -301,24 +410,13 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& rows, const at::Tensor& 
       at::Tensor g_buffer = at::empty({br * bc}, opts);
       at::Tensor col_grad_buffer = need_cols ? at::empty({bc, rows.size(1)}, opts) : at::Tensor();
       std::vector<T> u(br), v(bc);
-      std::vector<int64_t> exact_rows, exact_cols;
-      const auto add_col_grad = [&](int64_t cb) {
-        const int64_t c0 = cb * bc, nc = std::min(bc, K - c0);
-        grad_cols.narrow(0, c0, nc).add_(col_grad_buffer.narrow(0, 0, nc));
-      };
+      int64_t n_exact = 0;
       for (int64_t cb = 0; cb < n_cb; ++cb) {
         bool col_grad_live = false;  // whether col_grad_buffer holds this column block's sum yet
         for (int64_t rb = parts.begin(part); rb < parts.end(part); ++rb) {
           const Tile t = make_tile(rb, cb, M, K, Kq, br, bc);
-          // Filter: skip when every weight of the tile is below eps of the mass of the gradient it feeds (rows:
-          // 1; columns: see cb_min_col_mass). With the forward's tile max a skipped tile costs no product at
-          // all; without it, the logits product. NaN bounds compare false: NaN always reaches the gradients.
-          const auto skippable = [&](double tile_max_value) {
-            const double row_bound = tile_max_value + cb_max_bias[cb] - rb_min_lse[rb] - cb_min_col_mass[cb];
-            const double col_bound = t.nq > 0 ? tile_max_value - cb_min_col_lse[cb] : -inf;
-            return row_bound < log_eps && col_bound < log_eps;
-          };
-          if (fwd_tile_max && skippable(fwd_tile_max[rb * n_cb + cb])) {
+          // With the forward's tile max a skipped tile costs no product at all; without it, the logits product.
+          if (fwd_tile_max && filter.skippable(t, rb, cb, fwd_tile_max[rb * n_cb + cb])) {
             skipped.fetch_add(1, std::memory_order_relaxed);
             continue;
           }
@@ -326,60 +424,12 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& rows, const at::Tensor& 
           const T* S = S_tile.data_ptr<T>();
           // The forward's shift where known (the same products: no max pass), else this tile's max.
           const T shift = fwd_tile_max ? fwd_tile_max[rb * n_cb + cb] : max_of(S, t.nr * t.nc);
-          if (!fwd_tile_max && skippable(shift)) {
+          if (!fwd_tile_max && filter.skippable(t, rb, cb, shift)) {
             skipped.fetch_add(1, std::memory_order_relaxed);
             continue;
           }
-
-          exact_rows.clear();
-          exact_cols.clear();
-          for (int64_t i = 0; i < t.nr; ++i) {
-            const T g = gr[t.r0 + i];
-            const double excess = shift - rl[t.r0 + i];
-            u[i] = 0;
-            if (g == 0) continue;
-            if (excess <= kMaxShiftExcess)
-              u[i] = T(g * std::exp(excess));
-            else
-              exact_rows.push_back(i);  // also NaN
-          }
-          for (int64_t j = 0; j < t.nc; ++j) {
-            v[j] = 0;
-            if (j >= t.nq) continue;
-            const T g = gc[t.c0 + j];
-            const double excess = shift - cl[t.c0 + j];
-            if (g == 0) continue;
-            if (excess <= kMaxShiftExcess)
-              v[j] = T(g * std::exp(excess));
-            else
-              exact_cols.push_back(j);
-          }
-
           at::Tensor G_tile = g_buffer.narrow(0, 0, t.nr * t.nc).view({t.nr, t.nc});
-          T* G = G_tile.data_ptr<T>();
-          double dot = 0;
-          for (int64_t i = 0; i < t.nr; ++i)
-            dot += row_grad_logits(S + i * t.nc, w + t.c0, v.data(), t.nc, shift, u[i], G + i * t.nc);
-          for (int64_t i : exact_rows) {
-            const T g = gr[t.r0 + i];
-            const double lse = rl[t.r0 + i];
-            for (int64_t j = 0; j < t.nc; ++j) {  // (S − lse) + b: see merge_exact
-              const T s = S[i * t.nc + j], p = T(g * std::exp((s - lse) + bias[t.c0 + j]));
-              G[i * t.nc + j] += p;
-              dot += double(p) * s;
-            }
-          }
-          for (int64_t j : exact_cols) {
-            const T g = gc[t.c0 + j];
-            const double lse = cl[t.c0 + j];
-            for (int64_t i = 0; i < t.nr; ++i) {
-              const T s = S[i * t.nc + j], p = T(g * std::exp(s - lse));
-              G[i * t.nc + j] += p;
-              dot += double(p) * s;
-            }
-          }
-          exact_lines.fetch_add(int64_t(exact_rows.size() + exact_cols.size()), std::memory_order_relaxed);
-          scale_dot[part] += dot;
+          scale_dot[part] += tile_grad_logits(gw, t, S, shift, u, v, G_tile.data_ptr<T>(), &n_exact);
 
           const at::Tensor row_tile = rows.narrow(0, t.r0, t.nr);
           const at::Tensor col_tile = cols.narrow(0, t.c0, t.nc);
@@ -392,28 +442,16 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& rows, const at::Tensor& 
             col_grad_live = true;
           }
         }
-        if (need_cols && ordered_deposits) {
-          std::unique_lock<std::mutex> lock(deposit_mutex);
-          deposit_done.wait(lock, [&] { return deposits[cb] == part || part_failed; });
-          TORCH_CHECK(!part_failed, "semclip_kernels._C: another part of the backward failed");
-          lock.unlock();
-          if (col_grad_live) add_col_grad(cb);
-          lock.lock();
-          deposits[cb] += 1;
-          deposit_done.notify_all();
-        } else if (need_cols && col_grad_live) {
-          // Two parts: 0 + a + b and 0 + b + a are the same bits (IEEE addition commutes), so the first
-          // part to finish a column block adds first and neither waits for the other.
-          std::lock_guard<std::mutex> lock(col_locks[cb]);
-          add_col_grad(cb);
+        if (need_cols) {
+          deposits.deposit(part, cb, col_grad_live, [&] {
+            const int64_t c0 = cb * bc, nc = std::min(bc, K - c0);
+            grad_cols.narrow(0, c0, nc).add_(col_grad_buffer.narrow(0, 0, nc));
+          });
         }
       }
+      exact_lines.fetch_add(n_exact, std::memory_order_relaxed);
     } catch (...) {
-      {
-        std::lock_guard<std::mutex> lock(deposit_mutex);
-        part_failed = true;
-      }
-      deposit_done.notify_all();
+      deposits.fail();
       throw;
     }
   });

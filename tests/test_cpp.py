@@ -94,7 +94,7 @@ def test_primitive_matches_float64(n_rows, n_cols, n_query_cols, dim, block_rows
 @pytest.mark.parametrize("eps", [None, 0.0, 1e-12, 1e-7])
 @pytest.mark.parametrize("batch,dim,n_para,n_neg", [(45, 24, 1, 1), (70, 17, 2, 3), (33, 40, None, 2)])
 def test_loss_every_filter_setting_on_ragged_tiles(eps, batch, dim, n_para, n_neg):
-    # Random features at tau = 14.3 hold no negligible tile: every eps must give SPEC accuracy.
+    # Random features at tau = 14.3 hold no negligible tile: every eps must give docs/contract.md §4 accuracy.
     case = make_case(batch, dim, n_para, n_neg, tau=14.3, seed=batch + dim)
     assert_matches(case, "cpp", block_rows=16, block_cols=24, grad_filter_eps=eps)
 

@@ -48,6 +48,12 @@ _MAX_SHARED_EXCESS = 20.0
 # weight below 2^-24 absolute (issue: B = 32768 puts off-diagonal weights near 1e-8).
 _OPERAND_TARGET_EXPONENT = 14
 
+# The statistics are kept in float64 between forward and backward. Rounded to float32, a log-partition of
+# magnitude |lse| carries up to half its ulp into every weight exp(S − lse) (4e-6 at |lse| ≈ 100, 5e-4 at
+# 1e4), and those errors do not average out where the loss cancels them against its positive logits (the
+# τ gradient with identical rows). Per line, float64 costs nothing.
+_PRECISE = torch.float64
+
 _last_stats = BackwardStats()
 
 
@@ -116,8 +122,28 @@ def _tiles(n: int, block: int) -> list[slice]:
     return [slice(start, min(start + block, n)) for start in range(0, n, block)]
 
 
+def _split(lse: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """`lse = hi + lo` in `dtype`: `(S − hi) − lo` keeps float64's precision in float32 arithmetic."""
+    hi = lse.to(dtype)
+    return hi, (lse - hi.to(lse.dtype)).to(dtype)
+
+
+def _line_lse(logits: torch.Tensor, bias: torch.Tensor | None, dim: int) -> torch.Tensor:
+    """`log Σ exp(S + bias)` along `dim`, in float64, shifted by the line's max logit before the bias is added.
+
+    `(S − max) + bias` is exact where `S + bias` would round at the magnitude of S.
+    """
+    line_max = logits.amax(dim, keepdim=True)
+    shift = torch.where(torch.isfinite(line_max), line_max, torch.zeros_like(line_max))
+    shifted = logits - shift
+    if bias is not None:
+        shifted = shifted + bias
+    total = torch.exp(shifted).sum(dim)
+    return total.to(torch.float64).log() + shift.squeeze(dim).to(torch.float64)
+
+
 def _per_line_lse(logits: torch.Tensor, bias: torch.Tensor, n_q: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.logsumexp(logits + bias, dim=1), torch.logsumexp(logits[:, :n_q], dim=0)
+    return _line_lse(logits, bias, 1), _line_lse(logits[:, :n_q], None, 0)
 
 
 def _shared_shift_lse(logits: torch.Tensor, bias: torch.Tensor, n_q: int):
@@ -129,15 +155,18 @@ def _shared_shift_lse(logits: torch.Tensor, bias: torch.Tensor, n_q: int):
     smallest = min(float(row_sum.min()), float(col_sum.min()) if n_q else 1.0)
     if smallest < _MIN_SHARED_SUM:  # NaNs compare False and propagate through the fast path
         return None
-    return row_sum.log_().add_(tile_max), col_sum.log_().add_(tile_max)
+    tile_max = tile_max.double()
+    return row_sum.double().log_().add_(tile_max), col_sum.double().log_().add_(tile_max)
 
 
 def _per_line_grad_logits(logits, bias, row_lse, col_lse, g_row, g_col) -> torch.Tensor:
     """`dS = g_row ⊙ row softmax + g_col ⊙ column softmax` with per-line shifts."""
     n_q = col_lse.shape[0]
-    grad_logits = torch.exp(logits + bias - row_lse[:, None]).mul_(g_row[:, None])
+    row_hi, row_lo = _split(row_lse, logits.dtype)
+    grad_logits = torch.exp((logits - row_hi[:, None]).sub_(row_lo[:, None]).add_(bias)).mul_(g_row[:, None])
     if n_q:
-        col_softmax = torch.exp(logits[:, :n_q] - col_lse)
+        col_hi, col_lo = _split(col_lse, logits.dtype)
+        col_softmax = torch.exp((logits[:, :n_q] - col_hi).sub_(col_lo))
         grad_logits[:, :n_q].addcmul_(col_softmax, g_col)
     return grad_logits
 
@@ -146,25 +175,25 @@ def _shared_shift_grad_logits(logits, bias, row_lse, col_lse, g_row, g_col) -> t
     """`dS = exp(S − m) ⊙ (u ⊗ e^bias + 1 ⊗ v)`, one exponential per element; None where unsafe."""
     n_q = col_lse.shape[0]
     tile_max = logits.max()
-    row_excess, col_excess = tile_max - row_lse, tile_max - col_lse
+    row_excess, col_excess = tile_max.double() - row_lse, tile_max.double() - col_lse
     largest = max(float(row_excess.max()), float(col_excess.max()) if n_q else -math.inf)
     if not largest <= _MAX_SHARED_EXCESS:  # also NaN statistics: the per-line path propagates them
         return None
-    u = g_row * row_excess.exp_()
+    u = g_row * row_excess.exp_().to(g_row.dtype)
     v = torch.zeros_like(bias)
-    v[:n_q] = g_col * col_excess.exp_()
+    v[:n_q] = g_col * col_excess.exp_().to(g_col.dtype)
     weights = torch.addr(v, u, bias.exp())  # u_i·β_c + v_c
     return logits.sub_(tile_max).exp_().mul_(weights)
 
 
 def _forward_tiles(rows, cols, scale, col_bias, n_query_cols, block_rows, block_cols):
-    """`(row_lse, col_lse)` in the statistics dtype, tile by tile."""
+    """`(row_lse, col_lse)` in float64 (see `_PRECISE`), tile by tile."""
     dtype = stat_dtype(scale.dtype)
     fast = _eager_fast_path(rows)
     tau = float(scale) if fast else scale.to(dtype)
     n_rows, n_cols = rows.shape[0], cols.shape[0]
-    row_lse = torch.full((n_rows,), -math.inf, dtype=dtype, device=rows.device)
-    col_lse = torch.full((n_query_cols,), -math.inf, dtype=dtype, device=rows.device)
+    row_lse = torch.full((n_rows,), -math.inf, dtype=_PRECISE, device=rows.device)
+    col_lse = torch.full((n_query_cols,), -math.inf, dtype=_PRECISE, device=rows.device)
     for r in _tiles(n_rows, block_rows):
         for c in _tiles(n_cols, block_cols):
             logits = _scaled_dots(rows[r], cols[c], tau, dtype)
@@ -180,11 +209,15 @@ def _forward_tiles(rows, cols, scale, col_bias, n_query_cols, block_rows, block_
     return row_lse, col_lse
 
 
-def _backward_tiles(rows, cols, scale, col_bias, row_lse, col_lse, g_row, g_col, needs, block_rows, block_cols):
-    """`(grad_rows, grad_cols, grad_scale)` in the statistics dtype (None where not needed)."""
+def _backward_tiles(rows, cols, scale, col_bias, row_lse, col_lse, g_row, g_col, needs, block_rows, block_cols,
+                    fast: bool):
+    """`(grad_rows, grad_cols, grad_scale)` in the statistics dtype (None where not needed); lse in float64.
+
+    `fast`: take the eager shared-shift path (decided where `torch.compiler.is_compiling()` is reliable:
+    in the forward, or by the caller of the backward-only entry).
+    """
     need_rows, need_cols, need_scale = needs
     dtype = stat_dtype(scale.dtype)
-    fast = _eager_fast_path(rows)
     tau = float(scale) if fast else scale.to(dtype)
     n_rows, n_cols, n_query_cols = rows.shape[0], cols.shape[0], col_lse.shape[0]
     # grad_τ = Σ dS ⊙ A·Cᵀ = Σ_i <grad_A_i, A_i> / τ: read it off a feature gradient after the loop
@@ -201,8 +234,14 @@ def _backward_tiles(rows, cols, scale, col_bias, row_lse, col_lse, g_row, g_col,
         for c in col_tiles:
             q = slice(c.start, max(c.start, min(c.stop, n_query_cols)))
             tile_args = (col_bias[c], row_lse[r], col_lse[q], g_row[r], g_col[q])
-            products = _mm_f32(rows[r], cols[c].T) if scale_per_tile else None
-            logits = _scaled_dots(rows[r], cols[c], tau, dtype) if products is None else products * tau
+            # The logits exactly as the forward computed them (docs/contract.md §4: weights consistent with the
+            # statistics); A·Cᵀ for τ's per-tile gradient is that product before the scale, or one of its own.
+            if isinstance(tau, float):
+                logits = _scaled_dots(rows[r], cols[c], tau, dtype)
+                products = _mm_f32(rows[r], cols[c].T) if scale_per_tile else None
+            else:
+                products = _mm_f32(rows[r], cols[c].T)
+                logits = products * tau
             grad_logits = _shared_shift_grad_logits(logits, *tile_args) if fast else None
             if grad_logits is None:  # the shared path leaves logits intact when it declines
                 grad_logits = _per_line_grad_logits(logits, *tile_args)
@@ -219,8 +258,9 @@ def _backward_tiles(rows, cols, scale, col_bias, row_lse, col_lse, g_row, g_col,
     if need_scale and not scale_per_tile:
         feature, grad = (rows, grad_rows) if need_rows else (cols, grad_cols)
         grad_scale = torch.dot(grad.double().view(-1), feature.double().reshape(-1)) / tau
-    global _last_stats
-    _last_stats = BackwardStats(tiles=len(row_tiles) * len(col_tiles))
+    if not torch.compiler.is_compiling():  # informative only; a compiled graph must not mutate module state
+        global _last_stats
+        _last_stats = BackwardStats(tiles=len(row_tiles) * len(col_tiles))
     return grad_rows, grad_cols, grad_scale.to(dtype) if need_scale else None
 
 
@@ -228,8 +268,8 @@ class _NoDoubleBackward(torch.autograd.Function):
     """Passes gradients through; differentiating them again raises (instead of a wrong answer)."""
 
     @staticmethod
-    def forward(ctx, anchor: torch.Tensor, *grads: torch.Tensor):
-        return tuple(g.clone() for g in grads)
+    def forward(ctx, n_anchors: int, *tensors: torch.Tensor):
+        return tuple(g.clone() for g in tensors[n_anchors:])
 
     @staticmethod
     def backward(ctx, *unused):
@@ -245,20 +285,26 @@ class TiledPartitions(torch.autograd.Function):
         row_lse, col_lse = _forward_tiles(rows, cols, scale, col_bias, n_query_cols, block_rows, block_cols)
         ctx.save_for_backward(rows, cols, scale, col_bias, row_lse, col_lse)
         ctx.blocks = (block_rows, block_cols)
+        # The compiled backward is traced outside Dynamo, where is_compiling() is not reliable: decide here.
+        ctx.fast = _eager_fast_path(rows)
         return row_lse.to(scale.dtype), col_lse.to(scale.dtype)
 
     @staticmethod
     def backward(ctx, grad_row_lse, grad_col_lse):
         rows, cols, scale, col_bias, row_lse, col_lse = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
-        g_row = torch.zeros_like(row_lse) if grad_row_lse is None else grad_row_lse.to(row_lse.dtype)
-        g_col = torch.zeros_like(col_lse) if grad_col_lse is None else grad_col_lse.to(col_lse.dtype)
+        dtype = stat_dtype(scale.dtype)
+        g_row = torch.zeros_like(row_lse, dtype=dtype) if grad_row_lse is None else grad_row_lse.to(dtype)
+        g_col = torch.zeros_like(col_lse, dtype=dtype) if grad_col_lse is None else grad_col_lse.to(dtype)
         with torch.no_grad():
-            grads = _backward_tiles(rows, cols, scale, col_bias, row_lse, col_lse, g_row, g_col, needs, *ctx.blocks)
+            grads = _backward_tiles(rows, cols, scale, col_bias, row_lse, col_lse, g_row, g_col, needs, *ctx.blocks,
+                                    ctx.fast)
         grads = _in_dtypes(grads, rows, cols, scale)
         if torch.is_grad_enabled():  # create_graph=True: first derivatives fine, second ones refused
             present = [g for g in grads if g is not None]
-            passed = iter(_NoDoubleBackward.apply(rows, *present))
+            # Anchored to everything the gradients depend on, so that any second derivative reaches the refusal.
+            anchors = [t for t in (rows, cols, scale, col_bias, grad_row_lse, grad_col_lse) if t is not None]
+            passed = iter(_NoDoubleBackward.apply(len(anchors), *anchors, *present))
             grads = tuple(None if g is None else next(passed) for g in grads)
         return (*grads, None, None, None, None)
 
@@ -303,11 +349,11 @@ def partitions_backward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """The backward alone, given statistics computed elsewhere (see `base.Backend.partitions_backward`)."""
     dtype = stat_dtype(scale.dtype)
-    row_lse, col_lse = row_lse.detach().to(dtype), col_lse.detach().to(dtype)
+    row_lse, col_lse = row_lse.detach().to(_PRECISE), col_lse.detach().to(_PRECISE)
     col_bias = col_bias.detach().to(dtype)
-    g_row = torch.zeros_like(row_lse) if grad_row_lse is None else grad_row_lse.detach().to(dtype)
-    g_col = torch.zeros_like(col_lse) if grad_col_lse is None else grad_col_lse.detach().to(dtype)
+    g_row = torch.zeros_like(row_lse, dtype=dtype) if grad_row_lse is None else grad_row_lse.detach().to(dtype)
+    g_col = torch.zeros_like(col_lse, dtype=dtype) if grad_col_lse is None else grad_col_lse.detach().to(dtype)
     with torch.no_grad():
         grads = _backward_tiles(rows, cols, scale, col_bias, row_lse, col_lse, g_row, g_col, tuple(needs),
-                                *_blocks(options))
+                                *_blocks(options), _eager_fast_path(rows))
     return _in_dtypes(grads, rows, cols, scale)
