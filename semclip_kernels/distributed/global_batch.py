@@ -82,7 +82,8 @@ class RankGroup:
 
     @property
     def ring_group_size(self) -> int:
-        """Ranks whose features are all-gathered before the ring: 1 in "ring", `group_size` in "hierarchical"."""
+        """Ranks whose blocks are all-gathered at each ring step: 1 in "ring", `group_size` in
+        "hierarchical", everyone in "gather" (a single step)."""
         if self.mode == "gather":
             return self.world_size
         return 1 if self.mode == "ring" else self.group_size
@@ -154,12 +155,12 @@ def _positive_logits(
     return text_pos, para_pos
 
 
-def _gathered(tensor: torch.Tensor, group: RankGroup, size: int, process_group: dist.ProcessGroup | None):
-    """Every member's `tensor` (all-gathered over `process_group`): with the gradient path back to
-    its owner when the other ranks' gradients come home, else as constants."""
+def _gathered(tensor: torch.Tensor, group: RankGroup) -> torch.Tensor:
+    """Every rank's `tensor`: with the gradient path back to its owner when the other ranks'
+    gradients come home, else as constants."""
     if group.remote_grad and _needs_grad(tensor):
-        return AllGather.apply(tensor, size, process_group)
-    return gather(tensor.detach(), size, process_group)
+        return AllGather.apply(tensor, group.world_size, None)
+    return gather(tensor.detach(), group.world_size)
 
 
 def _gathered_partitions(
@@ -167,8 +168,7 @@ def _gathered_partitions(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ "gather" mode: this rank's images against every rank's columns, its queries against every image."""
     world_size = group.world_size
-    all_images = _gathered(inputs.image, group, world_size, None)
-    all_cols = _gathered(columns.cols, group, world_size, None)
+    all_images, all_cols = _gathered(inputs.image, group), _gathered(columns.cols, group)
     all_bias = columns.col_bias.repeat(world_size)  # every rank's block is laid out [T; P; N] alike
     image_bias = torch.zeros(all_images.shape[0], dtype=columns.col_bias.dtype, device=all_images.device)
     scale = inputs.logit_scale
