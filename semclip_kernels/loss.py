@@ -85,6 +85,7 @@ class SemCLIPLoss(nn.Module):
         block_cols: int | None = None,
         grad_filter_eps: float | None = None,
         distributed_mode: str = "gather",
+        group_size: int | None = None,
     ) -> None:
         super().__init__()
         if use_horovod:
@@ -92,7 +93,8 @@ class SemCLIPLoss(nn.Module):
         self.config = LossConfig(
             paraphrase_weight, hard_negative_weight, backend, PartitionOptions(block_rows, block_cols, grad_filter_eps)
         )
-        group = RankGroup(rank, world_size, local_loss, gather_with_grad, distributed_mode)
+        # group_size: ranks per all-gather group of distributed_mode="hierarchical" (default: LOCAL_WORLD_SIZE).
+        group = RankGroup(rank, world_size, local_loss, gather_with_grad, distributed_mode, group_size)
         self.group = group if world_size > 1 else None
         # open_clip's attribute names, for code that reads them.
         self.local_loss, self.gather_with_grad = local_loss, gather_with_grad

@@ -36,7 +36,9 @@ BATCH, DIM, TAU = 3, 8, 14.3  # local batch per rank
 # The compiled and the portable backends (and the ground truth). Triton runs on CPU only through its
 # interpreter, far too slow to spawn worlds around; its own tests cover its primitive.
 CPU_BACKENDS = [name for name in sk.available_backends("cpu") if name in ("cpp", "torch", "reference")]
-MODES = ("gather", "ring")
+MODES = ("gather", "ring", "hierarchical")
+# "hierarchical" in groups of 2: one group (no ring step) in the 2-rank world, two groups of 2 in the 4-rank world.
+GROUP_SIZE = 2
 COMBOS = list(itertools.product((False, True), (False, True)))  # (local_loss, gather_with_grad)
 # name: (Pn, Mn, paraphrase_weight, hard_negative_weight)
 EXTRAS = {"plain": (None, None, 1.0, 1.0), "extras": (2, 1, 0.7, 1.5)}
@@ -85,11 +87,14 @@ def _run(fn, *args):
         return traceback.format_exc()
 
 
-def _semclip(rank, world_size, leaves, backend, mode, local_loss, gather_with_grad, extras):
+def _semclip(rank, world_size, leaves, backend, mode, local_loss, gather_with_grad, extras,
+             group_size=GROUP_SIZE):
     _, _, w, beta = EXTRAS[extras]
+    group_size = group_size if mode == "hierarchical" else None
     loss_fn = sk.SemCLIPLoss(
         local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank, world_size=world_size,
-        paraphrase_weight=w, hard_negative_weight=beta, backend=backend, distributed_mode=mode, **TILES,
+        paraphrase_weight=w, hard_negative_weight=beta, backend=backend, distributed_mode=mode,
+        group_size=group_size, **TILES,
     )
     image, text, para, neg, scale = leaves
     loss = loss_fn(image, text, scale, paraphrase_features=para, negation_features=neg)
@@ -109,9 +114,82 @@ def _open_clip(rank, world_size, open_clip_loss, leaves, local_loss, gather_with
 def _bad_layout(rank, world_size, mode, batch, n_para):
     feats = [torch.randn(batch, DIM) for _ in range(2)]
     para = torch.randn(batch, n_para, DIM)
-    loss_fn = sk.SemCLIPLoss(rank=rank, world_size=world_size, backend="torch", distributed_mode=mode)
+    loss_fn = sk.SemCLIPLoss(
+        rank=rank, world_size=world_size, backend="torch", distributed_mode=mode,
+        group_size=GROUP_SIZE if mode == "hierarchical" else None,
+    )
     loss_fn(feats[0], feats[1], 10.0, paraphrase_features=para)
     return "no error"
+
+
+def _primitive_calls(rank, world_size, leaves, mode):
+    """How often the ring calls the primitive's forward and its backward-only entry, in the forward
+    and in the backward of one loss (local_loss=True, gather_with_grad=True, with extras)."""
+    from semclip_kernels.distributed import ring
+
+    calls = {"partitions": 0, "partitions_backward": 0}
+
+    def counted(name):
+        original = getattr(ring, name)
+
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+
+        return original, call
+
+    originals = {}
+    for name in calls:
+        originals[name], counting = counted(name)
+        setattr(ring, name, counting)
+    try:
+        image, text, para, neg, scale = leaves
+        loss_fn = sk.SemCLIPLoss(
+            local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size, backend="torch",
+            distributed_mode=mode, group_size=GROUP_SIZE if mode == "hierarchical" else None,
+        )
+        loss = loss_fn(image, text, scale, paraphrase_features=para, negation_features=neg)
+        forward = dict(calls)
+        calls.update(partitions=0, partitions_backward=0)
+        loss.backward()
+        return {"forward": forward, "backward": dict(calls)}
+    finally:
+        for name, original in originals.items():
+            setattr(ring, name, original)
+
+
+def _traffic(rank, world_size, leaves, mode):
+    """Bytes of feature data this rank sends in one forward + backward (local_loss=True,
+    gather_with_grad=True, float32), counted at the calls: a ring all-gather or reduce-scatter over
+    n members sends n − 1 slices, an isend its tensor. The integer layout table is not counted."""
+    from semclip_kernels.distributed import collectives
+
+    sent = [0]
+    all_gather, reduce_scatter, batch_isend_irecv = (
+        collectives._all_gather_single, collectives._reduce_scatter_single, dist.batch_isend_irecv
+    )
+
+    def counted_all_gather(out, tensor, group=None):
+        if tensor.is_floating_point():
+            sent[0] += (dist.get_world_size(group) - 1) * tensor.numel() * tensor.element_size()
+        return all_gather(out, tensor, group=group)
+
+    def counted_reduce_scatter(out, tensor, group=None):
+        sent[0] += (dist.get_world_size(group) - 1) * out.numel() * out.element_size()
+        return reduce_scatter(out, tensor, group=group)
+
+    def counted_batch_isend_irecv(ops):
+        sent[0] += sum(op.tensor.numel() * op.tensor.element_size() for op in ops if op.op is dist.isend)
+        return batch_isend_irecv(ops)
+
+    collectives._all_gather_single, collectives._reduce_scatter_single = counted_all_gather, counted_reduce_scatter
+    dist.batch_isend_irecv = counted_batch_isend_irecv
+    try:
+        _semclip(rank, world_size, leaves, "torch", mode, True, True, "extras")
+    finally:
+        collectives._all_gather_single, collectives._reduce_scatter_single = all_gather, reduce_scatter
+        dist.batch_isend_irecv = batch_isend_irecv
+    return sent[0]
 
 
 def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
@@ -151,6 +229,21 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         results[("bfloat16", mode, local_loss, gwg)] = _run(
             _semclip, rank, world_size, leaves, "torch", mode, local_loss, gwg, "extras"
         )
+
+    # The ring's backward uses the primitive's backward-only entry: no forward recomputed.
+    for mode in ("ring", "hierarchical"):
+        results[("primitive_calls", mode)] = _run(_primitive_calls, rank, world_size, local_leaves(extra, rank), mode)
+
+    # What each mode sends, for the scale model (benchmarks/distributed_model.py).
+    for mode in MODES:
+        results[("traffic", mode)] = _run(_traffic, rank, world_size, local_leaves(extra, rank), mode)
+
+    # "hierarchical" without group_size: the local world size that torchrun sets.
+    os.environ["LOCAL_WORLD_SIZE"] = str(GROUP_SIZE)
+    results[("hierarchical_default_group_size",)] = _run(
+        _semclip, rank, world_size, local_leaves(extra, rank), "torch", "hierarchical", True, True, "extras", None
+    )
+    del os.environ["LOCAL_WORLD_SIZE"]
 
     # A non-finite feature on rank 0 makes every rank's loss NaN; nobody crashes or hangs.
     for mode, (local_loss, gwg) in itertools.product(MODES, [(False, False), (True, True)]):
@@ -420,3 +513,62 @@ def test_bad_layouts_rejected_on_every_rank(world, mode):
         assert str([BATCH + k for k in range(world_size)]) in uneven, uneven
         para = ranks[r][("paraphrase_count", mode)]
         assert "ValueError" in para and "paraphrases per image Pn differs across ranks" in para, para
+
+
+@pytest.mark.parametrize("mode", ["ring", "hierarchical"])
+def test_ring_backward_recomputes_no_forward(world, mode):
+    """Issue 15, item 1: per block, the forward calls the primitive twice (rows × columns, queries ×
+    images) and the backward calls only its backward-only entry, twice, with the global statistics."""
+    world_size, ranks = world
+    n_steps = world_size if mode == "ring" else world_size // GROUP_SIZE
+    for r in range(world_size):
+        got = ranks[r][("primitive_calls", mode)]
+        assert not isinstance(got, str), got
+        assert got["forward"] == {"partitions": 2 * n_steps, "partitions_backward": 0}, (r, got)
+        assert got["backward"] == {"partitions": 0, "partitions_backward": 2 * n_steps}, (r, got)
+
+
+def test_hierarchical_group_size_defaults_to_local_world_size(world):
+    """With LOCAL_WORLD_SIZE=2 set (as torchrun does) and no group_size: groups of 2, still exact."""
+    world_size, ranks = world
+    _, _, w, beta = EXTRAS["extras"]
+    want = expected(global_case(world_size, "extras"), world_size, True, True, w, beta)
+    for r in range(world_size):
+        assert_close(ranks[r][("hierarchical_default_group_size",)], want[r], f"default group size, rank {r}")
+
+
+def test_hierarchical_group_size_resolution(monkeypatch):
+    """The default and the checks of group_size, without a process group."""
+    from semclip_kernels.distributed import RankGroup
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert RankGroup(0, 8, mode="hierarchical").group_size == 4
+    assert RankGroup(0, 8, mode="hierarchical", group_size=2).group_size == 2
+    assert RankGroup(0, 8, mode="hierarchical").ring_group_size == 4
+    assert RankGroup(3, 8, mode="ring").ring_group_size == 1
+    assert RankGroup(3, 8, mode="gather").ring_group_size == 8
+    with pytest.raises(ValueError, match=r"positive divisor of world_size=8, got 3"):
+        RankGroup(0, 8, mode="hierarchical", group_size=3)
+    with pytest.raises(ValueError, match=r"got 4 \(from LOCAL_WORLD_SIZE\)"):
+        RankGroup(0, 6, mode="hierarchical")
+    with pytest.raises(ValueError, match="group_size applies to distributed_mode='hierarchical' only"):
+        RankGroup(0, 8, mode="ring", group_size=2)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    with pytest.raises(ValueError, match="needs group_size .* LOCAL_WORLD_SIZE, which is not set"):
+        RankGroup(0, 8, mode="hierarchical")
+    assert RankGroup(0, 1, mode="hierarchical").group_size == 1  # one process: nothing to group
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_scale_model_counts_the_bytes_this_implementation_sends(world, mode):
+    """benchmarks/distributed_model.py's bytes per rank equal what the code sends (float32, with extras)."""
+    from benchmarks.distributed_model import Config, Links, estimate
+
+    world_size, ranks = world
+    n_para, n_neg, _, _ = EXTRAS["extras"]
+    config = Config(world_size, BATCH, DIM, n_para, n_neg, feature_bytes=4, group_size=GROUP_SIZE)
+    want = estimate(config, mode, Links()).sent_bytes
+    for r in range(world_size):
+        got = ranks[r][("traffic", mode)]
+        assert not isinstance(got, str), got
+        assert got == want, f"{mode}, rank {r}: sent {got} bytes, the model says {want}"

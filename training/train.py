@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -108,6 +109,14 @@ class Distributed:
         return self.rank == 0
 
 
+# How long a rank waits in a collective before it raises (docs/distributed.md, "Failures"): a rank
+# that raised, died or stopped makes the others fail after at most this long instead of hanging.
+# It must exceed the longest time one rank spends outside collectives while the others wait in
+# the next loss: rank 0's evaluation (--eval-every) and checkpoint writes. Explicit because the
+# backends' defaults differ (NCCL 10 min, Gloo 30 min). Override: SEMCLIP_PG_TIMEOUT_MINUTES.
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=float(os.environ.get("SEMCLIP_PG_TIMEOUT_MINUTES", "30")))
+
+
 def init_distributed() -> Distributed:
     """torchrun sets WORLD_SIZE/RANK; one process otherwise."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -115,7 +124,7 @@ def init_distributed() -> Distributed:
         return Distributed()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=PROCESS_GROUP_TIMEOUT)
     return Distributed(dist.get_rank(), dist.get_world_size())
 
 

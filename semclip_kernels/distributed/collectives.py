@@ -1,9 +1,16 @@
-"""Collectives with autograd for the distributed loss (docs/contract.md §5).
+"""Collectives with autograd for the distributed loss, and what a failed one says (docs/contract.md §5).
 
-Each one is a leaf: it moves tensors between ranks and says how gradients move back.
+Each collective is a leaf: it moves tensors between ranks and says how gradients move back.
+Every wait on another rank runs under `explain_peer_failure`, so a rank that raised, died or
+never called the loss turns into an error on the others, within the process group's timeout,
+that says which exchange failed and why (never a silent hang, never a bare Gloo/NCCL message).
 """
 
 from __future__ import annotations
+
+import contextlib
+import datetime
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -12,28 +19,110 @@ import torch.distributed as dist
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
+# What torch.distributed's error text says when a peer's connection went away (it exited: raised
+# or died) and when nobody answered in time (a rank is elsewhere, stuck, or slower than the timeout).
+_CLOSED_MARKERS = ("closed", "reset by peer", "broken pipe", "connection refused", "eof", "abort")
+_TIMEOUT_MARKERS = ("timed out", "timeout", "time out")
+
+
+class PeerFailure(RuntimeError):
+    """An exchange with the other ranks failed: one of them raised, died or did not take part in time."""
+
+
+def group_timeout(group: dist.ProcessGroup | None = None) -> datetime.timedelta | None:
+    """The timeout of `group`'s backend (None if this torch build does not expose it)."""
+    group = group or dist.group.WORLD
+    try:
+        device = torch.device("cuda" if dist.get_backend(group) == "nccl" else "cpu")
+        return group._get_backend(device).options._timeout
+    except (AttributeError, RuntimeError, ValueError):
+        return None
+
+
+def _what_happened(error: BaseException, timeout: datetime.timedelta | None) -> str:
+    text = str(error).lower()
+    within = f"within the process group's timeout ({timeout})" if timeout else "within the process group's timeout"
+    if any(marker in text for marker in _CLOSED_MARKERS):
+        return (
+            "a peer closed its connection: another rank exited (it raised an exception or its process died) "
+            "before taking part"
+        )
+    if any(marker in text for marker in _TIMEOUT_MARKERS):
+        return (
+            f"no answer {within}: another rank did not call the loss (or its backward), "
+            "or is stuck or slower than the timeout"
+        )
+    return f"another rank raised, died, or did not take part {within}"
+
+
+@contextlib.contextmanager
+def explain_peer_failure(what: str, group: dist.ProcessGroup | None = None) -> Iterator[None]:
+    """Re-raise a failed exchange with other ranks as a `PeerFailure` that says what happened.
+
+    Wraps communication calls only (never computation), so any RuntimeError here is the
+    process group's. The original error stays chained (`__cause__`).
+    """
+    try:
+        yield
+    except PeerFailure:
+        raise
+    except RuntimeError as error:
+        rank = dist.get_rank() if dist.is_initialized() else "?"
+        world = dist.get_world_size() if dist.is_initialized() else "?"
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise PeerFailure(
+            f"distributed SemCLIP loss, rank {rank} of {world}: {what} failed: "
+            f"{_what_happened(error, group_timeout(group))}. "
+            f"torch.distributed reported: {type(error).__name__}: {first_line}"
+        ) from error
+
+
+def gather(
+    tensor: torch.Tensor,
+    size: int,
+    group: dist.ProcessGroup | None = None,
+    what: str = "the all-gather of the features",
+) -> torch.Tensor:
+    """`cat` of every member's `tensor` in rank order, over `group` (`size` members); no autograd."""
+    tensor = tensor.contiguous()
+    out = tensor.new_empty((size * tensor.shape[0], *tensor.shape[1:]))
+    with explain_peer_failure(what, group):
+        _all_gather_single(out, tensor, group=group)
+    return out
+
+
+def reduce_scatter(
+    tensor: torch.Tensor,
+    size: int,
+    group: dist.ProcessGroup | None = None,
+    what: str = "the reduce-scatter of the gathered features' gradients",
+) -> torch.Tensor:
+    """Member m gets the sum over members of `tensor`'s m-th slice (of `size`); no autograd."""
+    tensor = tensor.contiguous()
+    out = tensor.new_empty((tensor.shape[0] // size, *tensor.shape[1:]))
+    with explain_peer_failure(what, group):
+        _reduce_scatter_single(out, tensor, group=group)
+    return out
+
 
 class AllGather(torch.autograd.Function):
-    """`cat(all ranks' tensor)`; backward sums every rank's gradient of our slice (as open_clip's)."""
+    """`gather(tensor)` over `group`; backward sums every member's gradient of our slice (as open_clip's)."""
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor, world_size: int) -> torch.Tensor:
-        ctx.world_size = world_size
-        return gather(tensor, world_size)
+    def forward(ctx, tensor: torch.Tensor, size: int, group: dist.ProcessGroup | None) -> torch.Tensor:
+        ctx.size, ctx.group = size, group
+        return gather(tensor, size, group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous()
-        out = grad.new_empty((grad.shape[0] // ctx.world_size, *grad.shape[1:]))
-        _reduce_scatter_single(out, grad)
-        return out, None
+        return reduce_scatter(grad, ctx.size, ctx.group), None, None
 
 
-def gather(tensor: torch.Tensor, world_size: int) -> torch.Tensor:
-    tensor = tensor.contiguous()
-    out = tensor.new_empty((world_size * tensor.shape[0], *tensor.shape[1:]))
-    _all_gather_single(out, tensor)
-    return out
+def all_reduce(tensor: torch.Tensor, what: str) -> torch.Tensor:
+    """Sum `tensor` over every rank, in place."""
+    with explain_peer_failure(what):
+        dist.all_reduce(tensor)
+    return tensor
 
 
 class SumScaleGradOverRanks(torch.autograd.Function):
@@ -50,8 +139,7 @@ class SumScaleGradOverRanks(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.clone()
-        dist.all_reduce(grad)
+        grad = all_reduce(grad.clone(), "the all-reduce of logit_scale's gradient")
         return grad * ctx.factor, None
 
 
@@ -62,8 +150,7 @@ class MeanOverRanks(torch.autograd.Function):
     @staticmethod
     def forward(ctx, loss_r: torch.Tensor, world_size: int, grad_weight: float) -> torch.Tensor:
         ctx.grad_weight = grad_weight
-        total = loss_r.detach().clone()
-        dist.all_reduce(total)
+        total = all_reduce(loss_r.detach().clone(), "the all-reduce of the per-rank losses")
         return total / world_size
 
     @staticmethod

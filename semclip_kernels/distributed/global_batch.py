@@ -10,9 +10,11 @@ arbitrary rows/columns form (never a local × global matrix):
 and `algebra.combine_partitions` turns them into this rank's share `loss_r` of §1 (local
 means). With equal local batches, mean_r loss_r is the global loss.
 
-Two ways to bring the other ranks' features ("modes"):
+Three ways to bring the other ranks' features ("modes"):
 - "gather": all-gather every rank's images and text columns, then two primitive calls.
 - "ring": the blocks `[C_s; I_s]` travel around the ring (ring.py).
+- "hierarchical": a ring across groups of `group_size` consecutive ranks (a node's NVLink
+  domain), all-gathering within the group at each step (ring.py).
 
 Gradient semantics follow open_clip's `ClipLoss` for all four combinations of
 `local_loss` and `gather_with_grad` (docs/distributed.md has the table).
@@ -21,6 +23,7 @@ Gradient semantics follow open_clip's `ClipLoss` for all four combinations of
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 import torch.distributed as dist
@@ -28,11 +31,12 @@ import torch.distributed as dist
 from ..algebra import Columns, combine_partitions, positive_logits
 from ..backends import partitions
 from ..validation import SUPPORTED_DTYPES, LossConfig, SemCLIPInputs
-from .collectives import AllGather, MeanOverRanks, SumScaleGradOverRanks, gather
+from .collectives import AllGather, MeanOverRanks, SumScaleGradOverRanks, gather, group_timeout
 from .ring import RingConfig, RingPartitions
 
-# "gather": all-gather the columns (open_clip's way); "ring": column blocks travel rank to rank (Inf-CL's way).
-MODES = ("gather", "ring")
+# "gather": all-gather the columns (open_clip's way); "ring": column blocks travel rank to rank (Inf-CL's way);
+# "hierarchical": all-gather within groups of ranks, ring across the groups.
+MODES = ("gather", "ring", "hierarchical")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,12 +48,45 @@ class RankGroup:
     local_loss: bool = False
     gather_with_grad: bool = False
     mode: str = "gather"
+    # "hierarchical" only: ranks per group (all-gather inside, ring across). None: the local
+    # world size that torchrun sets (LOCAL_WORLD_SIZE), i.e. one group per node.
+    group_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"distributed_mode must be one of {MODES}, got {self.mode!r}")
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={self.rank}, world_size={self.world_size}")
+        if self.mode != "hierarchical":
+            if self.group_size is not None:
+                raise ValueError(
+                    f"group_size applies to distributed_mode='hierarchical' only, got group_size={self.group_size} "
+                    f"with distributed_mode={self.mode!r}"
+                )
+            return
+        size = self.group_size
+        if size is None:
+            local = os.environ.get("LOCAL_WORLD_SIZE", "1" if self.world_size == 1 else None)
+            if local is None:
+                raise ValueError(
+                    "distributed_mode='hierarchical' needs group_size (ranks per group, e.g. GPUs per node); "
+                    "it defaults to LOCAL_WORLD_SIZE, which is not set (not launched by torchrun)"
+                )
+            size = int(local)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1 or self.world_size % size:
+            raise ValueError(
+                f"group_size must be a positive divisor of world_size={self.world_size}, got {size!r}"
+                + (" (from LOCAL_WORLD_SIZE)" if self.group_size is None else "")
+            )
+        object.__setattr__(self, "group_size", size)  # frozen: resolve the default once, here
+
+    @property
+    def ring_group_size(self) -> int:
+        """Ranks whose blocks are all-gathered at each ring step: 1 in "ring", `group_size` in
+        "hierarchical", everyone in "gather" (a single step)."""
+        if self.mode == "gather":
+            return self.world_size
+        return 1 if self.mode == "ring" else self.group_size
 
     @property
     def remote_grad(self) -> bool:
@@ -81,7 +118,7 @@ def distributed_loss(inputs: SemCLIPInputs, columns: Columns, config: LossConfig
                                                      text→image for queries), d loss_r/dτ
     """
     _check_process_group(group)
-    _check_layout_across_ranks(inputs, columns, config, group.world_size)
+    _check_layout_across_ranks(inputs, columns, config, group)
     if not group.local_loss and _needs_grad(inputs.logit_scale):
         # Every rank returns the global loss but differentiates only its own share: τ's gradient
         # is the sum of the shares.
@@ -92,12 +129,7 @@ def distributed_loss(inputs: SemCLIPInputs, columns: Columns, config: LossConfig
     if group.mode == "gather":
         row_lse, query_lse = _gathered_partitions(inputs, columns, config, group)
     else:
-        ring = RingConfig(
-            group.rank, group.world_size, columns.n_query_cols, config.backend, config.options, group.remote_grad
-        )
-        row_lse, query_lse = RingPartitions.apply(
-            inputs.image, columns.cols, inputs.logit_scale, columns.col_bias, ring
-        )
+        row_lse, query_lse = _ring_partitions(inputs, columns, config, group)
     loss_r = combine_partitions(row_lse, query_lse, text_pos, para_pos, config.paraphrase_weight)
     if group.local_loss:
         return loss_r
@@ -123,18 +155,20 @@ def _positive_logits(
     return text_pos, para_pos
 
 
+def _gathered(tensor: torch.Tensor, group: RankGroup) -> torch.Tensor:
+    """Every rank's `tensor`: with the gradient path back to its owner when the other ranks'
+    gradients come home, else as constants."""
+    if group.remote_grad and _needs_grad(tensor):
+        return AllGather.apply(tensor, group.world_size, None)
+    return gather(tensor.detach(), group.world_size)
+
+
 def _gathered_partitions(
     inputs: SemCLIPInputs, columns: Columns, config: LossConfig, group: RankGroup
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ "gather" mode: this rank's images against every rank's columns, its queries against every image."""
     world_size = group.world_size
-
-    def gathered(tensor: torch.Tensor) -> torch.Tensor:
-        if group.remote_grad and _needs_grad(tensor):
-            return AllGather.apply(tensor, world_size)
-        return gather(tensor.detach(), world_size)
-
-    all_images, all_cols = gathered(inputs.image), gathered(columns.cols)
+    all_images, all_cols = _gathered(inputs.image, group), _gathered(columns.cols, group)
     all_bias = columns.col_bias.repeat(world_size)  # every rank's block is laid out [T; P; N] alike
     image_bias = torch.zeros(all_images.shape[0], dtype=columns.col_bias.dtype, device=all_images.device)
     scale = inputs.logit_scale
@@ -142,6 +176,46 @@ def _gathered_partitions(
     queries = columns.cols[: columns.n_query_cols]
     query_lse, _ = partitions(queries, all_images, scale, image_bias, 0, backend=config.backend, options=config.options)
     return row_lse, query_lse
+
+
+def _ring_partitions(
+    inputs: SemCLIPInputs, columns: Columns, config: LossConfig, group: RankGroup
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ "ring" and "hierarchical" modes (ring.py): one ring per position in a group of ranks.
+
+    Rank r = g·size + l sits at position l of group g; its ring is the ranks at position l of
+    every group ("ring" mode: groups of one, a single ring of every rank).
+    """
+    size = group.ring_group_size
+    n_groups = group.world_size // size
+    position, group_index = group.rank % size, group.rank // size
+    ring = RingConfig(
+        next_rank=(group_index + 1) % n_groups * size + position,
+        prev_rank=(group_index - 1) % n_groups * size + position,
+        n_steps=n_groups,
+        n_query_cols=columns.n_query_cols,
+        backend=config.backend,
+        options=config.options,
+        remote_grad=group.remote_grad,
+        group_size=size,
+        group=_intra_group(size) if size > 1 else None,
+    )
+    return RingPartitions.apply(inputs.image, columns.cols, inputs.logit_scale, columns.col_bias, ring)
+
+
+# This process's group of consecutive ranks, per (default process group, group size): creating
+# groups is collective, so it happens once, on the first call of every rank.
+_intra_groups: dict[tuple[dist.ProcessGroup, int], dist.ProcessGroup] = {}
+
+
+def _intra_group(size: int) -> dist.ProcessGroup:
+    key = (dist.group.WORLD, size)
+    if key not in _intra_groups:
+        # new_subgroups makes the groups [0, size), [size, 2·size), ...; with the default group's
+        # timeout (a new group otherwise gets the backend's default, 30 minutes on Gloo).
+        own, _ = dist.new_subgroups(group_size=size, timeout=group_timeout())
+        _intra_groups[key] = own
+    return _intra_groups[key]
 
 
 # --------------------------------------------------------------------------- checks
@@ -161,7 +235,7 @@ def _check_process_group(group: RankGroup) -> None:
         )
 
 
-def _check_layout_across_ranks(inputs: SemCLIPInputs, columns: Columns, config: LossConfig, world_size: int) -> None:
+def _check_layout_across_ranks(inputs: SemCLIPInputs, columns: Columns, config: LossConfig, group: RankGroup) -> None:
     """Every rank must have the same local layout, τ and weights.
 
     One small all-gather of a table of integers (the float settings by their bit patterns);
@@ -183,12 +257,15 @@ def _check_layout_across_ranks(inputs: SemCLIPInputs, columns: Columns, config: 
         "image_features requires grad": int(_needs_grad(inputs.image)),
         "text/paraphrase/negation requires grad": int(_needs_grad(columns.cols)),
         "logit_scale requires grad": int(_needs_grad(inputs.logit_scale)),
+        "distributed_mode": MODES.index(group.mode),
+        "group_size": group.ring_group_size,
         "logit_scale (bits of its float64 value)": int(float_bits[0]),
         "paraphrase_weight (bits)": int(float_bits[1]),
         "hard_negative_weight (bits)": int(float_bits[2]),
     }
     local = torch.tensor(list(fields.values()), dtype=torch.int64, device=inputs.image.device)
-    table = gather(local[None], world_size).cpu()  # [world_size, n_fields]
+    what = "the exchange of every rank's batch layout (the loss's first exchange)"
+    table = gather(local[None], group.world_size, what=what).cpu()  # [world_size, n_fields]
     for column, name in enumerate(fields):
         values = table[:, column].tolist()
         if len(set(values)) == 1:
@@ -204,4 +281,6 @@ def _check_layout_across_ranks(inputs: SemCLIPInputs, columns: Columns, config: 
             raise ValueError(
                 f"distributed SemCLIP loss: {name} differs across ranks: {values}; every rank must pass the same"
             )
+        if name == "distributed_mode":
+            values = [MODES[value] for value in values]
         raise ValueError(f"distributed SemCLIP loss: {name} differs across ranks: {values}")

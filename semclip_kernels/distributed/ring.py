@@ -1,9 +1,22 @@
-"""The ring: column blocks travel rank to rank instead of being all-gathered (Inf-CL's way).
+"""The ring: feature blocks travel rank to rank instead of being all-gathered (Inf-CL's way).
 
-At step t rank r holds the block `[C_s; I_s]` of rank s = r − t. It posts the send of that
-block to r + 1 and the receive of the next one from r − 1 before computing on it, so the
-transfer overlaps the tile computation; partial log-sum-exps are combined exactly with
-logaddexp. A rank holds at most two feature blocks at once.
+Each rank's *block* `[C_r; I_r]` (its text columns and images) travels around a ring of
+`n_steps` ranks. At step t a rank holds the block that started t places back; it posts the send
+of that block to the next rank and the receive of the next one before computing on it, so the
+transfer overlaps the computation. Partial log-sum-exps are combined exactly with logaddexp.
+
+"hierarchical" mode runs one ring per position in a group of `group_size` consecutive ranks (a
+node): rank g·G + l exchanges with the ranks at position l of groups g ± 1, so the G ranks of a
+node use their G inter-node links at once, each carrying one block, and no block crosses the
+network twice. At every step the group all-gathers the blocks its members hold (the block of a
+whole group, over the fast intra-node links) and each rank computes against all of them. In the
+backward the group reduce-scatters that group block's gradient, so each rank sends on only the
+gradient of the block it holds. "ring" mode is the same with groups of one.
+
+The backward passes the blocks around again and differentiates each group block with the
+primitive's backward-only entry (`backends.partitions_backward`, docs/contract.md §7) against the
+*global* statistics of the forward: no forward is recomputed. The gradient of each travelling
+block travels with it and reaches its owner after a full turn.
 """
 
 from __future__ import annotations
@@ -13,67 +26,77 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
-from ..backends import partitions
+from ..backends import partitions, partitions_backward
 from ..backends.options import PartitionOptions
+from .collectives import explain_peer_failure, gather, reduce_scatter
 
 _DATA_TAG, _GRAD_TAG = 7301, 7302  # distinct tags: feature blocks and gradient blocks never match each other
 
 
 @dataclasses.dataclass(frozen=True)
 class RingConfig:
-    rank: int
-    world_size: int
-    n_query_cols: int
+    next_rank: int  # global ranks of the neighbours in the ring
+    prev_rank: int
+    n_steps: int  # blocks around the ring (ranks in "ring" mode, groups in "hierarchical" mode)
+    n_query_cols: int  # this rank's query columns: the first rows of its `cols`
     backend: str
     options: PartitionOptions
-    remote_grad: bool  # gradients of the other ranks' blocks travel home (else: local rows only)
-
-    @property
-    def next_rank(self) -> int:
-        return (self.rank + 1) % self.world_size
-
-    @property
-    def prev_rank(self) -> int:
-        return (self.rank - 1) % self.world_size
+    remote_grad: bool  # gradients of the other ranks' blocks travel home (else: own rows only)
+    group_size: int = 1  # ranks whose blocks are all-gathered at every step (1: plain ring)
+    group: dist.ProcessGroup | None = None  # their process group (None when group_size is 1)
 
 
 def _post(ops: list[dist.P2POp]) -> list[dist.Work]:
-    return dist.batch_isend_irecv(ops) if ops else []
+    with explain_peer_failure("posting the ring's sends and receives"):  # a closed peer can fail here already
+        return dist.batch_isend_irecv(ops) if ops else []
 
 
-def _wait(works: list[dist.Work]) -> None:
-    for work in works:
-        work.wait()
+def _wait(works: list[dist.Work], what: str) -> None:
+    # A Gloo work must be waited on exactly once: a second wait() on a receive blocks.
+    with explain_peer_failure(what):
+        for work in works:
+            work.wait()
 
 
-def _block_partitions(
-    image: torch.Tensor,
-    queries: torch.Tensor,
-    block_cols: torch.Tensor,
-    block_images: torch.Tensor,
-    scale: torch.Tensor,
-    col_bias: torch.Tensor,
-    config: RingConfig,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Partial partitions against one travelling block `[C_s; I_s]`: local images × C_s, local queries × I_s."""
-    image_bias = torch.zeros(block_images.shape[0], dtype=col_bias.dtype, device=col_bias.device)
-    row_part, _ = partitions(image, block_cols, scale, col_bias, 0, backend=config.backend, options=config.options)
-    query_part, _ = partitions(
-        queries, block_images, scale, image_bias, 0, backend=config.backend, options=config.options
+def _exchange(block: torch.Tensor, config: RingConfig) -> tuple[torch.Tensor, list[dist.Work]]:
+    """Post the send of `block` to the next rank and the receive of the next block from the previous one."""
+    incoming = torch.empty_like(block)
+    works = _post(
+        [
+            dist.P2POp(dist.isend, block, config.next_rank, tag=_DATA_TAG),
+            dist.P2POp(dist.irecv, incoming, config.prev_rank, tag=_DATA_TAG),
+        ]
     )
-    return row_part, query_part
+    return incoming, works
+
+
+def _zero_bias(n: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(n, dtype=like.dtype, device=like.device)
+
+
+def _group_block(block: torch.Tensor, n_cols: int, config: RingConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The columns and images of the blocks that this rank's group holds now (its own block alone
+    in a plain ring), members in group-rank order."""
+    if config.group_size == 1:
+        return block[:n_cols], block[n_cols:]
+    gathered = gather(block, config.group_size, config.group, "the all-gather of the travelling blocks in the group")
+    per_member = gathered.view(config.group_size, block.shape[0], block.shape[1])
+    return per_member[:, :n_cols].reshape(-1, block.shape[1]), per_member[:, n_cols:].reshape(-1, block.shape[1])
+
+
+def _own_share(group_grad: torch.Tensor, config: RingConfig) -> torch.Tensor:
+    """The gradient of the block this rank holds, summed over its group (group_grad: [G, R, d])."""
+    if config.group_size == 1:
+        return group_grad[0]
+    return reduce_scatter(group_grad.view(-1, group_grad.shape[-1]), config.group_size, config.group)
 
 
 class RingPartitions(torch.autograd.Function):
     """`(row_lse [B], query_lse [n_query_cols])` of this rank's rows against every rank's block.
 
-    At step t rank r holds the block of rank r−t. Before computing on it, it posts
-    the send of that block to r+1 and the receive of the next one from r−1, so the
-    transfer overlaps the tile computation. The backward recomputes each block's
-    partial partitions and backpropagates through the primitive with the exact
-    weights `g · exp(partial − lse)`; the gradient of the travelling block's
-    features travels with it (sent after each step, overlapping the next step's
-    computation) and arrives home after a full turn.
+    Inputs are this rank's `image [B, d]` and `cols [K, d]` (queries first) and the columns'
+    bias. Gradients reach the own rows directly and, when `config.remote_grad`, through the
+    own block's gradient that comes home after a full turn of the ring.
     """
 
     @staticmethod
@@ -85,28 +108,27 @@ class RingPartitions(torch.autograd.Function):
         col_bias: torch.Tensor,
         config: RingConfig,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        stat_dtype = scale.dtype
         queries = cols[: config.n_query_cols]
-        row_lse = torch.full((image.shape[0],), -float("inf"), dtype=stat_dtype, device=image.device)
-        query_lse = torch.full((config.n_query_cols,), -float("inf"), dtype=stat_dtype, device=image.device)
-        block = torch.cat([cols, image])  # what travels: [C_s; I_s]
-        for step in range(config.world_size):
+        n_cols = cols.shape[0]
+        group_bias = col_bias.repeat(config.group_size)  # every rank's columns are laid out [T; P; N] alike
+        image_bias = _zero_bias(config.group_size * image.shape[0], col_bias)
+        row_lse = torch.full((image.shape[0],), -float("inf"), dtype=scale.dtype, device=image.device)
+        query_lse = torch.full((config.n_query_cols,), -float("inf"), dtype=scale.dtype, device=image.device)
+        block = torch.cat([cols, image]).detach()  # what travels: [C_s; I_s]
+        for step in range(config.n_steps):
             incoming, works = None, []
-            if step < config.world_size - 1:
-                incoming = torch.empty_like(block)
-                works = _post(
-                    [
-                        dist.P2POp(dist.isend, block, config.next_rank, tag=_DATA_TAG),
-                        dist.P2POp(dist.irecv, incoming, config.prev_rank, tag=_DATA_TAG),
-                    ]
-                )
-            n_cols = cols.shape[0]
-            row_part, query_part = _block_partitions(
-                image, queries, block[:n_cols], block[n_cols:], scale, col_bias, config
+            if step < config.n_steps - 1:
+                incoming, works = _exchange(block, config)
+            group_cols, group_images = _group_block(block, n_cols, config)
+            row_part, _ = partitions(
+                image, group_cols, scale, group_bias, 0, backend=config.backend, options=config.options
+            )
+            query_part, _ = partitions(
+                queries, group_images, scale, image_bias, 0, backend=config.backend, options=config.options
             )
             torch.logaddexp(row_lse, row_part, out=row_lse)
             torch.logaddexp(query_lse, query_part, out=query_lse)
-            _wait(works)
+            _wait(works, f"the ring's exchange of feature blocks (forward, step {step + 1} of {config.n_steps - 1})")
             block = incoming
         ctx.save_for_backward(image, cols, scale, col_bias, row_lse, query_lse)
         ctx.config = config
@@ -118,80 +140,75 @@ class RingPartitions(torch.autograd.Function):
         config: RingConfig = ctx.config
         need_image, need_cols, need_scale = ctx.needs_input_grad[:3]
         stat_dtype = scale.dtype
-        n_cols, n_query = cols.shape[0], config.n_query_cols
+        n_query, n_cols, size = config.n_query_cols, cols.shape[0], config.group_size
+        queries = cols[:n_query]
+        group_bias = col_bias.repeat(size)
+        image_bias = _zero_bias(size * image.shape[0], col_bias)
+        no_stats = row_lse.new_empty(0)  # one direction per call: the other's statistics are empty
         grad_row_lse = torch.zeros_like(row_lse) if grad_row_lse is None else grad_row_lse
         grad_query_lse = torch.zeros_like(query_lse) if grad_query_lse is None else grad_query_lse
         # The other ranks' blocks need gradients only for the inputs that require them here
-        # (every rank has the same requires_grad flags: checked in the forward).
+        # (every rank has the same requires_grad flags: checked in distributed_loss), so all agree.
         remote_grad = config.remote_grad and (need_image or need_cols)
 
         grad_image = torch.zeros(image.shape, dtype=stat_dtype, device=image.device)
         grad_cols = torch.zeros(cols.shape, dtype=stat_dtype, device=cols.device)
         grad_scale = torch.zeros((), dtype=stat_dtype, device=scale.device)
         block = torch.cat([cols, image]).detach()
-        outgoing, outgoing_works = None, []
-        for step in range(config.world_size):
+        home, outgoing_works = None, []
+        for step in range(config.n_steps):
             # Order of posts per peer pair: [gradient of step t−1, block of step t+1], then the
             # gradient of step t; the same order on both sides (needed by NCCL, harmless on Gloo).
-            # (A Gloo work must be waited on exactly once: a second wait() on a receive blocks.)
             incoming, incoming_grad, grad_works, works = None, None, [], []
             if remote_grad and step > 0:
                 incoming_grad = torch.empty(block.shape, dtype=stat_dtype, device=block.device)
                 grad_works = _post([dist.P2POp(dist.irecv, incoming_grad, config.prev_rank, tag=_GRAD_TAG)])
-            if step < config.world_size - 1:
-                incoming = torch.empty_like(block)
-                works = _post(
-                    [
-                        dist.P2POp(dist.isend, block, config.next_rank, tag=_DATA_TAG),
-                        dist.P2POp(dist.irecv, incoming, config.prev_rank, tag=_DATA_TAG),
-                    ]
-                )
+            if step < config.n_steps - 1:
+                incoming, works = _exchange(block, config)
 
-            with torch.enable_grad():
-                rows = image.detach().requires_grad_(need_image)
-                queries = cols[:n_query].detach().requires_grad_(need_cols)
-                # Only what requires grad on every rank gets gradient work (a frozen tower costs none).
-                block_cols = block[:n_cols].detach().requires_grad_(remote_grad and need_cols)
-                block_images = block[n_cols:].detach().requires_grad_(remote_grad and need_image)
-                tau = scale.detach().requires_grad_(need_scale)
-                row_part, query_part = _block_partitions(rows, queries, block_cols, block_images, tau, col_bias, config)
-                # lse = logaddexp over blocks of the partials, so d lse / d partial = exp(partial − lse).
-                # Backpropagated as a scalar surrogate Σ partial·weight: the same gradient, and no
-                # grad_outputs tensor (whose first use imports sympy, seconds per process).
-                surrogate = None
-                for part, lse, grad in ((row_part, row_lse, grad_row_lse), (query_part, query_lse, grad_query_lse)):
-                    if part.requires_grad:
-                        term = (part * (grad * torch.exp(part.detach() - lse))).sum()
-                        surrogate = term if surrogate is None else surrogate + term
-                leaves = [leaf for leaf in (rows, queries, block_cols, block_images, tau) if leaf.requires_grad]
-                grads = torch.autograd.grad(surrogate, leaves, allow_unused=True) if surrogate is not None else ()
-            grad_of = {id(leaf): grad for leaf, grad in zip(leaves, grads)}
-            if grad_of.get(id(rows)) is not None:
-                grad_image += grad_of[id(rows)]
-            if grad_of.get(id(queries)) is not None:
-                grad_cols[:n_query] += grad_of[id(queries)]
-            if grad_of.get(id(tau)) is not None:
-                grad_scale += grad_of[id(tau)]
+            # The primitive's backward alone, with the global statistics: the weights
+            # exp(S + bias − row_lse) and exp(S − query_lse) of this block, no forward recompute.
+            group_cols, group_images = _group_block(block, n_cols, config)
+            g_image, g_group_cols, g_scale_rows = partitions_backward(
+                image, group_cols, scale, group_bias, 0, row_lse, no_stats, grad_row_lse, None,
+                (need_image, remote_grad and need_cols, need_scale), backend=config.backend, options=config.options,
+            )  # fmt: skip
+            g_queries, g_group_images, g_scale_queries = partitions_backward(
+                queries, group_images, scale, image_bias, 0, query_lse, no_stats, grad_query_lse, None,
+                (need_cols, remote_grad and need_image, need_scale), backend=config.backend, options=config.options,
+            )  # fmt: skip
+            if g_image is not None:
+                grad_image += g_image
+            if g_queries is not None:
+                grad_cols[:n_query] += g_queries
+            for g_scale in (g_scale_rows, g_scale_queries):
+                if g_scale is not None:
+                    grad_scale += g_scale
 
             if remote_grad:
-                block_grad = torch.zeros(block.shape, dtype=stat_dtype, device=block.device)
-                for part, leaf in ((block_grad[:n_cols], block_cols), (block_grad[n_cols:], block_images)):
-                    if grad_of.get(id(leaf)) is not None:
-                        part.copy_(grad_of[id(leaf)])
+                group_grad = torch.zeros((size, *block.shape), dtype=stat_dtype, device=block.device)
+                if g_group_cols is not None:
+                    group_grad[:, :n_cols] = g_group_cols.view(size, n_cols, -1)
+                if g_group_images is not None:
+                    group_grad[:, n_cols:] = g_group_images.view(size, image.shape[0], -1)
+                block_grad = _own_share(group_grad, config)
                 if incoming_grad is not None:
-                    _wait(grad_works)  # the gradient of this block accumulated by the previous ranks
-                    block_grad += incoming_grad
-                _wait(outgoing_works)
-                outgoing = block_grad
-                outgoing_works = _post([dist.P2POp(dist.isend, outgoing, config.next_rank, tag=_GRAD_TAG)])
-            _wait(works)
+                    _wait(grad_works, f"the ring's exchange of gradient blocks (backward, step {step + 1})")
+                    block_grad += incoming_grad  # this block's gradient from the ranks it visited before
+                _wait(outgoing_works, f"the ring's exchange of gradient blocks (backward, step {step})")
+                if config.n_steps == 1:
+                    home = block_grad  # a ring of one: the block never left
+                else:
+                    outgoing_works = _post([dist.P2POp(dist.isend, block_grad, config.next_rank, tag=_GRAD_TAG)])
+            _wait(works, f"the ring's exchange of feature blocks (backward, step {step + 1} of {config.n_steps - 1})")
             block = incoming
 
-        if remote_grad:  # our own block's gradient, after a full turn
+        if remote_grad and home is None:  # our own block's gradient, after a full turn
             home = torch.empty((n_cols + image.shape[0], image.shape[1]), dtype=stat_dtype, device=image.device)
             home_works = _post([dist.P2POp(dist.irecv, home, config.prev_rank, tag=_GRAD_TAG)])
-            _wait(home_works)
-            _wait(outgoing_works)
+            _wait(home_works, "the ring's return of this rank's gradient block (end of the backward)")
+            _wait(outgoing_works, "the ring's exchange of gradient blocks (end of the backward)")
+        if home is not None:
             grad_cols += home[:n_cols]
             grad_image += home[n_cols:]
         return (
