@@ -111,14 +111,14 @@ def _open_clip(rank, world_size, open_clip_loss, leaves, local_loss, gather_with
     return loss.detach(), [None if t is None else t.grad for t in leaves]
 
 
-def _bad_layout(rank, world_size, mode, batch, n_para):
+def _bad_layout(rank, world_size, mode, batch, n_para, scale=10.0, beta=1.0):
     feats = [torch.randn(batch, DIM) for _ in range(2)]
     para = torch.randn(batch, n_para, DIM)
     loss_fn = sk.SemCLIPLoss(
         rank=rank, world_size=world_size, backend="torch", distributed_mode=mode,
-        group_size=GROUP_SIZE if mode == "hierarchical" else None,
+        group_size=GROUP_SIZE if mode == "hierarchical" else None, hard_negative_weight=beta,
     )
-    loss_fn(feats[0], feats[1], 10.0, paraphrase_features=para)
+    loss_fn(feats[0], feats[1], scale, paraphrase_features=para)
     return "no error"
 
 
@@ -259,6 +259,9 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     for mode in MODES:
         results[("uneven", mode)] = _run(_bad_layout, rank, world_size, mode, BATCH + rank, 1)
         results[("paraphrase_count", mode)] = _run(_bad_layout, rank, world_size, mode, BATCH, 1 + rank)
+    # τ and β must agree across ranks (docs/contract.md §5): checked in the layout all-gather.
+    results["scale_differs"] = _run(_bad_layout, rank, world_size, "gather", BATCH, 1, 10.0 + rank)
+    results["beta_differs"] = _run(_bad_layout, rank, world_size, "gather", BATCH, 1, 10.0, 1.0 + rank)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -513,6 +516,16 @@ def test_bad_layouts_rejected_on_every_rank(world, mode):
         assert str([BATCH + k for k in range(world_size)]) in uneven, uneven
         para = ranks[r][("paraphrase_count", mode)]
         assert "ValueError" in para and "paraphrases per image Pn differs across ranks" in para, para
+
+
+def test_scale_and_weights_must_agree_across_ranks(world):
+    world_size, ranks = world
+    for r in range(world_size):
+        scale = ranks[r]["scale_differs"]
+        assert "ValueError" in scale and "logit_scale differs across ranks" in scale, scale
+        assert str([10.0 + k for k in range(world_size)]) in scale, scale
+        beta = ranks[r]["beta_differs"]
+        assert "ValueError" in beta and "hard_negative_weight differs across ranks" in beta, beta
 
 
 @pytest.mark.parametrize("mode", ["ring", "hierarchical"])
