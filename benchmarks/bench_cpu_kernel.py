@@ -11,7 +11,7 @@ Two regimes, forward+backward:
 2. trained: τ = 100, each image's caption and paraphrase near it, its negation a little farther, all
    else far (a peaked softmax), default gradient filtering: GEMM-equivalents (goal ≤ 2.5), the fraction
    of tiles the backward skipped, and every gradient's error against a float64 evaluation (the tiled
-   "torch" backend in float64, an independent implementation), goal ≤ 1e-4 (SPEC §4).
+   "torch" backend in float64, an independent implementation), goal ≤ 1e-4 (docs/contract.md §4).
 
 "GEMM-equivalents" = time ÷ the time of one [B, d] @ [d, K] product measured in the same run. Calls
 are interleaved (GEMM, cpp, reference, GEMM, cpp, …) and medians taken, so the noise of a shared

@@ -1,6 +1,6 @@
 """Zero-copy text columns: recognise `[T; P; N]` that already lie back to back in one buffer.
 
-The loss lays out its text columns as `[T; P; N]` (SPEC section 7). When a training loop
+The loss lays out its text columns as `[T; P; N]` (docs/contract.md §7). When a training loop
 encodes captions, paraphrases and negations in ONE text-tower pass, in the order
 
     [all captions; all paraphrases (image-major); all negations (image-major)]

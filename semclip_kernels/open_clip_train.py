@@ -37,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Paraphrases per image in a batch (Pn); a row's paraphrases are cycled per epoch.")
     parser.add_argument("--negations-per-image", type=int, default=1,
                         help="Negations per image in a batch (Mn); a row's negations are cycled per epoch.")
-    parser.add_argument("--paraphrase-weight", type=float, default=1.0, help="w >= 0 (SPEC §1).")
-    parser.add_argument("--hard-negative-weight", type=float, default=1.0, help="beta >= 0 (SPEC §1).")
+    parser.add_argument("--paraphrase-weight", type=float, default=1.0, help="w >= 0 (docs/contract.md §1).")
+    parser.add_argument("--hard-negative-weight", type=float, default=1.0, help="beta >= 0 (docs/contract.md §1).")
     parser.add_argument("--semclip-backend", default="auto", choices=BACKENDS, help="Loss backend.")
     parser.add_argument("--distributed-mode", default="gather", choices=DISTRIBUTED_MODES,
                         help="How the loss combines ranks: all-gather the columns or pass them in a ring.")

@@ -1,7 +1,7 @@
 """An independent float64 evaluation of docs/contract.md §1, term by term.
 
 It shares no code with `semclip_kernels`: it builds every similarity
-`s(I_i, x)` explicitly and writes Z, Y, L_i2t and L_t2i as the SPEC does.
+`s(I_i, x)` explicitly and writes Z, Y, L_i2t and L_t2i as docs/contract.md §1 does.
 """
 
 from __future__ import annotations

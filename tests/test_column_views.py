@@ -117,7 +117,7 @@ def test_detached_block_is_none():
 
 
 def loss_through_columns(image, cols, text, para, tau, n_neg):
-    """SPEC section 1 consuming the joined columns for every partition and the views for the
+    """docs/contract.md §1 consuming the joined columns for every partition and the views for the
     positives, i.e. two autograd paths into the same buffer (as the loss layer does)."""
     logits = tau * image @ cols.T  # [B, K]
     z = torch.logsumexp(logits, dim=1)

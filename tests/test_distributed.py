@@ -5,8 +5,8 @@ module-scoped fixture): every rank runs every configuration (backend × mode ×
 local_loss/gather_with_grad × with/without extras, plus open_clip's ClipLoss
 and the error cases), saves what it got, and the tests below compare in the
 parent process against
-- the float64 oracle of SPEC section 1 on the concatenated batch (global loss
-  and gradients, SPEC section 5), and
+- the float64 oracle of docs/contract.md §1 on the concatenated batch (global loss
+  and gradients, docs/contract.md §5), and
 - an explicit float64 per-rank form written here in open_clip's style (this
   rank's rows against materialized global logits), which pins the per-rank
   values and open_clip's gradient semantics of all four combinations;
@@ -292,7 +292,7 @@ def world(request, tmp_path_factory):
 
 
 def oracle_global(case, w, beta):
-    """SPEC section 1 on the concatenated batch: (L, grads of the five leaves)."""
+    """docs/contract.md §1 on the concatenated batch: (L, grads of the five leaves)."""
     leaves = [None if t is None else t.detach().double().requires_grad_() for t in
               (case.image, case.text, case.paraphrase, case.negation, case.logit_scale)]
     image, text, para, neg, scale = leaves
@@ -400,7 +400,7 @@ def assert_close(got, want, what, loss_tol=1e-5, grad_tol=1e-4):
 
 
 def test_per_rank_float64_form_matches_oracle():
-    """The test's per-rank float64 form is itself pinned to SPEC section 1 (mean over ranks, Σ gradients)."""
+    """The test's per-rank float64 form is itself pinned to docs/contract.md §1 (mean over ranks, Σ gradients)."""
     for world_size, extras in itertools.product((2, 4), EXTRAS):
         _, _, w, beta = EXTRAS[extras]
         case = global_case(world_size, extras)
@@ -433,7 +433,7 @@ def test_matches_float64(world, backend, mode, local_loss, gather_with_grad, ext
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_local_loss_with_grad_gives_global_loss_and_gradients(world, backend, mode):
-    """SPEC section 5: mean of per-rank losses = L, rank gradients / world_size = global gradient rows."""
+    """docs/contract.md §5: mean of per-rank losses = L, rank gradients / world_size = global gradient rows."""
     world_size, ranks = world
     for extras in EXTRAS:
         _, _, w, beta = EXTRAS[extras]

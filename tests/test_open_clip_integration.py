@@ -58,7 +58,7 @@ def negations_of(i: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> str:
-    """24 random 32-px images and a SPEC §6 CSV (comma-separated, paths relative to its folder)."""
+    """24 random 32-px images and a docs/contract.md §6 CSV (comma-separated, paths relative to its folder)."""
     folder = tmp_path_factory.mktemp("oc_data")
     rng = np.random.default_rng(0)
     lines = ["filepath,caption,paraphrase,negation"]
@@ -309,7 +309,7 @@ def test_torchrun_two_gloo_processes(data_dir, tmp_path):
     losses = logged_losses(os.path.join(run_dir, "out.log"))
     assert len(losses) == 3 and all(np.isfinite(losses))
     assert os.path.isfile(os.path.join(run_dir, "checkpoints", "epoch_1.pt"))
-    # SPEC §5 with --local-loss: the mean of the ranks' losses is SPEC §1 on the global batch,
+    # docs/contract.md §5 with --local-loss: the mean of the ranks' losses is docs/contract.md §1 on the global batch,
     # every rank's batch concatenated in rank order.
     ranks = [torch.load(probe_dir / f"rank{r}.pt") for r in range(2)]
     assert all(r["world_size"] == 2 and r["local_loss"] for r in ranks)

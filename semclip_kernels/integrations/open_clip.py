@@ -5,7 +5,7 @@ Public pieces (docs/open_clip.md):
 - `SemCLIPOptions`: the SemCLIP flags of `python -m semclip_kernels.open_clip_train`.
 - `read_csv_triplets` / `CsvTripletTokens` / `get_csv_triplet_data`: a CSV dataset whose items are
   `(image, tokens [1 + Pn + Mn, L])`: the caption, `Pn` paraphrases and `Mn` negations of one image
-  (several per cell separated by ` || `, SPEC §6; cycled per epoch when a row has more).
+  (several per cell separated by ` || `, docs/contract.md §6; cycled per epoch when a row has more).
 - `encode_text_groups` / `install_semclip_forward`: the model-output hook. It encodes captions,
   paraphrases and negations in ONE text-tower pass, ordered `[captions; paraphrases; negations]`
   (image-major), so the tower's `[K, d]` output already is the loss's column layout `[T; P; N]`,
@@ -43,7 +43,7 @@ from ..distributed import MODES as DISTRIBUTED_MODES
 from ..loss import SemCLIPLoss
 from ..validation import check_weight
 
-SEPARATOR = " || "  # SPEC §6: space, two bars, space; a bare "||" inside a text is text
+SEPARATOR = " || "  # docs/contract.md §6: space, two bars, space; a bare "||" inside a text is text
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def read_csv_triplets(
 
     Columns are chosen by the open_clip flags (`--csv-img-key`, `--csv-caption-key`,
     `--csv-separator`) plus ours. The file is UTF-8 (a byte-order mark is tolerated); image paths are
-    absolute or relative to the CSV's folder (SPEC §6). Every row that cannot be used is reported
+    absolute or relative to the CSV's folder (docs/contract.md §6). Every row that cannot be used is reported
     with the file and line, all at once, before training starts.
     """
     if len(sep) != 1:
