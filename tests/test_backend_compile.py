@@ -1,4 +1,5 @@
-"""torch.compile and custom ops (issue 11): the cpp kernels are `torch.library` custom ops with fake
+"""torch.compile and custom ops (issue 11): the cpp kernels and the torch backend's tile loops are
+`torch.library` custom ops with fake
 implementations and registered autograd (`opcheck`), and `torch.compile(fullgraph=True)` of a function
 calling `partitions` works for cpp and torch and matches eager. Compiling takes tens of seconds on two
 cores: one small compiled test per backend.
@@ -40,6 +41,16 @@ def test_cpp_backward_custom_op_passes_opcheck():
         args = (rows, cols, scale, col_bias, n_query, row_lse, col_lse[:n_query].contiguous(), col_mass_lse, maxima,
                 torch.rand(12), torch.rand(n_query), [True, True, True], 8, 16, 1e-10)
         torch.library.opcheck(torch.ops.semclip.cpp_backward.default, args)
+
+
+def test_torch_tiled_custom_ops_pass_opcheck():
+    rows, cols, scale, col_bias, n_query = primitive_args()
+    args = (rows.requires_grad_(), cols.requires_grad_(), scale.requires_grad_(), col_bias, n_query, 8, 16)
+    torch.library.opcheck(torch.ops.semclip.torch_tiled_forward.default, args)
+    row_lse, col_lse = torch.ops.semclip.torch_tiled_forward(*args)
+    backward_args = (rows.detach(), cols.detach(), scale.detach(), col_bias, row_lse.detach(), col_lse.detach(),
+                     torch.rand(12), torch.rand(n_query), [True, True, True], 8, 16)  # fmt: skip
+    torch.library.opcheck(torch.ops.semclip.torch_tiled_backward.default, backward_args)
 
 
 def objective(module, rows, cols, scale, col_bias, n_query):

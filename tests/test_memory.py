@@ -49,3 +49,23 @@ def test_recorder_catches_the_materialized_reference():
     # The same probe flags the reference, which holds the whole B×K logits: the test can fail.
     largest, batch_by_cols, _ = largest_allocation("reference", batch=512)
     assert largest >= batch_by_cols
+
+
+def test_torch_tile_loops_never_materialize_logits():
+    # The torch backend's tile loops run inside custom operators (one graph node under torch.compile),
+    # which a dispatch mode sees only at their boundary: probe the loops themselves, forward and backward.
+    from semclip_kernels.backends import torch_tiled
+
+    batch, dim = 2048, 32
+    gen = torch.Generator().manual_seed(0)
+    rows, cols = torch.randn(batch, dim, generator=gen), torch.randn(3 * batch, dim, generator=gen)
+    scale, col_bias = torch.tensor(14.3), torch.zeros(3 * batch)
+    blocks = (torch_tiled.DEFAULT_BLOCK_ROWS, torch_tiled.DEFAULT_BLOCK_COLS)
+    with LargestAllocation() as recorder:
+        row_lse, col_lse = torch_tiled._forward_tiles(rows, cols, scale, col_bias, 2 * batch, *blocks)
+        g_row, g_col = torch.full_like(row_lse, 0.5, dtype=torch.float32), torch.ones_like(col_lse, dtype=torch.float32)
+        for fast in (True, False):
+            torch_tiled._backward_tiles(rows, cols, scale, col_bias, row_lse, col_lse, g_row, g_col,
+                                        (True, True, True), *blocks, fast)  # fmt: skip
+    assert recorder.largest < batch * 3 * batch / 4, recorder.largest_op
+    assert recorder.largest >= blocks[0] * blocks[1]  # the probe sees the tiles: the test can fail

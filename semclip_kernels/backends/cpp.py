@@ -120,6 +120,8 @@ def cpp_backward(
     """
     global _last_stats
     need_rows, need_cols, need_scale = needs
+    if grad_filter_eps < 0:  # the default, resolved here on concrete sizes (see `_filter_eps`)
+        grad_filter_eps = default_grad_filter_eps(rows.shape[0], cols.shape[0], rows.dtype)
     grad_rows, grad_cols, grad_scale, stats = _C.backward(
         rows.detach(), cols.detach(), float(scale), col_bias.detach(), n_query_cols, row_lse.detach(),
         col_lse.detach(), col_mass_lse.detach(), tile_max.detach(), grad_row_lse.detach(), grad_col_lse.detach(),
@@ -194,10 +196,13 @@ def _kernel_inputs(rows, cols, scale, col_bias) -> tuple[torch.Tensor, torch.Ten
     return rows.to(dtype).contiguous(), cols.to(dtype).contiguous(), col_bias.detach().to(dtype).contiguous()
 
 
-def _filter_eps(options: PartitionOptions, n_rows: int, n_cols: int, dtype: torch.dtype) -> float:
-    if options.grad_filter_eps is not None:
-        return options.grad_filter_eps
-    return default_grad_filter_eps(n_rows, n_cols, dtype)
+# A negative eps asks the backward op for the default threshold of its (concrete) sizes: computed out
+# here from symbolic sizes under torch.compile, it would specialise the graph on the batch size.
+_DEFAULT_EPS = -1.0
+
+
+def _filter_eps(options: PartitionOptions) -> float:
+    return _DEFAULT_EPS if options.grad_filter_eps is None else options.grad_filter_eps
 
 
 def _check_available(rows: torch.Tensor) -> None:
@@ -217,7 +222,7 @@ def partitions(
     """Row and query-column log-partitions of `scale·rows·colsᵀ` (docs/contract.md §7), fused on CPU."""
     _check_available(rows)
     rows_k, cols_k, bias_k = _kernel_inputs(rows, cols, scale, col_bias)
-    eps = _filter_eps(options, rows.shape[0], cols.shape[0], rows_k.dtype)
+    eps = _filter_eps(options)
     row_lse, col_lse, _ = cpp_forward(rows_k, cols_k, scale, bias_k, n_query_cols, *_blocks(options), eps)
     return row_lse.to(scale.dtype), col_lse[:n_query_cols].to(scale.dtype)
 
@@ -243,7 +248,7 @@ def partitions_backward(
     _check_available(rows)
     rows_k, cols_k, bias_k = _kernel_inputs(rows.detach(), cols.detach(), scale, col_bias)
     dtype = rows_k.dtype
-    eps = _filter_eps(options, rows.shape[0], cols.shape[0], dtype)
+    eps = _filter_eps(options)
     empty = torch.empty(0, dtype=torch.float64)
     grad_rows, grad_cols, grad_scale = cpp_backward(
         rows_k, cols_k, scale.detach(), bias_k, n_query_cols,

@@ -265,49 +265,98 @@ def _backward_tiles(rows, cols, scale, col_bias, row_lse, col_lse, g_row, g_col,
     return grad_rows, grad_cols, grad_scale.to(dtype) if need_scale else None
 
 
-class _NoDoubleBackward(torch.autograd.Function):
-    """Passes gradients through; differentiating them again raises (instead of a wrong answer)."""
-
-    @staticmethod
-    def forward(ctx, n_anchors: int, *tensors: torch.Tensor):
-        return tuple(g.clone() for g in tensors[n_anchors:])
-
-    @staticmethod
-    def backward(ctx, *unused):
-        raise RuntimeError(
-            "backend='torch' does not support double backward (differentiating its gradients again, "
-            "create_graph=True); use backend='reference' for second derivatives"
-        )
+# The tile loops run as two custom operators: eager code even inside a compiled graph, where they are
+# one node each instead of an unrolled loop over (B / block_rows)·(K / block_cols) tiles (which would
+# take minutes to compile at B = 8192 and specialise the graph on B).
 
 
-class TiledPartitions(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, rows, cols, scale, col_bias, n_query_cols: int, block_rows: int, block_cols: int):
-        row_lse, col_lse = _forward_tiles(rows, cols, scale, col_bias, n_query_cols, block_rows, block_cols)
-        ctx.save_for_backward(rows, cols, scale, col_bias, row_lse, col_lse)
-        ctx.blocks = (block_rows, block_cols)
-        # The compiled backward is traced outside Dynamo, where is_compiling() is not reliable: decide here.
-        ctx.fast = _eager_fast_path(rows)
-        return row_lse.to(scale.dtype), col_lse.to(scale.dtype)
+@torch.library.custom_op("semclip::torch_tiled_forward", mutates_args=())
+def torch_tiled_forward(
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    scale: torch.Tensor,
+    col_bias: torch.Tensor,
+    n_query_cols: int,
+    block_rows: int,
+    block_cols: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(row_lse [M], col_lse [n_query_cols])` in float64, tile by tile."""
+    with torch.no_grad():
+        return _forward_tiles(rows, cols, scale, col_bias, n_query_cols, block_rows, block_cols)
 
-    @staticmethod
-    def backward(ctx, grad_row_lse, grad_col_lse):
-        rows, cols, scale, col_bias, row_lse, col_lse = ctx.saved_tensors
-        needs = tuple(ctx.needs_input_grad[:3])
-        dtype = stat_dtype(scale.dtype)
-        g_row = torch.zeros_like(row_lse, dtype=dtype) if grad_row_lse is None else grad_row_lse.to(dtype)
-        g_col = torch.zeros_like(col_lse, dtype=dtype) if grad_col_lse is None else grad_col_lse.to(dtype)
-        with torch.no_grad():
-            grads = _backward_tiles(rows, cols, scale, col_bias, row_lse, col_lse, g_row, g_col, needs, *ctx.blocks,
-                                    ctx.fast)
-        grads = _in_dtypes(grads, rows, cols, scale)
-        if torch.is_grad_enabled():  # create_graph=True: first derivatives fine, second ones refused
-            present = [g for g in grads if g is not None]
-            # Anchored to everything the gradients depend on, so that any second derivative reaches the refusal.
-            anchors = [t for t in (rows, cols, scale, col_bias, grad_row_lse, grad_col_lse) if t is not None]
-            passed = iter(_NoDoubleBackward.apply(len(anchors), *anchors, *present))
-            grads = tuple(None if g is None else next(passed) for g in grads)
-        return (*grads, None, None, None, None)
+
+@torch_tiled_forward.register_fake
+def _(rows, cols, scale, col_bias, n_query_cols, block_rows, block_cols):
+    return rows.new_empty((rows.shape[0],), dtype=_PRECISE), rows.new_empty((n_query_cols,), dtype=_PRECISE)
+
+
+@torch.library.custom_op("semclip::torch_tiled_backward", mutates_args=())
+def torch_tiled_backward(
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    scale: torch.Tensor,
+    col_bias: torch.Tensor,
+    row_lse: torch.Tensor,
+    col_lse: torch.Tensor,
+    grad_row_lse: torch.Tensor,
+    grad_col_lse: torch.Tensor,
+    needs: list[bool],
+    block_rows: int,
+    block_cols: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(grad_rows, grad_cols, grad_scale)` in the inputs' dtypes; empty where `needs` says no."""
+    with torch.no_grad():
+        grads = _backward_tiles(rows, cols, scale, col_bias, row_lse, col_lse, grad_row_lse, grad_col_lse,
+                                tuple(needs), block_rows, block_cols, _eager_fast_path(rows))
+    grad_rows, grad_cols, grad_scale = _in_dtypes(grads, rows, cols, scale)
+    return (  # separate empties: the outputs of a custom op must not alias each other
+        grad_rows if needs[0] else rows.new_empty((0,)),
+        grad_cols if needs[1] else rows.new_empty((0,)),
+        grad_scale if needs[2] else scale.new_zeros(()),
+    )
+
+
+@torch_tiled_backward.register_fake
+def _(rows, cols, scale, col_bias, row_lse, col_lse, grad_row_lse, grad_col_lse, needs, block_rows, block_cols):
+    return (
+        torch.empty_like(rows) if needs[0] else rows.new_empty((0,)),
+        torch.empty_like(cols) if needs[1] else rows.new_empty((0,)),
+        scale.new_empty(()),
+    )
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "backend='torch' does not support double backward (differentiating its gradients again, "
+        "create_graph=True); use backend='reference' for second derivatives"
+    )
+
+
+def _forward_setup_context(ctx, inputs, output) -> None:
+    rows, cols, scale, col_bias, n_query_cols, block_rows, block_cols = inputs
+    ctx.save_for_backward(rows, cols, scale, col_bias, *output)
+    ctx.blocks = (block_rows, block_cols)
+
+
+def _forward_backward(ctx, grad_row_lse, grad_col_lse):
+    rows, cols, scale, col_bias, row_lse, col_lse = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:3])
+    dtype = stat_dtype(scale.dtype)
+    g_row = torch.zeros_like(row_lse, dtype=dtype) if grad_row_lse is None else grad_row_lse.to(dtype)
+    g_col = torch.zeros_like(col_lse, dtype=dtype) if grad_col_lse is None else grad_col_lse.to(dtype)
+    grad_rows, grad_cols, grad_scale = torch_tiled_backward(
+        rows, cols, scale, col_bias, row_lse, col_lse, g_row, g_col, needs, *ctx.blocks
+    )
+    return (
+        grad_rows if needs[0] else None,
+        grad_cols if needs[1] else None,
+        grad_scale if needs[2] else None,
+        None, None, None, None,
+    )
+
+
+torch.library.register_autograd("semclip::torch_tiled_backward", _no_double_backward)
+torch.library.register_autograd("semclip::torch_tiled_forward", _forward_backward, setup_context=_forward_setup_context)
 
 
 def _in_dtypes(grads, rows, cols, scale):
@@ -332,7 +381,8 @@ def partitions(
     options: PartitionOptions,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Row and query-column log-partitions of `scale·rows·colsᵀ` (docs/contract.md §7), tile by tile."""
-    return TiledPartitions.apply(rows, cols, scale, col_bias, n_query_cols, *_blocks(options))
+    row_lse, col_lse = torch_tiled_forward(rows, cols, scale, col_bias, n_query_cols, *_blocks(options))
+    return row_lse.to(scale.dtype), col_lse.to(scale.dtype)
 
 
 def partitions_backward(
