@@ -21,11 +21,12 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from training.checkpoint import atomic_save, load_checkpoint  # noqa: E402
+from training.config import TrainConfig  # noqa: E402
 from training.csv_data import BadRowsError, CsvTriplets, read_triplet_csv  # noqa: E402
 from training.data import batch_indices  # noqa: E402
 from training.evaluate import negation_accuracy, paraphrase_recall_at_1, recall_at_k  # noqa: E402
 from training.synthetic import SyntheticTriplets, layout_key  # noqa: E402
-from training.train import TrainConfig, train, warmup_cosine  # noqa: E402
+from training.train import train, warmup_cosine  # noqa: E402
 
 # The vocabulary, restated independently of training/synthetic.py.
 COLOR = {"red": "red", "crimson": "red", "orange": "orange", "amber": "orange", "yellow": "yellow",
@@ -273,3 +274,48 @@ def test_atomic_save_keeps_previous_checkpoint_on_failure(tmp_path):
     state = load_checkpoint(path)
     assert state["step"] == 1 and torch.equal(state["weights"], torch.ones(3))
     assert os.listdir(tmp_path) == ["checkpoint.pt"]  # no temporary file left behind
+
+
+# ----------------------------------------------------------------------------- structure
+
+
+def training_import_graph() -> dict[str, set[str]]:
+    """module -> training modules it imports anywhere in its source (lazy imports inside functions count too)."""
+    import ast
+
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "training")
+    names = {f[:-3] for f in os.listdir(folder) if f.endswith(".py") and f != "__init__.py"}
+    graph: dict[str, set[str]] = {}
+    for name in names:
+        with open(os.path.join(folder, name + ".py"), encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        targets = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                module = node.module or ""
+                if node.level == 1:  # from .x import y  /  from . import x
+                    targets |= {module.split(".")[0]} if module else {a.name for a in node.names}
+                elif module.startswith("training."):
+                    targets.add(module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                targets |= {a.name.split(".")[1] for a in node.names if a.name.startswith("training.")}
+        graph[name] = targets & names
+    return graph
+
+
+def test_training_modules_import_without_cycles():
+    graph = training_import_graph()
+    assert "train" in graph["demo"] and "checkpoint" in graph["train"]  # the graph really was read
+    state: dict[str, str] = {}
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = "open"
+        for target in sorted(graph[name]):
+            assert state.get(target) != "open", f"import cycle: {' -> '.join(path + [name, target])}"
+            if target not in state:
+                visit(target, path + [name])
+        state[name] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [])

@@ -18,9 +18,10 @@ import sys
 import time
 
 from .checkpoint import atomic_write_text
+from .config import TrainConfig
 from .evaluate import format_table
 from .plots import plot_runs
-from .train import TrainConfig, train
+from .train import train
 
 HEADLINE = ["negation_accuracy", "paraphrase_r1", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5"]
 

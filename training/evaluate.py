@@ -24,6 +24,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from .checkpoint import load_checkpoint
+from .config import TrainConfig, build_datasets, build_model_for
+
 
 def recall_at_k(scores: torch.Tensor, k: int) -> float:
     """R@k for a square score matrix whose right answers are on the diagonal (row = query)."""
@@ -124,9 +127,6 @@ def format_table(columns: dict[str, dict[str, float]], keys: list[str] | None = 
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    from .checkpoint import load_checkpoint
-    from .train import TrainConfig, build_datasets, build_model_for
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a checkpoint.pt written by training.train")
     parser.add_argument("--data", choices=("synthetic", "csv"), default=None, help="default: the run's own")

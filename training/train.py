@@ -29,56 +29,17 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from semclip_kernels import SemCLIPLoss
 
 from .checkpoint import atomic_save, atomic_write_text, load_checkpoint, rng_state, set_rng_state
+from .config import TrainConfig, build_datasets, build_model_for
 from .data import CachedTokenizer, TextBatch, batch_indices, collate
-from .evaluate import evaluate
-from .model import TINY_MODEL_NAME, ModelBundle, build_model, unwrap
+from .evaluate import evaluate, format_table
+from .model import unwrap
 from .plots import plot_runs
-
-
-@dataclass
-class TrainConfig:
-    out: str = "runs/semclip"
-    # data
-    data: str = "synthetic"  # synthetic | csv
-    csv: str | None = None  # training triplets (--data csv)
-    val_csv: str | None = None  # validation triplets (--data csv); default: evaluate on --csv
-    bad_rows: str = "skip"  # skip | error
-    train_size: int = 12000  # synthetic scenes in the training split
-    val_size: int = 1000  # synthetic scenes in the validation split
-    paraphrases_per_image: int = 1  # Pn used by the loss per step
-    negations_per_image: int = 1  # Mn used by the loss per step (cycled through each item's negations)
-    synthetic_negations: int = 3  # negations generated per synthetic scene (all are evaluated)
-    absence_prob: float = 0.02  # share of synthetic captions that end with a true "and no <object>" clause
-    partial_prob: float = 0.0  # share of synthetic training captions that leave one object out
-    # model
-    model: str = TINY_MODEL_NAME
-    pretrained: str | None = None
-    model_config: str | None = None  # JSON model config registered under --model
-    # loss
-    loss: str = "semclip"  # semclip | clip
-    paraphrase_weight: float = 1.0
-    hard_negative_weight: float = 1.0
-    backend: str = "auto"
-    # optimisation
-    steps: int = 500
-    batch_size: int = 128  # global batch (split across ranks)
-    lr: float = 2e-3
-    weight_decay: float = 0.1
-    warmup: int = 50
-    grad_clip: float = 1.0
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
-    seed: int = 0
-    threads: int = 0  # torch threads; 0 keeps torch's default
-    # bookkeeping
-    log_every: int = 10
-    eval_every: int = 100
-    checkpoint_every: int = 100
-    progress: bool = True
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
@@ -104,35 +65,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
 
 
 # ----------------------------------------------------------------------------- building blocks
-
-
-def build_model_for(config: TrainConfig) -> ModelBundle:
-    return build_model(config.model, config.pretrained, config.model_config)
-
-
-def build_datasets(config: TrainConfig, bundle: ModelBundle, need_train: bool = True, bad_rows: str | None = None):
-    """(train dataset or None, validation dataset) for the config's data source."""
-    bad_rows = bad_rows or config.bad_rows
-    if config.data == "synthetic":
-        from .synthetic import SyntheticTriplets
-
-        common = dict(seed=config.seed, image_size=bundle.image_size, n_paraphrases=config.paraphrases_per_image,
-                      n_negations=config.synthetic_negations, val_size=config.val_size,
-                      absence_prob=config.absence_prob, partial_prob=config.partial_prob)
-        val_set = SyntheticTriplets("val", size=config.val_size, **common)
-        train_set = SyntheticTriplets("train", size=config.train_size, **common) if need_train else None
-        return train_set, val_set
-    if config.data == "csv":
-        from .csv_data import CsvTriplets
-
-        if config.csv is None and config.val_csv is None:
-            raise ValueError("--data csv needs --csv (and optionally --val-csv)")
-        train_set = CsvTriplets(config.csv, bundle.preprocess_train, bad_rows) if need_train and config.csv else None
-        if need_train and train_set is None:
-            raise ValueError("--data csv needs --csv for training")
-        val_set = CsvTriplets(config.val_csv or config.csv, bundle.preprocess_val, bad_rows)
-        return train_set, val_set
-    raise ValueError(f"unknown --data {config.data!r}")
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -214,129 +146,206 @@ def truncate_jsonl(path: str, last_step: int) -> None:
 # ----------------------------------------------------------------------------- the loop
 
 
-def train(config: TrainConfig, resume: str | None = None, stop_after: int | None = None) -> dict:
-    """Train per `config`; returns the final metrics (or {} when stopped early by `stop_after`)."""
+@dataclass
+class TrainingRun:
+    """Everything a run holds between its steps; built once by `setup_run`."""
+
+    config: TrainConfig
+    world: Distributed
+    model: nn.Module  # wrapped in DistributedDataParallel under torchrun; `unwrap(model)` is the open_clip model
+    train_set: Dataset
+    val_set: Dataset
+    tokenizer: CachedTokenizer
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    loss_fn: SemCLIPLoss
+    start_step: int = 0  # the step the loop starts from (the checkpoint's step on --resume)
+
+    @property
+    def metrics_path(self) -> str:
+        return os.path.join(self.config.out, "metrics.jsonl")
+
+    @property
+    def checkpoint_path(self) -> str:
+        return os.path.join(self.config.out, "checkpoint.pt")
+
+    def autocast(self):
+        return torch.autocast("cpu", dtype=torch.bfloat16) if self.config.precision == "bf16" else nullcontext()
+
+
+@dataclass
+class StepResult:
+    epoch: int
+    loss: torch.Tensor  # this rank's loss (detached)
+    logit_scale: torch.Tensor  # τ as the step's forward used it
+    grad_norm: torch.Tensor  # before clipping
+
+
+def setup_run(config: TrainConfig, resume: str | None) -> TrainingRun:
+    """Build the model, data, optimizer and loss; restore the checkpoint on `resume`; wrap DDP under torchrun."""
     world = init_distributed()
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     os.makedirs(config.out, exist_ok=True)
-    metrics_path = os.path.join(config.out, "metrics.jsonl")
-    checkpoint_path = os.path.join(config.out, "checkpoint.pt")
     if config.batch_size % world.world_size:
         raise ValueError(f"--batch-size {config.batch_size} must be divisible by the world size {world.world_size}")
 
     bundle = build_model_for(config)
-    model = bundle.model
     train_set, val_set = build_datasets(config, bundle)
-    tokenizer = CachedTokenizer(bundle.tokenizer)
-    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98),
-                                  eps=1e-6)
+    optimizer = torch.optim.AdamW(parameter_groups(bundle.model, config.weight_decay), lr=config.lr,
+                                  betas=(0.9, 0.98), eps=1e-6)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup, config.steps))
-    semclip = config.loss == "semclip"
     loss_fn = SemCLIPLoss(
         local_loss=world.world_size > 1, gather_with_grad=world.world_size > 1, rank=world.rank,
         world_size=world.world_size, paraphrase_weight=config.paraphrase_weight,
         hard_negative_weight=config.hard_negative_weight, backend=config.backend,
     )
+    run = TrainingRun(config, world, bundle.model, train_set, val_set, CachedTokenizer(bundle.tokenizer), optimizer,
+                      scheduler, loss_fn)
+    restore(run, resume)
+    if world.world_size > 1:  # after restoring: every rank loads the same checkpoint before DDP's broadcast
+        run.model = nn.parallel.DistributedDataParallel(run.model)
+    return run
 
-    start_step = 0
-    if resume is not None:
-        path = checkpoint_path if resume == "auto" else resume
-        state = load_checkpoint(path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        start_step = state["step"]
-        if world.is_main:
-            truncate_jsonl(metrics_path, start_step)
-    elif world.is_main and os.path.exists(metrics_path):
-        os.unlink(metrics_path)  # a fresh run owns its log
 
-    if world.world_size > 1:
-        model = nn.parallel.DistributedDataParallel(model)
+def restore(run: TrainingRun, resume: str | None) -> None:
+    """Load model, optimizer, scheduler, RNG states and step from the checkpoint (`resume`), else start a fresh log."""
+    if resume is None:
+        if run.world.is_main and os.path.exists(run.metrics_path):
+            os.unlink(run.metrics_path)  # a fresh run owns its log
+        return
+    state = load_checkpoint(run.checkpoint_path if resume == "auto" else resume)
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    run.start_step = state["step"]
+    if run.world.is_main:
+        truncate_jsonl(run.metrics_path, run.start_step)
 
-    def autocast():
-        return torch.autocast("cpu", dtype=torch.bfloat16) if config.precision == "bf16" else nullcontext()
 
-    def save(step: int) -> None:
-        if world.is_main:
-            atomic_save({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "rng": rng_state(), "step": step,
-                         "config": asdict(config)}, checkpoint_path)
-
-    def run_eval(step: int) -> dict:
-        metrics = evaluate(unwrap(model), tokenizer, val_set, precision=config.precision)
-        append_jsonl(metrics_path, {"kind": "eval", "step": step, **metrics})
-        return metrics
-
+def train_step(run: TrainingRun, step: int) -> StepResult:
+    """One optimizer step on this rank's slice of the global batch at `step` (0-based)."""
+    config, world = run.config, run.world
+    semclip = config.loss == "semclip"
     n_paraphrases = config.paraphrases_per_image if semclip and config.paraphrase_weight > 0 else 0
     n_negations = config.negations_per_image if semclip and config.hard_negative_weight > 0 else 0
     local_batch = config.batch_size // world.world_size
-    end_step = config.steps if stop_after is None else min(config.steps, stop_after)
-    bar = tqdm(total=config.steps, initial=start_step, disable=not (config.progress and world.is_main),
+    epoch, indices = batch_indices(config.seed, step, config.batch_size, len(run.train_set))
+    indices = indices[world.rank * local_batch : (world.rank + 1) * local_batch]
+    batch = collate(run.train_set, indices, run.tokenizer, n_paraphrases, n_negations, rotation=epoch)
+
+    image, caption, paraphrase, negation, logit_scale = features_of(run.model, batch, run.autocast)
+    loss = run.loss_fn(image, caption, logit_scale, paraphrase_features=paraphrase, negation_features=negation)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip)
+    run.optimizer.step()
+    run.scheduler.step()
+    with torch.no_grad():  # as open_clip: keep τ = exp(logit_scale) ≤ 100
+        unwrap(run.model).logit_scale.clamp_(0, math.log(100))
+    return StepResult(epoch, loss.detach(), logit_scale, grad_norm)
+
+
+class Throughput:
+    """Images per second since the last logged step."""
+
+    def __init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
+        self.start, self.images = time.perf_counter(), 0
+
+    def images_per_s(self) -> float:
+        return self.images / (time.perf_counter() - self.start)
+
+
+def log_step(run: TrainingRun, done: int, result: StepResult, throughput: Throughput) -> dict | None:
+    """Append the train record of step `done` (1-based) to metrics.jsonl; returns it (None where not logged)."""
+    config, world = run.config, run.world
+    if not (done % config.log_every == 0 or done == config.steps):
+        return None
+    logged_loss = result.loss.clone()
+    if world.world_size > 1:  # each rank holds its local loss; their mean is the global batch's loss
+        dist.all_reduce(logged_loss)
+        logged_loss /= world.world_size
+    if not world.is_main:
+        return None
+    record = {"kind": "train", "step": done, "epoch": result.epoch, "loss": logged_loss.item(),
+              "lr": run.scheduler.get_last_lr()[0], "logit_scale": result.logit_scale.item(),
+              "grad_norm": result.grad_norm.item(), "images_per_s": throughput.images_per_s()}
+    append_jsonl(run.metrics_path, record)
+    throughput.restart()
+    return record
+
+
+def save_checkpoint(run: TrainingRun, step: int) -> None:
+    if run.world.is_main:
+        atomic_save({"model": unwrap(run.model).state_dict(), "optimizer": run.optimizer.state_dict(),
+                     "scheduler": run.scheduler.state_dict(), "rng": rng_state(), "step": step,
+                     "config": asdict(run.config)}, run.checkpoint_path)
+
+
+def evaluate_and_log(run: TrainingRun, step: int) -> dict:
+    """Validation metrics after `step` steps, appended to metrics.jsonl (call on the main rank only)."""
+    metrics = evaluate(unwrap(run.model), run.tokenizer, run.val_set, precision=run.config.precision)
+    append_jsonl(run.metrics_path, {"kind": "eval", "step": step, **metrics})
+    return metrics
+
+
+def run_steps(run: TrainingRun, end_step: int) -> None:
+    """Train from `run.start_step` to `end_step`, logging, evaluating and checkpointing on the config's schedule."""
+    config, world = run.config, run.world
+    bar = tqdm(total=config.steps, initial=run.start_step, disable=not (config.progress and world.is_main),
                desc=f"{config.loss}", unit="step", dynamic_ncols=True, file=sys.stdout)
-    model.train()
-    window_start, window_images = time.perf_counter(), 0
-    for step in range(start_step, end_step):
-        epoch, indices = batch_indices(config.seed, step, config.batch_size, len(train_set))
-        indices = indices[world.rank * local_batch : (world.rank + 1) * local_batch]
-        batch = collate(train_set, indices, tokenizer, n_paraphrases, n_negations, rotation=epoch)
-
-        image, caption, paraphrase, negation, logit_scale = features_of(model, batch, autocast)
-        loss = loss_fn(image, caption, logit_scale, paraphrase_features=paraphrase, negation_features=negation)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        with torch.no_grad():  # as open_clip: keep τ = exp(logit_scale) ≤ 100
-            unwrap(model).logit_scale.clamp_(0, math.log(100))
-
+    run.model.train()
+    throughput = Throughput()
+    for step in range(run.start_step, end_step):
+        result = train_step(run, step)
         done = step + 1
-        window_images += config.batch_size
-        if done % config.log_every == 0 or done == config.steps:
-            logged_loss = loss.detach().clone()
-            if world.world_size > 1:  # each rank holds its local loss; their mean is the global batch's loss
-                dist.all_reduce(logged_loss)
-                logged_loss /= world.world_size
-        if world.is_main and (done % config.log_every == 0 or done == config.steps):
-            elapsed = time.perf_counter() - window_start
-            record = {"kind": "train", "step": done, "epoch": epoch, "loss": logged_loss.item(),
-                      "lr": scheduler.get_last_lr()[0], "logit_scale": logit_scale.item(),
-                      "grad_norm": grad_norm.item(), "images_per_s": window_images / elapsed}
-            append_jsonl(metrics_path, record)
+        throughput.images += config.batch_size
+        record = log_step(run, done, result, throughput)
+        if record is not None:
             bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_s']:.0f}")
-            window_start, window_images = time.perf_counter(), 0
         bar.update(1)
         if world.is_main and config.eval_every and done % config.eval_every == 0 and done < config.steps:
-            run_eval(done)
+            evaluate_and_log(run, done)
         if config.checkpoint_every and done % config.checkpoint_every == 0:
-            save(done)
+            save_checkpoint(run, done)
     bar.close()
 
-    if end_step < config.steps:  # stopped early: leave a checkpoint to resume from
-        save(end_step)
-        return {}
-    save(config.steps)
+
+def finish(run: TrainingRun) -> dict:
+    """Final checkpoint, evaluation, metrics.json and curves.png; the final metrics on the main rank, {} elsewhere."""
+    config = run.config
+    save_checkpoint(run, config.steps)
     final: dict = {}
-    if world.is_main:
-        final = run_eval(config.steps)
+    if run.world.is_main:
+        final = evaluate_and_log(run, config.steps)
         summary = {"loss": config.loss, "steps": config.steps, "config": asdict(config), **final}
         atomic_write_text(json.dumps(summary, indent=2) + "\n", os.path.join(config.out, "metrics.json"))
-        plot_runs({config.loss: metrics_path}, os.path.join(config.out, "curves.png"))
-    if world.world_size > 1:
+        plot_runs({config.loss: run.metrics_path}, os.path.join(config.out, "curves.png"))
+    if run.world.world_size > 1:
         dist.barrier()
     return final
+
+
+def train(config: TrainConfig, resume: str | None = None, stop_after: int | None = None) -> dict:
+    """Train per `config`; returns the final metrics (or {} when stopped early by `stop_after`)."""
+    run = setup_run(config, resume)
+    end_step = config.steps if stop_after is None else min(config.steps, stop_after)
+    run_steps(run, end_step)
+    if end_step < config.steps:  # stopped early: leave a checkpoint to resume from
+        save_checkpoint(run, end_step)
+        return {}
+    return finish(run)
 
 
 def main(argv: list[str] | None = None) -> dict:
     config, args = parse_args(argv)
     final = train(config, resume=args.resume, stop_after=args.stop_after)
     if final:
-        from .evaluate import format_table
-
         print(format_table({config.loss: final}))
     return final
 
