@@ -57,7 +57,7 @@ class PaperLoss(nn.Module):
 
     def __init__(
         self,
-        embed_dim: int,
+        embed_dim: int | None = None,
         *,
         contrastive_weight: float = 1.0,
         paraphrase_weight: float = 1.0,
@@ -74,13 +74,22 @@ class PaperLoss(nn.Module):
         self.contrastive_weight = float(contrastive_weight)
         self.paraphrase_weight = float(paraphrase_weight)
         self.negation_weight = float(negation_weight)
-        self.register_buffer("basis", orthonormal_basis(embed_dim, projection_rank, projection_seed))
+        self.projection_rank = projection_rank
+        self.projection_seed = projection_seed
+        # Drawn from the seed alone, so a loop that does not know d up front (embed_dim=None) gets
+        # the same basis on its first call as one built with embed_dim.
+        basis = None if embed_dim is None else orthonormal_basis(embed_dim, projection_rank, projection_seed)
+        self.register_buffer("basis", basis)
         # Captions only: SemCLIPLoss without extras is exactly open_clip's ClipLoss (docs/contract.md §1).
         self.clip_loss = SemCLIPLoss(backend=backend)
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """`normalize(Qᵀ normalize(x))` per row."""
         unit = F.normalize(features, dim=-1, eps=NORMALIZE_EPS)
+        if self.basis is None or self.basis.shape[0] != unit.shape[-1]:
+            if self.basis is not None:
+                raise ValueError(f"PaperLoss was built for d={self.basis.shape[0]}, got features of d={unit.shape[-1]}")
+            self.basis = orthonormal_basis(unit.shape[-1], self.projection_rank, self.projection_seed).to(unit.device)
         return F.normalize(unit @ self.basis.to(unit.dtype), dim=-1, eps=NORMALIZE_EPS)
 
     def terms(

@@ -54,6 +54,15 @@ def load_triplets(path: str = DEFAULT_PATH, limit: int = 0) -> TextTriplets:
     return TextTriplets(captions, paraphrases, negations)
 
 
+def sample_triplets(triplets: TextTriplets, count: int, seed: int = 0) -> TextTriplets:
+    """`count` triplets drawn without replacement by a fixed seed (file order kept); all when `count` is 0 or more."""
+    if count <= 0 or count >= len(triplets):
+        return triplets
+    rows = sorted(torch.randperm(len(triplets), generator=torch.Generator().manual_seed(seed))[:count].tolist())
+    return TextTriplets([triplets.captions[i] for i in rows], [triplets.paraphrases[i] for i in rows],
+                        [triplets.negations[i] for i in rows])
+
+
 def text_only_correct(caption: torch.Tensor, paraphrase: torch.Tensor, negation: torch.Tensor) -> torch.Tensor:
     """Per-triplet correctness `[n]` bool for L2-normalised embeddings `[n, d]` each."""
     if not caption.shape == paraphrase.shape == negation.shape or caption.dim() != 2:
