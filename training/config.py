@@ -27,7 +27,7 @@ class TrainConfig:
     paraphrases_per_image: int = 1  # Pn used by the loss per step
     negations_per_image: int = 1  # Mn used by the loss per step (cycled through each item's negations)
     synthetic_negations: int = 3  # negations generated per synthetic scene (all are evaluated)
-    absence_prob: float = 0.6  # share of synthetic captions with a true "and no <object>" clause (synthetic.ABSENCE_PROB)
+    absence_prob: float = 0.6  # share of synthetic captions with a true "and no <object>" clause (see synthetic.py)
     partial_prob: float = 0.0  # share of synthetic training captions that leave one object out
     # model
     model: str = TINY_MODEL_NAME

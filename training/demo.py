@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--towers", choices=("tiny", "pretrained"), default="tiny",
-                        help="tiny: the open_clip model below, from scratch; pretrained: see training/pretrained_demo.py")
+                        help="tiny: the open_clip model below; pretrained: see training/pretrained_demo.py")
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)

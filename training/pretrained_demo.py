@@ -1,4 +1,4 @@
-"""CLIP vs the authors' objective vs SemCLIP on pretrained towers, offline: `python -m training.demo --towers pretrained`.
+"""CLIP vs the authors' objective vs SemCLIP on pretrained towers, offline: `training.demo --towers pretrained`.
 
     python -m training.demo --towers pretrained                  # ~10-15 min on 2 busy CPU cores
     python -m training.demo --towers pretrained --steps 20 --sugarcrepe-sample 300   # a quick look
@@ -308,7 +308,7 @@ def sugarcrepe_states(config: PretrainedDemoConfig, towers: Towers, n_frozen: in
     texts = list(dict.fromkeys(triplets.captions + triplets.paraphrases + triplets.negations))
     states = cache.get("text_states", text_key(towers, texts, n_frozen),
                        lambda: bottom_states(towers.text_model, towers.tokenizer, texts, n_frozen,
-                                             progress=config.progress, desc=f"MiniLM layers 1-{n_frozen} (SugarCrepe++)"))
+                                             progress=config.progress, desc=f"MiniLM layers 1-{n_frozen} (SC++)"))
     return triplets, states
 
 
@@ -462,7 +462,8 @@ def summarize(rows: dict[str, dict[str, float]]) -> list[str]:
     lines.append(f"SugarCrepe++ text accuracy: SemCLIP {sc:+.1f} points vs CLIP (goal >= 0)")
     if "paper" in rows:
         p = rows["paper"]
-        lines.append(f"paper objective: negation accuracy {100 * (p['negation_accuracy'] - c['negation_accuracy']):+.1f}"
+        neg = 100 * (p["negation_accuracy"] - c["negation_accuracy"])
+        lines.append(f"paper objective: negation accuracy {neg:+.1f}"
                      f", i2t R@1 {100 * (p['i2t_r1'] - c['i2t_r1']):+.1f}, SugarCrepe++ "
                      f"{100 * (p['sugarcrepe_pp_text_accuracy'] - c['sugarcrepe_pp_text_accuracy']):+.1f} vs CLIP")
     return lines
