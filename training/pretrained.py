@@ -90,7 +90,7 @@ def module_fingerprint(module: nn.Module) -> str:
     """sha256 of a module's state (names, shapes, dtypes, bytes): the identity of frozen weights in cache keys."""
     digest = hashlib.sha256()
     for name, tensor in module.state_dict().items():
-        tensor = tensor.detach().cpu().contiguous()
+        tensor = tensor.detach().cpu().contiguous().reshape(-1)  # 0-dim buffers (BatchNorm counters) too
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
