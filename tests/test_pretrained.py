@@ -7,6 +7,7 @@ stand-ins that are fast and need only `transformers` (in the `[test]` extra).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -277,6 +278,10 @@ def test_demo_end_to_end_on_tiny_towers(tmp_path, capsys):
     again = run(config, towers)
     assert len(again["cache"]["hits"]) == 4 and again["cache"]["misses"] == []
     assert again["metrics"] == results["metrics"]
+    # --text-layers 0 (MiniLM frozen, pooled embeddings cached) reuses the same cached states.
+    frozen = run(dataclasses.replace(config, text_layers=0, objectives=("clip", "semclip")), towers)
+    assert len(frozen["cache"]["hits"]) == 4 and list(frozen["metrics"]) == ["pretrained", "clip", "semclip"]
+    assert frozen["metrics"]["pretrained"] == results["metrics"]["pretrained"]
     # Other frozen weights: nothing stale is reused.
     with torch.no_grad():
         image_backbone[0].bias += 0.5

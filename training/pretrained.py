@@ -253,10 +253,11 @@ def mean_pool(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class PretrainedDualEncoder(nn.Module):
     """Trainable parts on top of frozen, cached features.
 
-    text: cached bottom states -> `text_top` (copies of the top BERT layers, fine-tuned) -> mean
-    pool -> linear projection. image: cached feature grid -> LayerNorm -> MLP projection.
-    The text projection starts semi-orthogonal, so at step 0 the text tower preserves the
-    pretrained sentence geometry (cosines) as far as `embed_dim` allows.
+    text: cached bottom states -> `text_top` (copies of the top BERT layers, fine-tuned; may be
+    empty) -> mean pool -> projection `W x + MLP(x)`. image: cached feature grid -> LayerNorm -> MLP.
+    `W` starts semi-orthogonal and the MLP branch's output layer at zero, so at step 0 the text
+    tower preserves the pretrained sentence geometry (cosines) as far as `embed_dim` allows; the
+    MLP branch gives the head the non-linearity that reading a pooled "no" needs when no layer trains.
     """
 
     def __init__(
@@ -267,13 +268,16 @@ class PretrainedDualEncoder(nn.Module):
         self.text_top = text_top
         self.text_proj = nn.Linear(text_dim, embed_dim, bias=False)
         nn.init.orthogonal_(self.text_proj.weight)
+        self.text_mlp = nn.Sequential(nn.Linear(text_dim, 4 * text_dim), nn.GELU(), nn.Linear(4 * text_dim, embed_dim))
+        nn.init.zeros_(self.text_mlp[2].weight)
+        nn.init.zeros_(self.text_mlp[2].bias)
         self.image_proj = nn.Sequential(
             nn.LayerNorm(image_dim), nn.Linear(image_dim, image_hidden), nn.GELU(), nn.Linear(image_hidden, embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(init_logit_scale)))
 
     def encode_text(self, states: torch.Tensor, mask: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         pooled = mean_pool(run_layers(self.text_top, states, mask), mask)
-        features = self.text_proj(pooled)
+        features = self.text_proj(pooled) + self.text_mlp(pooled)
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_image(self, features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
@@ -282,12 +286,13 @@ class PretrainedDualEncoder(nn.Module):
 
 
 def pretrained_sentence_embedding(
-    top: nn.ModuleList, states: TokenStates, texts: Sequence[str], batch_size: int = 256
+    top: nn.ModuleList, states: TokenStates, texts: Sequence[str], batch_size: int = 256, normalize: bool = True
 ) -> torch.Tensor:
-    """The untouched model's normalised sentence embedding (top layers + mean pooling), as sentence-transformers."""
+    """The untouched model's sentence embedding (top layers + mean pooling, normalised as sentence-transformers)."""
     chunks = []
     with torch.inference_mode():
         for start in range(0, len(texts), batch_size):
             hidden, mask = states.batch(texts[start : start + batch_size])
-            chunks.append(F.normalize(mean_pool(run_layers(top, hidden, mask), mask), dim=-1))
+            pooled = mean_pool(run_layers(top, hidden, mask), mask)
+            chunks.append(F.normalize(pooled, dim=-1) if normalize else pooled)
     return torch.cat(chunks)
