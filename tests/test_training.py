@@ -1,4 +1,6 @@
-"""Fast tests of training/: synthetic data, CSV parsing, metrics, exact resume, atomic checkpoints.
+"""Fast tests of training/: synthetic data, metrics and the modules' import graph.
+
+CSV parsing: test_training_csv.py; the loop, resume and checkpoints: test_training_resume.py.
 
 The synthetic captions are checked with a parser written here from the data's
 documented grammar (not the generator's own `claim_holds`), against the scene's
@@ -7,7 +9,6 @@ objects, whose presence is itself checked on the rendered pixels.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -15,18 +16,14 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 # training/ lives at the repository root and is not part of the installed package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from training.checkpoint import atomic_save, load_checkpoint  # noqa: E402
-from training.config import TrainConfig  # noqa: E402
-from training.csv_data import BadRowsError, CsvTriplets, read_triplet_csv  # noqa: E402
 from training.data import batch_indices  # noqa: E402
 from training.evaluate import negation_accuracy, paraphrase_recall_at_1, recall_at_k  # noqa: E402
 from training.synthetic import SyntheticTriplets, layout_key  # noqa: E402
-from training.train import train, warmup_cosine  # noqa: E402
+from training.train import warmup_cosine  # noqa: E402
 
 # The vocabulary, restated independently of training/synthetic.py.
 COLOR = {"red": "red", "crimson": "red", "orange": "orange", "amber": "orange", "yellow": "yellow",
@@ -128,59 +125,6 @@ def test_synthetic_images_show_the_described_objects(small_splits):
             assert {"left": 0, "middle": 1, "right": 2}[obj.slot] == int(obj.cx // (32 / 3))
 
 
-# ----------------------------------------------------------------------------- CSV
-
-
-def write_png(path, color=(255, 0, 0)) -> None:
-    Image.new("RGB", (8, 8), color).save(path)
-
-
-def test_csv_parsing_and_bad_rows(tmp_path, capsys):
-    (tmp_path / "img").mkdir()
-    write_png(tmp_path / "img" / "a.png")
-    write_png(tmp_path / "img" / "b.png", (0, 0, 255))
-    (tmp_path / "img" / "corrupt.png").write_bytes(b"not a png")
-    csv_path = tmp_path / "triplets.csv"
-    csv_path.write_text(
-        "filepath,caption,paraphrase,negation\n"  # line 1
-        "img/a.png,a red square,a square that is red || red box,a blue square || no red square\n"  # 2: ok
-        "img/missing.png,a cat,a feline,no cat\n"  # 3: missing image
-        'img/b.png,"a blue\nsquare",a square in blue,a red square\n'  # 4-5: ok, quoted newline
-        "img/a.png,,a red box,no red box\n"  # 6: empty caption
-        "img/corrupt.png,a thing,an object,no thing\n"  # 7: unreadable image
-        "img/b.png,a blue square,,a red square\n"  # 8: no paraphrase
-        "img/b.png,a blue square,a blue box,\n",  # 9: no negation
-        encoding="utf-8",
-    )
-    rows = read_triplet_csv(str(csv_path), bad_rows="skip")
-    report = capsys.readouterr().err
-    assert [r.line for r in rows] == [2, 4]
-    assert rows[0].paraphrases == ("a square that is red", "red box")
-    assert rows[0].negations == ("a blue square", "no red square")
-    assert rows[1].caption == "a blue\nsquare"
-    assert rows[0].image_path == str(tmp_path / "img" / "a.png")
-    for line, word in [(3, "missing image"), (6, "empty caption"), (7, "unreadable image"), (8, "no paraphrase"),
-                       (9, "no negation")]:
-        assert f"triplets.csv:{line}: skipped bad row: {word}" in report
-    assert "skipped 5 bad row(s), kept 2" in report
-
-    with pytest.raises(BadRowsError) as error:
-        read_triplet_csv(str(csv_path), bad_rows="error")
-    assert [line for line, _ in error.value.problems] == [3, 6, 7, 8, 9]
-
-    dataset = CsvTriplets(str(csv_path), transform=lambda im: torch.tensor(np.asarray(im)).permute(2, 0, 1))
-    image, caption, paraphrases, negations = dataset[1]
-    assert image.shape == (3, 8, 8) and image[2].min() == 255 and caption == "a blue\nsquare"
-    assert paraphrases == ["a square in blue"] and negations == ["a red square"]
-
-
-def test_csv_rejects_wrong_header(tmp_path):
-    path = tmp_path / "x.csv"
-    path.write_text("image,caption\nfoo.png,bar\n", encoding="utf-8")
-    with pytest.raises(ValueError, match="expected columns"):
-        read_triplet_csv(str(path))
-
-
 # ----------------------------------------------------------------------------- metrics
 
 
@@ -216,64 +160,6 @@ def test_warmup_cosine_and_batch_order():
     assert len(set(epoch0.tolist())) == 8  # no repeats within an epoch
     assert batch_indices(1, 2, 4, 10)[0] == 1  # 10 // 4 = 2 batches per epoch
     assert np.array_equal(batch_indices(1, 5, 4, 10)[1], batch_indices(1, 5, 4, 10)[1])
-
-
-# ----------------------------------------------------------------------------- loop, resume, checkpoints
-
-
-def tiny_config(out: str, **overrides) -> TrainConfig:
-    values = dict(out=out, steps=3, batch_size=8, train_size=20, val_size=12, warmup=1, eval_every=0,
-                  checkpoint_every=0, log_every=1, progress=False, synthetic_negations=2, lr=1e-2,
-                  backend="torch")  # the loop, not backend selection, is under test here
-    values.update(overrides)
-    return TrainConfig(**values)
-
-
-def test_resume_continues_exactly(tmp_path):
-    # 20 items / batch 8: step 2 starts epoch 1, so resume must also restore the epoch's order.
-    full = tiny_config(str(tmp_path / "full"))
-    metrics = train(full)
-    assert set(metrics) >= {"negation_accuracy", "paraphrase_r1", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5"}
-    assert os.path.getsize(tmp_path / "full" / "curves.png") > 0
-    final = json.loads((tmp_path / "full" / "metrics.json").read_text())
-    assert final["negation_accuracy"] == metrics["negation_accuracy"]
-
-    split = tiny_config(str(tmp_path / "split"))
-    assert train(split, stop_after=2) == {}
-    assert load_checkpoint(str(tmp_path / "split" / "checkpoint.pt"))["step"] == 2
-    resumed = train(split, resume="auto")
-
-    full_state = load_checkpoint(str(tmp_path / "full" / "checkpoint.pt"))
-    split_state = load_checkpoint(str(tmp_path / "split" / "checkpoint.pt"))
-    assert full_state["step"] == split_state["step"] == 3
-    for name, value in full_state["model"].items():
-        assert torch.equal(value, split_state["model"][name]), name
-    for a, b in zip(full_state["optimizer"]["state"].values(), split_state["optimizer"]["state"].values(),
-                    strict=True):
-        assert torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
-    assert resumed == metrics
-    log = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log if r["kind"] == "train"] == [1, 2, 3]
-
-
-def test_clip_mode_trains_on_captions_only(tmp_path):
-    metrics = train(tiny_config(str(tmp_path / "clip"), loss="clip", steps=2))
-    assert 0.0 <= metrics["i2t_r1"] <= 1.0
-
-
-def test_atomic_save_keeps_previous_checkpoint_on_failure(tmp_path):
-    path = str(tmp_path / "checkpoint.pt")
-    atomic_save({"step": 1, "weights": torch.ones(3)}, path)
-
-    class Unpicklable:
-        def __reduce__(self):
-            raise RuntimeError("boom mid-write")
-
-    with pytest.raises(RuntimeError, match="boom"):
-        atomic_save({"step": 2, "weights": torch.zeros(3), "bad": Unpicklable()}, path)
-    state = load_checkpoint(path)
-    assert state["step"] == 1 and torch.equal(state["weights"], torch.ones(3))
-    assert os.listdir(tmp_path) == ["checkpoint.pt"]  # no temporary file left behind
 
 
 # ----------------------------------------------------------------------------- structure

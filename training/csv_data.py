@@ -1,10 +1,11 @@
-"""Triplet CSVs (SPEC section 6): columns `filepath, caption, paraphrase, negation`.
+"""Triplet CSVs (docs/contract.md §6): columns `filepath, caption, paraphrase, negation`.
 
 Paths are relative to the CSV's folder; a cell holds several paraphrases or
-negations separated by ` || `. Every bad row (missing or unreadable image, empty
-caption, no paraphrase, no negation) is reported with its line number; with
-`bad_rows="skip"` the rows are dropped (and reported), with `"error"` loading fails
-listing them all. Nothing is dropped silently.
+negations separated by ` || ` (space, two bars, space: a bare `||` is text). Files are
+UTF-8, with or without a byte-order mark. Every bad row (a byte that is not UTF-8, a NUL
+byte, missing or unreadable image, empty caption, no paraphrase, no negation) is reported
+with its line number; with `bad_rows="skip"` the rows are dropped (and reported), with
+`"error"` loading fails listing them all. Nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import csv
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,10 @@ from torch.utils.data import Dataset
 
 COLUMNS = ("filepath", "caption", "paraphrase", "negation")
 SEPARATOR = " || "
+# Invalid UTF-8 bytes are decoded with "surrogateescape" (byte 0xNN -> U+DCNN, NN >= 0x80) so that the row
+# holding them can be reported and skipped; NUL bytes become U+DC00, which that decoding never produces,
+# because Python 3.10's csv reader refuses NUL outright and we want to name the row instead.
+NUL_MARK = "\udc00"
 
 
 class BadRowsError(ValueError):
@@ -40,13 +45,29 @@ class TripletRow:
 
 
 def split_cell(cell: str | None) -> tuple[str, ...]:
+    """The texts of a paraphrase or negation cell: split on ` || ` only, each stripped, empty ones dropped."""
     if cell is None:
         return ()
-    return tuple(part.strip() for part in cell.split(SEPARATOR.strip()) if part.strip())
+    return tuple(part.strip() for part in cell.split(SEPARATOR) if part.strip())
+
+
+def byte_problem(row: dict[str | None, str | list[str] | None]) -> str | None:
+    """A NUL byte or a byte that is not UTF-8 in any field of the row (see NUL_MARK), or None."""
+    for column, value in row.items():
+        for field in value if isinstance(value, list) else [value]:  # extra fields come as a list
+            for char in field or "":
+                if char == NUL_MARK:
+                    return f"NUL byte in {column or 'an extra field'}"
+                if "\udc80" <= char <= "\udcff":
+                    return f"byte 0x{ord(char) - 0xDC00:02x} in {column or 'an extra field'} is not UTF-8"
+    return None
 
 
 def row_problem(row: dict[str, str | None], image_path: str, check_images: bool) -> str | None:
     """Why a row cannot be used, or None."""
+    problem = byte_problem(row)
+    if problem is not None:
+        return problem
     if None in row.values() or None in row:  # too few / too many fields
         return "wrong number of fields"
     if not (row["filepath"] or "").strip():
@@ -68,6 +89,17 @@ def row_problem(row: dict[str, str | None], image_path: str, check_images: bool)
     return None
 
 
+def records(reader: csv.DictReader, path: str) -> Iterator[dict]:
+    """The reader's rows; a CSV syntax error (the reader cannot go on past it) names the file and line."""
+    while True:
+        try:
+            yield next(reader)
+        except StopIteration:
+            return
+        except csv.Error as error:
+            raise ValueError(f"{path}:{reader.line_num}: unreadable CSV ({error})") from error
+
+
 def read_triplet_csv(
     path: str, bad_rows: str = "skip", check_images: bool = True, report=None
 ) -> list[TripletRow]:
@@ -82,14 +114,18 @@ def read_triplet_csv(
     folder = os.path.dirname(os.path.abspath(path))
     rows: list[TripletRow] = []
     problems: list[tuple[int, str]] = []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, skipinitialspace=True)
-        header = [name.strip() for name in (reader.fieldnames or [])]
+    # "utf-8-sig" drops a leading byte-order mark (Excel writes one) and reads files without one unchanged.
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+        reader = csv.DictReader((text.replace("\0", NUL_MARK) for text in f), skipinitialspace=True)
+        try:
+            header = [name.strip() for name in (reader.fieldnames or [])]
+        except csv.Error as error:
+            raise ValueError(f"{path}:1: unreadable header ({error})") from error
         if sorted(header) != sorted(COLUMNS):
             raise ValueError(f"{path}: expected columns {', '.join(COLUMNS)}; got {', '.join(header) or 'none'}")
         reader.fieldnames = header
         previous_end = reader.line_num
-        for row in reader:
+        for row in records(reader, path):
             line = previous_end + 1  # where this record starts (a quoted field may span lines)
             previous_end = reader.line_num
             image_path = os.path.join(folder, (row.get("filepath") or "").strip())

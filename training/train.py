@@ -23,7 +23,8 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
+import warnings
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -34,7 +35,14 @@ from tqdm import tqdm
 
 from semclip_kernels import SemCLIPLoss
 
-from .checkpoint import atomic_save, atomic_write_text, load_checkpoint, rng_state, set_rng_state
+from .checkpoint import (
+    atomic_save,
+    atomic_write_text,
+    load_checkpoint,
+    remove_orphaned_temporaries,
+    rng_state,
+    set_rng_state,
+)
 from .config import TrainConfig, build_datasets, build_model_for
 from .data import CachedTokenizer, TextBatch, batch_indices, collate
 from .evaluate import evaluate, format_table
@@ -135,13 +143,33 @@ def append_jsonl(path: str, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def read_jsonl(path: str) -> list[dict]:
+    """The records of a metrics.jsonl file; a torn last line (a write cut short by a kill) is dropped with a warning.
+
+    Raises ValueError naming the file and line for an unreadable line anywhere else: that is not an interrupted
+    append, and silently dropping records would hide it.
+    """
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().splitlines()
+    numbered = [(number, line) for number, line in enumerate(lines, start=1) if line.strip()]
+    records = []
+    for position, (number, line) in enumerate(numbered):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if position < len(numbered) - 1:
+                raise ValueError(f"{path}:{number}: not a JSON record ({error.msg}): {line[:80]!r}") from error
+            warnings.warn(f"{path}:{number}: dropped a torn last line (a write interrupted by a kill): "
+                          f"{line[:80]!r}", stacklevel=2)
+    return records
+
+
 def truncate_jsonl(path: str, last_step: int) -> None:
-    """Drop records logged after the checkpoint we resume from (they will be produced again)."""
+    """Drop records logged after the checkpoint we resume from (they will be produced again), and a torn last line."""
     if not os.path.exists(path):
         return
-    with open(path, encoding="utf-8") as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
-    atomic_write_text("".join(kept), path)
+    kept = [record for record in read_jsonl(path) if record["step"] <= last_step]
+    atomic_write_text("".join(json.dumps(record) + "\n" for record in kept), path)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -170,7 +198,11 @@ class TrainingRun:
     def checkpoint_path(self) -> str:
         return os.path.join(self.config.out, "checkpoint.pt")
 
-    def autocast(self):
+    @property
+    def summary_path(self) -> str:
+        return os.path.join(self.config.out, "metrics.json")
+
+    def autocast(self) -> AbstractContextManager:
         return torch.autocast("cpu", dtype=torch.bfloat16) if self.config.precision == "bf16" else nullcontext()
 
 
@@ -210,19 +242,39 @@ def setup_run(config: TrainConfig, resume: str | None) -> TrainingRun:
         )
     run = TrainingRun(config, world, bundle.model, train_set, val_set, CachedTokenizer(bundle.tokenizer), optimizer,
                       scheduler, loss_fn)
+    if world.is_main:
+        remove_interrupted_writes(run)
     restore(run, resume)
     if world.world_size > 1:  # after restoring: every rank loads the same checkpoint before DDP's broadcast
         run.model = nn.parallel.DistributedDataParallel(run.model)
     return run
 
 
+def remove_interrupted_writes(run: TrainingRun) -> None:
+    """Delete the temporary files of atomic writes killed mid-write (call before the run writes anything)."""
+    for written in (run.checkpoint_path, run.metrics_path, run.summary_path):
+        for orphan in remove_orphaned_temporaries(written):
+            print(f"removed {orphan}: the temporary file of a write that was killed", file=sys.stderr)
+
+
 def restore(run: TrainingRun, resume: str | None) -> None:
-    """Load model, optimizer, scheduler, RNG states and step from the checkpoint (`resume`), else start a fresh log."""
-    if resume is None:
+    """Load model, optimizer, scheduler, RNG states and step from the checkpoint (`resume`), else start a fresh log.
+
+    `--resume` (`"auto"`) before the run's first checkpoint exists starts fresh, so a scheduler may pass it on
+    every launch; an explicit checkpoint path that does not exist is an error (a typo must not restart a run).
+    """
+    path = run.checkpoint_path if resume == "auto" else resume
+    if path is not None and not os.path.exists(path):
+        if os.path.abspath(path) != os.path.abspath(run.checkpoint_path):
+            raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
+        if run.world.is_main:
+            print(f"--resume: no checkpoint at {path} yet: starting a fresh run", file=sys.stderr)
+        path = None
+    if path is None:
         if run.world.is_main and os.path.exists(run.metrics_path):
             os.unlink(run.metrics_path)  # a fresh run owns its log
         return
-    state = load_checkpoint(run.checkpoint_path if resume == "auto" else resume)
+    state = load_checkpoint(path)
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
@@ -323,15 +375,34 @@ def run_steps(run: TrainingRun, end_step: int) -> None:
     bar.close()
 
 
+def logged_final_evaluation(run: TrainingRun) -> dict | None:
+    """The final evaluation already in metrics.jsonl when `--resume` found the run finished, else None."""
+    if run.start_step < run.config.steps or not os.path.exists(run.metrics_path):
+        return None
+    for record in reversed(read_jsonl(run.metrics_path)):
+        if record["kind"] == "eval" and record["step"] == run.config.steps:
+            return {key: value for key, value in record.items() if key not in ("kind", "step")}
+    return None
+
+
 def finish(run: TrainingRun) -> dict:
-    """Final checkpoint, evaluation, metrics.json and curves.png; the final metrics on the main rank, {} elsewhere."""
+    """Final checkpoint, evaluation, metrics.json and curves.png; the final metrics on the main rank, {} elsewhere.
+
+    On `--resume` of a finished run the checkpoint stands and its logged final evaluation is reported again,
+    not appended a second time.
+    """
     config = run.config
-    save_checkpoint(run, config.steps)
+    if run.start_step < config.steps:
+        save_checkpoint(run, config.steps)
     final: dict = {}
     if run.world.is_main:
-        final = evaluate_and_log(run, config.steps)
+        final = logged_final_evaluation(run)
+        if final is None:
+            final = evaluate_and_log(run, config.steps)
+        else:
+            print(f"{config.out}: already finished at step {config.steps}; its final evaluation:", file=sys.stderr)
         summary = {"loss": config.loss, "steps": config.steps, "config": asdict(config), **final}
-        atomic_write_text(json.dumps(summary, indent=2) + "\n", os.path.join(config.out, "metrics.json"))
+        atomic_write_text(json.dumps(summary, indent=2) + "\n", run.summary_path)
         plot_runs({config.loss: run.metrics_path}, os.path.join(config.out, "curves.png"))
     if run.world.world_size > 1:
         dist.barrier()
