@@ -201,7 +201,7 @@ def test_module_fingerprint_tracks_weights():
     fingerprint = module_fingerprint(a)
     assert fingerprint == module_fingerprint(a)
     with torch.no_grad():
-        a.weight[0, 0] += 1e-6
+        a[0].weight[0, 0] += 1e-6
     assert module_fingerprint(a) != fingerprint
 
 
