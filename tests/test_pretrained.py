@@ -312,6 +312,9 @@ def test_demo_end_to_end_on_tiny_towers(tmp_path, capsys):
         image_backbone[0].bias += 0.5
     third = run(config, towers)
     assert third["cache"]["misses"] == ["image_features", "image_features"]
+    with torch.no_grad():
+        text_model.encoder.layer[0].output.dense.bias += 0.5
+    assert run(config, towers)["cache"]["misses"] == ["text_states", "text_states"]
     # Different objectives really train differently from one shared initialisation.
     assert metrics["clip"] != metrics["semclip"]
     assert all(math.isfinite(v) for row in metrics.values() for v in row.values() if v is not None)

@@ -172,16 +172,11 @@ def pooled_states(towers: Towers, states: TokenStates, cached_layer: int) -> Tok
     return TokenStates(pooled, torch.arange(len(texts) + 1), dict(states.index))
 
 
-_FINGERPRINTS: dict[int, str] = {}
-
-
 def text_key(towers: Towers, texts: list[str], n_frozen: int) -> dict[str, Any]:
-    model_id = id(towers.text_model)
-    if model_id not in _FINGERPRINTS:
-        _FINGERPRINTS[model_id] = module_fingerprint(towers.text_model)
+    # Hashed on every call (not memoised per object): weights changed in place must change the key.
     vocab = towers.tokenizer.get_vocab() if hasattr(towers.tokenizer, "get_vocab") else {}
     tokenizer_id = hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()
-    return {"model": _FINGERPRINTS[model_id], "tokenizer": tokenizer_id, "texts": texts_fingerprint(texts),
+    return {"model": module_fingerprint(towers.text_model), "tokenizer": tokenizer_id, "texts": texts_fingerprint(texts),
             "n_frozen": n_frozen}
 
 
