@@ -176,8 +176,8 @@ def text_key(towers: Towers, texts: list[str], n_frozen: int) -> dict[str, Any]:
     # Hashed on every call (not memoised per object): weights changed in place must change the key.
     vocab = towers.tokenizer.get_vocab() if hasattr(towers.tokenizer, "get_vocab") else {}
     tokenizer_id = hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()
-    return {"model": module_fingerprint(towers.text_model), "tokenizer": tokenizer_id, "texts": texts_fingerprint(texts),
-            "n_frozen": n_frozen}
+    return {"model": module_fingerprint(towers.text_model), "tokenizer": tokenizer_id,
+            "texts": texts_fingerprint(texts), "n_frozen": n_frozen}
 
 
 # ----------------------------------------------------------------------------- training
