@@ -1,12 +1,13 @@
 """CLIP vs the authors' objective vs SemCLIP on pretrained towers, offline: `training.demo --towers pretrained`.
 
-    python -m training.demo --towers pretrained                  # ~10-15 min on 2 busy CPU cores
+    python -m training.demo --towers pretrained     # 28 min with warm caches on a 2-core machine shared by ~12 jobs
     python -m training.demo --towers pretrained --steps 20 --sugarcrepe-sample 300   # a quick look
 
 Towers (training/pretrained.py): a frozen ImageNet EfficientNet-Lite0 whose feature grid is
 computed once per image and cached, with a trainable MLP projection; all-MiniLM-L6-v2 with its
 bottom layers frozen (their states cached per text) and its top `--text-layers` layers
-fine-tuned, then mean pooling and a linear projection. Three objectives train from the same
+fine-tuned (default 0: MiniLM frozen, its pooled embedding cached; see docs/training.md for why),
+then mean pooling and a projection (linear + a residual MLP branch that starts at zero). Three objectives train from the same
 initialisation on the same batches (same seed, steps, batch size):
 
 - `clip`: captions only (SemCLIPLoss without extras = open_clip's ClipLoss);
