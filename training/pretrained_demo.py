@@ -7,8 +7,8 @@ Towers (training/pretrained.py): a frozen ImageNet EfficientNet-Lite0 whose feat
 computed once per image and cached, with a trainable MLP projection; all-MiniLM-L6-v2 with its
 bottom layers frozen (their states cached per text) and its top `--text-layers` layers
 fine-tuned (default 0: MiniLM frozen, its pooled embedding cached; see docs/training.md for why),
-then mean pooling and a projection (linear + a residual MLP branch that starts at zero). Three objectives train from the same
-initialisation on the same batches (same seed, steps, batch size):
+then mean pooling and a projection (linear + a residual MLP branch that starts at zero).
+Three objectives train from the same initialisation on the same batches (same seed, steps, batch size):
 
 - `clip`: captions only (SemCLIPLoss without extras = open_clip's ClipLoss);
 - `paper`: the authors' released objective (training/paper_loss.py);
