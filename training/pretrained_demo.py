@@ -1,6 +1,6 @@
 """CLIP vs the authors' objective vs SemCLIP on pretrained towers, offline: `training.demo --towers pretrained`.
 
-    python -m training.demo --towers pretrained     # 28 min, warm caches, 2 cores shared by ~12 jobs
+    python -m training.demo --towers pretrained     # 7.5 min cold on 2 cores (load ~3); 28 min at load ~12
     python -m training.demo --towers pretrained --steps 20 --sugarcrepe-sample 300   # a quick look
 
 Towers (training/pretrained.py): a frozen ImageNet EfficientNet-Lite0 whose feature grid is
