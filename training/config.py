@@ -27,14 +27,14 @@ class TrainConfig:
     paraphrases_per_image: int = 1  # Pn used by the loss per step
     negations_per_image: int = 1  # Mn used by the loss per step (cycled through each item's negations)
     synthetic_negations: int = 3  # negations generated per synthetic scene (all are evaluated)
-    absence_prob: float = 0.02  # share of synthetic captions that end with a true "and no <object>" clause
+    absence_prob: float = 0.6  # share of synthetic captions with a true "and no <object>" clause (see synthetic.py)
     partial_prob: float = 0.0  # share of synthetic training captions that leave one object out
     # model
     model: str = TINY_MODEL_NAME
     pretrained: str | None = None
     model_config: str | None = None  # JSON model config registered under --model
     # loss
-    loss: str = "semclip"  # semclip | clip
+    loss: str = "semclip"  # semclip | clip | paper (the authors' released objective, training/paper_loss.py)
     paraphrase_weight: float = 1.0
     hard_negative_weight: float = 1.0
     backend: str = "auto"

@@ -2,6 +2,7 @@
 
     python -m training.demo                 # default budget: a few minutes on 2 CPU cores
     python -m training.demo --steps 100     # a quicker (less trained) look
+    python -m training.demo --towers pretrained   # pretrained towers, three objectives (training/pretrained_demo.py)
 
 Both runs use the same tiny open_clip model, seed, data, batch size and number of steps;
 CLIP sees only the captions, SemCLIP also each image's paraphrase (extra positive) and a
@@ -26,9 +27,20 @@ from .train import train
 HEADLINE = ["negation_accuracy", "paraphrase_r1", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5"]
 
 
-def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    towers = argparse.ArgumentParser(add_help=False)
+    towers.add_argument("--towers", choices=("tiny", "pretrained"), default="tiny")
+    known, rest = towers.parse_known_args(argv)
+    if known.towers == "pretrained":  # pretrained EfficientNet-Lite0 + MiniLM: training/pretrained_demo.py
+        from .pretrained_demo import main as pretrained_main
+
+        return pretrained_main(rest)
+    argv = rest
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--towers", choices=("tiny", "pretrained"), default="tiny",
+                        help="tiny: the open_clip model below; pretrained: see training/pretrained_demo.py")
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)

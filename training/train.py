@@ -48,12 +48,13 @@ from .config import TrainConfig, build_datasets, build_model_for
 from .data import CachedTokenizer, TextBatch, batch_indices, collate
 from .evaluate import evaluate, format_table
 from .model import unwrap
+from .paper_loss import PaperLoss
 from .plots import plot_runs
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    choices = {"data": ("synthetic", "csv"), "bad_rows": ("skip", "error"), "loss": ("semclip", "clip"),
+    choices = {"data": ("synthetic", "csv"), "bad_rows": ("skip", "error"), "loss": ("semclip", "clip", "paper"),
                "precision": ("fp32", "bf16"),
                "backend": ("auto", "triton", "cpp", "torch", "reference")}
     for field in dataclasses.fields(TrainConfig):
@@ -195,7 +196,7 @@ class TrainingRun:
     tokenizer: CachedTokenizer
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    loss_fn: SemCLIPLoss
+    loss_fn: nn.Module  # SemCLIPLoss, or PaperLoss with the same call signature
     start_step: int = 0  # the step the loop starts from (the checkpoint's step on --resume)
 
     @property
@@ -237,11 +238,17 @@ def setup_run(config: TrainConfig, resume: str | None) -> TrainingRun:
     optimizer = torch.optim.AdamW(parameter_groups(bundle.model, config.weight_decay), lr=config.lr,
                                   betas=(0.9, 0.98), eps=1e-6)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup, config.steps))
-    loss_fn = SemCLIPLoss(
-        local_loss=world.world_size > 1, gather_with_grad=world.world_size > 1, rank=world.rank,
-        world_size=world.world_size, paraphrase_weight=config.paraphrase_weight,
-        hard_negative_weight=config.hard_negative_weight, backend=config.backend,
-    )
+    if config.loss == "paper":  # the SemCLIP authors' released objective, a baseline (training/paper_loss.py)
+        if world.world_size > 1:
+            raise ValueError("--loss paper runs in one process only (its text terms are per-rank means)")
+        loss_fn = PaperLoss(paraphrase_weight=config.paraphrase_weight, negation_weight=config.hard_negative_weight,
+                            projection_seed=config.seed, backend=config.backend)
+    else:
+        loss_fn = SemCLIPLoss(
+            local_loss=world.world_size > 1, gather_with_grad=world.world_size > 1, rank=world.rank,
+            world_size=world.world_size, paraphrase_weight=config.paraphrase_weight,
+            hard_negative_weight=config.hard_negative_weight, backend=config.backend,
+        )
     run = TrainingRun(config, world, bundle.model, train_set, val_set, CachedTokenizer(bundle.tokenizer), optimizer,
                       scheduler, loss_fn)
     if world.is_main:
@@ -289,7 +296,7 @@ def restore(run: TrainingRun, resume: str | None) -> None:
 def train_step(run: TrainingRun, step: int) -> StepResult:
     """One optimizer step on this rank's slice of the global batch at `step` (0-based)."""
     config, world = run.config, run.world
-    semclip = config.loss == "semclip"
+    semclip = config.loss in ("semclip", "paper")  # both use each image's paraphrases and negations
     n_paraphrases = config.paraphrases_per_image if semclip and config.paraphrase_weight > 0 else 0
     n_negations = config.negations_per_image if semclip and config.hard_negative_weight > 0 else 0
     local_batch = config.batch_size // world.world_size
