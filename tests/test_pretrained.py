@@ -315,8 +315,14 @@ def test_demo_end_to_end_on_tiny_towers(tmp_path, capsys):
     with torch.no_grad():
         text_model.encoder.layer[0].output.dense.bias += 0.5
     assert run(config, towers)["cache"]["misses"] == ["text_states", "text_states"]
-    # Different objectives really train differently from one shared initialisation.
-    assert metrics["clip"] != metrics["semclip"]
+    # Different objectives really train differently from one shared initialisation (the training losses
+    # differ; 12 validation scenes after 3 steps are too few for the coarse metrics to tell them apart).
+    def train_losses(objective: str) -> list[float]:
+        with open(tmp_path / "out" / objective / "metrics.jsonl", encoding="utf-8") as f:
+            return [r["loss"] for r in map(json.loads, f) if r["kind"] == "train"]
+
+    assert len(train_losses("clip")) == config.steps
+    assert train_losses("clip") != train_losses("semclip") != train_losses("paper")
     assert all(math.isfinite(v) for row in metrics.values() for v in row.values() if v is not None)
 
 
