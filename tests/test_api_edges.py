@@ -149,3 +149,15 @@ def test_compiled_loss_fullgraph_matches_eager_and_recompiles_once(backend):
         for grad, expected in zip(got_grads, eager_grads):
             assert rel(grad, expected) <= 1e-6
     assert len(compiles) <= 2, f"compiled {len(compiles)} graphs for 3 batch sizes"
+
+
+def test_reference_second_derivatives_are_correct():
+    # docs/contract.md §2: the reference backend differentiates twice (the compiled backends refuse, tested
+    # with them); checked against finite differences of its own float64 gradients.
+    case = make_case(5, 3, 1, 1, tau=4.0, dtype=torch.float64, seed=8)
+    scale = case.logit_scale.detach().double().requires_grad_()
+
+    def loss(image, text, paraphrase, negation, tau):
+        return sk.semclip_loss(image, text, tau, paraphrase, negation, hard_negative_weight=0.7, backend="reference")
+
+    assert torch.autograd.gradgradcheck(loss, (case.image, case.text, case.paraphrase, case.negation, scale))
