@@ -258,7 +258,11 @@ def _backward_tiles(rows, cols, scale, col_bias, row_lse, col_lse, g_row, g_col,
                 _add_product(grad_cols[c], grad_logits.T, rows[r], alpha)
     if need_scale and not scale_per_tile:
         feature, grad = (rows, grad_rows) if need_rows else (cols, grad_cols)
-        grad_scale = torch.dot(grad.double().view(-1), feature.double().reshape(-1)) / tau
+        # In float64, one row tile at a time: whole float64 copies of the gradient and the features
+        # would cost 2·M·d·8 bytes (64 MiB at B = 8192, d = 512), beyond the §3 tile budget.
+        for r in row_tiles if need_rows else col_tiles:
+            grad_scale = grad_scale + torch.dot(grad[r].double().reshape(-1), feature[r].double().reshape(-1))
+        grad_scale = grad_scale / tau
     if not torch.compiler.is_compiling():  # informative only; a compiled graph must not mutate module state
         global _last_stats
         _last_stats = BackwardStats(tiles=len(row_tiles) * len(col_tiles))
