@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = sweep(
         args.dims, [_DTYPE_NAMES[name] for name in args.dtypes], args.arch, args.defaults_only,
         candidates=args.candidates,
-        log=lambda r: print(f"compiled {r.kernel} {r.variant} {r.dtype} sm_{r.arch}", file=sys.stderr, flush=True),
+        log=lambda r: print(format_row(r), file=sys.stderr, flush=True),  # progress of a long sweep
     )  # fmt: skip
     print(HEADER)
     for row in rows:
