@@ -339,3 +339,12 @@ def test_synthetic_absence_clauses_do_not_tell_captions_from_negations():
     assert abs(captions - negation_rate) < 0.03, (captions, negation_rate)
     kinds = [k for i in items for k in i.negation_types]
     assert kinds.count("affirm") > 0.05 * len(kinds)  # true absence clauses are tested, not 8 of 3000
+
+
+def test_the_sugarcrepe_triplets_ship_with_the_repository():
+    from training.sugarcrepe import DEFAULT_PATH
+
+    triplets = load_triplets(DEFAULT_PATH)  # what the pretrained demo evaluates by default
+    assert len(triplets) == 4757
+    assert all(c and p and n and len({c, p, n}) == 3 for c, p, n in
+               zip(triplets.captions, triplets.paraphrases, triplets.negations, strict=True))
