@@ -1,4 +1,4 @@
-"""Ring against gather, side by side in one run on 2 Gloo ranks (issue 15: ring within 1.15× of gather).
+"""Ring against gather, side by side in one run on 2 Gloo ranks (goal: ring within 1.15× of gather).
 
     python -m benchmarks.bench_distributed                      # local B = 2048, d = 128, one thread per rank
     python -m benchmarks.bench_distributed --batch 512 --repeats 3

@@ -457,7 +457,7 @@ def run(config: PretrainedDemoConfig, towers: Towers | None = None) -> dict[str,
 
 
 def summarize(rows: dict[str, dict[str, float]]) -> list[str]:
-    """The goal checks of issue 13, in words."""
+    """The demo's goal checks against CLIP, in words."""
     if "semclip" not in rows or "clip" not in rows:
         return []
     s, c = rows["semclip"], rows["clip"]
