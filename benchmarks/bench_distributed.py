@@ -104,7 +104,8 @@ def _free_port() -> int:
 
 def run(options: dict) -> dict[str, dict[str, float]]:
     """Spawn the 2-rank world, wait at most `options['deadline']` seconds, end every process."""
-    multiprocessing.get_context("forkserver").set_forkserver_preload(["torch", "semclip_kernels"])
+    # semclip_kernels.loss: `import semclip_kernels` alone loads the loss stack lazily, on first use
+    multiprocessing.get_context("forkserver").set_forkserver_preload(["torch", "semclip_kernels.loss"])
     with tempfile.TemporaryDirectory() as tmp:
         out_path = os.path.join(tmp, "result.json")
         context = mp.start_processes(
