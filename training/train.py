@@ -48,18 +48,22 @@ from .paper_loss import PaperLoss
 from .plots import plot_runs
 
 
+def flag(setting: str) -> str:
+    """The command-line flag of a `TrainConfig` field."""
+    return "--" + setting.replace("_", "-")
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     choices = {"data": ("synthetic", "csv"), "bad_rows": BAD_ROWS, "loss": ("semclip", "clip", "paper"),
                "precision": ("fp32", "bf16"),
                "backend": BACKENDS}
     for field in dataclasses.fields(TrainConfig):
-        flag = "--" + field.name.replace("_", "-")
         if field.name == "progress":
             parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
             continue
         kind = {"int": int, "float": float}.get(str(field.type).split(" ")[0], str)
-        parser.add_argument(flag, type=kind, default=field.default, choices=choices.get(field.name),
+        parser.add_argument(flag(field.name), type=kind, default=field.default, choices=choices.get(field.name),
                             help=f"default: {field.default}")
     parser.add_argument("--resume", nargs="?", const="auto", default=None,
                         help="continue from OUT/checkpoint.pt (or the given checkpoint) exactly where it stopped")
@@ -253,10 +257,6 @@ def setup_run(config: TrainConfig, resume: str | None, resume_override: Sequence
     if world.world_size > 1:  # after restoring: every rank loads the same checkpoint before DDP's broadcast
         run.model = nn.parallel.DistributedDataParallel(run.model)
     return run
-
-
-def flag(setting: str) -> str:
-    return "--" + setting.replace("_", "-")
 
 
 def check_resume_override(override: Sequence[str]) -> None:
