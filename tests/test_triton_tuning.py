@@ -150,14 +150,41 @@ def test_pinning(monkeypatch):
             tuning.select_tile(768, torch.float32, CPU)
 
 
+def test_the_first_choice_is_kept_for_the_process(monkeypatch):
+    # Deterministic once chosen: a pin changed mid-process does not change the tile (the backward must
+    # recompute with the forward's tile) until the choices are forgotten.
+    monkeypatch.setenv(tuning.TILE_ENV, "16x32x16:4:2")
+    first = tuning.select_tile(24, torch.float32, CPU)
+    monkeypatch.setenv(tuning.TILE_ENV, "32x32x16:4:2")
+    assert tuning.select_tile(24, torch.float32, CPU) == first == config.TileConfig(16, 32, 16, 4, 2)
+    tuning.forget_choices()
+    assert tuning.select_tile(24, torch.float32, CPU) == config.TileConfig(32, 32, 16, 4, 2)
+
+
 @pytest.mark.skipif(not triton_fused.is_available(CPU)[0], reason="Triton interpreter not active")
 def test_pinned_tile_runs_in_the_backend(monkeypatch):
-    # The loss with a pinned 16x32 tile: its tile count says the pin reached the kernels, float64 says it is right.
+    # The loss with a pinned 16x32 tile: the forward and the backward's dS panel both get it, and float64
+    # says the result is right.
+    from semclip_kernels.triton_kernels import backward as backward_kernels
+
     monkeypatch.setenv(tuning.TILE_ENV, "16x32x16:4:2")
+    seen = []
+    real_forward, real_launch = triton_fused.lse_forward, backward_kernels.ds_panel_launch
+
+    def spy_forward(rows, cols, scale, col_bias, tile, *args, **kwargs):
+        seen.append(("forward", tile))
+        return real_forward(rows, cols, scale, col_bias, tile, *args, **kwargs)
+
+    def spy_launch(tile, *args, **kwargs):
+        seen.append(("ds_panel", tile))
+        return real_launch(tile, *args, **kwargs)
+
+    monkeypatch.setattr(triton_fused, "lse_forward", spy_forward)
+    monkeypatch.setattr(backward_kernels, "ds_panel_launch", spy_launch)
     case = make_case(40, 24, 1, 1, tau=10.0, dtype=torch.float32, seed=3)
     loss = sk.semclip_loss(case.image, case.text, case.logit_scale, case.paraphrase, case.negation, backend="triton")
     loss.backward()
-    stats = triton_fused.last_backward_stats()
-    assert stats.tiles == math.ceil(40 / 16) * math.ceil(3 * 40 / 32)
-    expected = semclip_loss_float64(case.image, case.text, case.logit_scale, case.paraphrase, case.negation)
+    assert seen == [("forward", config.TileConfig(16, 32, 16, 4, 2)), ("ds_panel", config.TileConfig(16, 32, 16, 4, 2))]
+    assert triton_fused.last_backward_stats().tiles == math.ceil(40 / 16) * math.ceil(3 * 40 / 32)
+    expected = semclip_loss_float64(case.image, case.text, case.logit_scale, case.paraphrase, case.negation).detach()
     assert abs(float(loss.detach()) - float(expected)) <= 1e-5 * abs(float(expected))
