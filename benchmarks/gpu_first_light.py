@@ -322,9 +322,12 @@ def main(argv: list[str] | None = None) -> int:
     methods = [m for m in ("triton", "torch", "cpp", "reference") if sk.backend_status(m, device)[0]]
     # reference in the input dtype too: its own error is the floor that dtype's arithmetic sets.
     report.checks = check_backends(methods, device, args.check_batch, args.check_dim)
-    if "triton" in methods and device == "cuda":  # the checks ran backend="triton" unpinned: what did it choose?
+    if "triton" in methods and device == "cuda":  # first use at the timed shape's d: what does the tuner choose?
         from semclip_kernels.triton_kernels import tuning
 
+        start = time.perf_counter()
+        chosen = tuning.select_tile(args.dim, torch.bfloat16, torch.device(device))
+        report.environment["tuned_tile"] = f"{tuning.tile_name(chosen)} ({time.perf_counter() - start:.1f} s to choose)"
         report.tuning = tuning.read_cache(tuning.cache_path())
     write(report, args.out)
     print(to_markdown(report), flush=True)
