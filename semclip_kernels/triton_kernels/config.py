@@ -15,12 +15,15 @@ time without spills on sm_80 and sm_90 by every supported Triton version (3.6, 3
 `python -m benchmarks.kernel_resources --candidates`, docs/triton.md has the table). The
 first of each is the default; on a GPU `tuning.select_tile` times the candidates once per
 (GPU, d, dtype, Triton version) and caches the fastest (docs/gpu.md). Why these entries:
-- 16-bit: 128×64, BLOCK_D 64, 8 warps, 3 stages (default): a float32 [128, 64] accumulator is
-  32 registers per thread, leaving room for the dS panel's softmax weights; shared memory per
-  stage (BLOCK_M + BLOCK_N)·BLOCK_D·2 = 24 KB. 128×128 tiles halve the operand traffic from L2
-  (the cost model's bound at large B) at twice the accumulator registers.
-- float32: 128×64, BLOCK_D 32, 8 warps, 2 stages (default): at 128×128 the full-float32 dot
-  needs 255 registers and spills.
+- 16-bit: 128×64, BLOCK_D 32, 8 warps, 3 stages (default): a float32 [128, 64] accumulator is
+  32 registers per thread, leaving room for the dS panel's softmax weights; shared memory per stage
+  (BLOCK_M + BLOCK_N)·BLOCK_D·2 = 12 KB. BLOCK_D 64 spills in the dS panel under Triton 3.6 (sm_80,
+  capped at 128 registers). Others: 64×128×64 with 8 warps / 3 stages and with 4 warps / 2 stages.
+  No 128×128 tile fits the forward on sm_90 (it spills 8-72 bytes with 8 warps, 2 or 3 stages, and
+  with 16 warps under Triton 3.6).
+- float32: 128×64, BLOCK_D 16, 8 warps, 2 stages (default): BLOCK_D 32 spills 8 bytes in the dS
+  panel under Triton 3.9 on sm_90; at 128×128 the full-float32 dot needs 255 registers and spills.
+  Other: 64×64×32, 8 warps, 2 stages.
 - float64 (gradcheck, tests): 64×64×16, 4 warps; one candidate, never timed.
 - Gradient GEMMs (`grad_gemm.py`): an output tile of BLOCK_M (or BLOCK_N) feature rows ×
   BLOCK_OUT_D features, reducing over the panel's tiles one dS tile at a time.
@@ -64,12 +67,12 @@ class GemmConfig:
 TILE_CANDIDATES: dict[int, tuple[TileConfig, ...]] = {
     2: (
         TileConfig(block_m=128, block_n=64, block_d=32, num_warps=8, num_stages=3),
-        TileConfig(block_m=128, block_n=128, block_d=32, num_warps=8, num_stages=3),
-        TileConfig(block_m=64, block_n=128, block_d=64, num_warps=4, num_stages=3),
+        TileConfig(block_m=64, block_n=128, block_d=64, num_warps=8, num_stages=3),
+        TileConfig(block_m=64, block_n=128, block_d=64, num_warps=4, num_stages=2),
     ),
     4: (
-        TileConfig(block_m=128, block_n=64, block_d=32, num_warps=8, num_stages=2),
-        TileConfig(block_m=64, block_n=128, block_d=32, num_warps=8, num_stages=2),
+        TileConfig(block_m=128, block_n=64, block_d=16, num_warps=8, num_stages=2),
+        TileConfig(block_m=64, block_n=64, block_d=32, num_warps=8, num_stages=2),
     ),
     8: (TileConfig(block_m=64, block_n=64, block_d=16, num_warps=4, num_stages=2),),
 }
