@@ -194,6 +194,8 @@ def grad_cache_backward(
             (scale_loss(loss) if scale_loss is not None else loss).backward()
     cached = [leaf.grad for leaf in leaves]
     del leaves
+    if no_sync is None and all(grad is None for grad in cached):
+        return loss.detach()  # nothing to backpropagate into the towers (all frozen, or the loss uses none)
 
     # 3. Second passes: the same draws again, with grad, each backpropagating its slice of the cached gradient.
     last = len(micro_batches) - 1

@@ -188,6 +188,20 @@ def test_sensitivity_temperature_gradient_once_per_micro_batch(monkeypatch):
     assert max_norm_rel_err(N * grads["logit_scale"], expected["logit_scale"]) > 1  # what N times would give
 
 
+def test_scale_loss_scales_every_gradient_alike():
+    """scale_loss (GradScaler.scale) multiplies the loss before its backward: every gradient comes out scaled."""
+    torch.manual_seed(0)
+    model = TinyTowers().double()
+    micro_batches = make_micro_batches()
+    _, expected, _ = big_batch_grads(model, micro_batches, seed=7)
+    model.zero_grad()
+    torch.manual_seed(7)
+    loss = grad_cache_backward(micro_batches, lambda mb: model(*mb), oracle_loss, scale_loss=lambda x: x * 1024.0)
+    assert loss.dtype == torch.float64 and not loss.requires_grad
+    for name, p in model.named_parameters():
+        assert max_norm_rel_err(p.grad / 1024.0, expected[name]) <= 1e-10, name
+
+
 def test_frozen_tower_and_unused_output():
     """A frozen text tower gets no gradient work; an output the loss ignores is skipped."""
     torch.manual_seed(0)
