@@ -25,8 +25,9 @@ import triton  # noqa: F401  (ImportError here tells the dispatcher Triton is mi
 from ..triton_kernels import tl_utils
 from ..triton_kernels.backward import BackwardResult
 from ..triton_kernels.backward import partitions_backward as _launch_backward
-from ..triton_kernels.config import dot_precision, gemm_config, tile_config
+from ..triton_kernels.config import dot_precision, gemm_config
 from ..triton_kernels.lse_forward import lse_forward
+from ..triton_kernels.tuning import select_tile
 from .base import BackwardStats
 from .dtypes import stat_dtype
 from .options import PartitionOptions, default_grad_filter_eps
@@ -104,7 +105,7 @@ def _lse_op(
 
     `n_query_cols` and `grad_filter_eps` are for the backward (saved by `_setup_context`).
     """
-    tile = tile_config(rows.shape[1], rows.dtype, block_rows, block_cols)
+    tile = select_tile(rows.shape[1], rows.dtype, rows.device, block_rows, block_cols)
     with _on_device(rows):
         return lse_forward(rows, cols, scale.detach(), col_bias, tile, precision)
 
@@ -140,7 +141,7 @@ def _lse_backward_op(
         result = _launch_backward(
             rows, cols, scale, col_bias, n_query_cols, row_lse, col_lse, grad_row_lse, grad_col_lse,
             (need_rows, need_cols, need_scale), precision, filter_eps,
-            tile_config(dim, rows.dtype, block_rows, block_cols), gemm_config(dim, rows.dtype),
+            select_tile(dim, rows.dtype, rows.device, block_rows, block_cols), gemm_config(dim, rows.dtype),
         )  # fmt: skip
     return (  # (distinct empty tensors: the outputs of a custom op may not alias each other)
         rows.new_empty((0,)) if result.grad_rows is None else result.grad_rows,
@@ -173,7 +174,7 @@ def _backward(
         rows, cols, scale_stat, col_bias, n_query_cols, row_lse, col_lse, grad_row_lse, grad_col_lse, *needs,
         options.block_rows, options.block_cols, _filter_eps(options, n_rows, n_cols, rows.dtype), precision,
     )  # fmt: skip
-    tile = tile_config(dim, rows.dtype, options.block_rows, options.block_cols)
+    tile = select_tile(dim, rows.dtype, rows.device, options.block_rows, options.block_cols)
     tiles = triton.cdiv(n_rows, tile.block_m) * triton.cdiv(n_cols, tile.block_n)
     _last_backward = BackwardResult(None, None, None, tiles, kept_tiles)
     need_rows, need_cols, need_scale = needs
