@@ -34,6 +34,8 @@
 #include <mutex>
 #include <vector>
 
+#include "cpu_parts.h"
+#include "sigmoid_cpu.h"
 #include "tile_math.h"
 
 #if defined(__SSE2__)
@@ -47,19 +49,6 @@ namespace {
 constexpr double kMinSharedSum = 1.9287498479639178e-22;  // exp(-50)
 // Backward: exp(M − lse) above exp(20) would let weights ≥ exp(-67) underflow in e = exp(S − M).
 constexpr double kMaxShiftExcess = 20.0;
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Flush denormals to zero (FTZ + DAZ) on this thread while a part runs. In peaked softmaxes the gradient
-// weights of far tiles reach 1e-40 and below; as denormals they would send every FMA of the BLAS products
-// through a slow microcode path, and their value is ~1e-32 of the row's unit mass anyway.
-struct FlushDenormals {
-#if defined(__SSE2__)
-  unsigned int saved = _mm_getcsr();
-  FlushDenormals() { _mm_setcsr(saved | 0x8040); }
-  ~FlushDenormals() { _mm_setcsr(saved); }
-#endif
-};
 
 // Online log-sum-exp state (m, s) meaning log(s) + m; adds log(sum) + shift.
 template <typename T>
@@ -102,23 +91,6 @@ inline double lse_of(double m, double s) { return m + std::log(s); }
 // min/max that return NaN when either argument is NaN (std::min/max keep the first argument then).
 inline double nan_min(double a, double b) { return std::isnan(a) || std::isnan(b) ? a + b : std::min(a, b); }
 inline double nan_max(double a, double b) { return std::isnan(a) || std::isnan(b) ? a + b : std::max(a, b); }
-
-// The row blocks split into n_parts contiguous parts, one per thread, processed by at::parallel_for.
-// Parts (not thread ids) index the per-part accumulators, so results depend only on the thread count.
-struct Parts {
-  int64_t n_rb, count;
-  explicit Parts(int64_t n_row_blocks)
-      : n_rb(n_row_blocks), count(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_row_blocks))) {}
-  int64_t begin(int64_t part) const { return part * n_rb / count; }
-  int64_t end(int64_t part) const { return (part + 1) * n_rb / count; }
-  // fn(part) for every part; a thread given several parts runs them in increasing order.
-  template <typename F>
-  void run(const F& fn) const {
-    at::parallel_for(0, count, 1, [&](int64_t first, int64_t last) {
-      for (int64_t part = first; part < last; ++part) fn(part);
-    });
-  }
-};
 
 struct Tile {
   int64_t r0, nr, c0, nc, nq;  // rows [r0, r0+nr), columns [c0, c0+nc), the first nq of them queries
@@ -327,52 +299,6 @@ double tile_grad_logits(const GradWeights<T>& gw, const Tile& t, const T* S, T s
   return dot;
 }
 
-// grad_cols of a column block collects from every part. Each part sums its own contributions in a private
-// block_cols × d buffer, then deposits it: with more than two parts in part order (0, 1, …), deterministic,
-// and the parts sweep the column blocks in the same order, so a part rarely waits for its turn; with two
-// parts in either order, because 0 + a + b and 0 + b + a are the same bits (IEEE addition commutes), so the
-// first part to finish a column block adds first and neither waits for the other.
-class ColumnDeposits {
- public:
-  ColumnDeposits(int64_t n_parts, int64_t n_col_blocks)
-      : ordered_(n_parts > 2), deposits_(n_col_blocks, 0), col_locks_(ordered_ ? 0 : n_col_blocks) {}
-
-  // Runs add() (which adds the part's share of column block cb, if it has one) in the deterministic order.
-  template <typename F>
-  void deposit(int64_t part, int64_t cb, bool has_share, const F& add) {
-    if (ordered_) {
-      std::unique_lock<std::mutex> lock(mutex_);
-      done_.wait(lock, [&] { return deposits_[cb] == part || failed_; });
-      TORCH_CHECK(!failed_, "semclip_kernels._C: another part of the backward failed");
-      lock.unlock();
-      if (has_share) add();
-      lock.lock();
-      deposits_[cb] += 1;
-      done_.notify_all();
-    } else if (has_share) {
-      std::lock_guard<std::mutex> lock(col_locks_[cb]);
-      add();
-    }
-  }
-
-  // A part threw: wake every waiting part so that none waits forever.
-  void fail() {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      failed_ = true;
-    }
-    done_.notify_all();
-  }
-
- private:
-  const bool ordered_;
-  std::vector<int64_t> deposits_;  // parts that have added their share of each column block
-  std::vector<std::mutex> col_locks_;
-  std::mutex mutex_;
-  std::condition_variable done_;
-  bool failed_ = false;
-};
-
 template <typename T>
 std::vector<at::Tensor> backward_impl(const at::Tensor& rows, const at::Tensor& cols, double scale,
                                       const at::Tensor& col_bias, int64_t Kq, const at::Tensor& row_lse,
@@ -544,4 +470,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "need_cols, need_scale, block_rows, block_cols, grad_filter_eps) -> [grad_rows, grad_cols, grad_scale, "
         "stats = (tiles, skipped tiles, exactly recomputed rows+columns)]");
   m.def("has_avx2", &semclip::has_avx2, "whether the vectorized exp was compiled in");
+  m.def("sigmoid_pairs", &semclip::sigmoid_pairs,
+        "(rows, cols, scale, bias, col_weight [K], col_owner [K] int64, need_rows, need_cols, need_scale, "
+        "need_bias, block_rows, block_cols, grad_filter_eps) -> [pair_sum (f64), grad_rows, grad_cols, "
+        "grad_scale (f64), grad_bias (f64), stats = (tiles, skipped tiles)] (csrc/sigmoid_cpu.cpp)");
 }
