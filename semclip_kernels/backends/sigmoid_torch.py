@@ -69,46 +69,58 @@ def pair_sum(
     need_any = any(needs)
     dtype = stat_dtype(scale.dtype)
     # The products run in float32 (float64): CPU half-precision GEMMs are slow and round their output.
-    compute = dtype if rows.dtype != torch.float64 else torch.float64
-    tau, b = scale.to(dtype), bias.to(dtype)
-    tau_value = float(scale) if need_rows or need_cols else 0.0  # the kernel runs eagerly (see below)
-    weight, owner = col_weight.to(dtype), col_owner
+    compute = dtype
+    # The kernel runs eagerly (inside a custom operator under torch.compile): τ and b as host numbers.
+    tau, b = float(scale), float(bias)
+    weight = col_weight.to(dtype)
     n_rows, n_cols = rows.shape[0], cols.shape[0]
     total = torch.zeros((), dtype=torch.float64, device=rows.device)
     grad_rows = torch.zeros(rows.shape, dtype=compute, device=rows.device) if need_rows else None
     grad_cols = torch.zeros(cols.shape, dtype=compute, device=rows.device) if need_cols else None
-    # float64 partial sums: the τ and b gradients add B·K terms of both signs.
+    # dτ = Σ dS ⊙ A·Cᵀ = Σ_i <grad_A_i, A_i> / τ: read off a feature gradient after the loop when there is one
+    # (and τ ≠ 0), else summed per tile. float64 partial sums: the τ and b gradients add B·K terms of both signs.
+    scale_per_tile = need_scale and (tau == 0 or not (need_rows or need_cols))
     grad_scale = torch.zeros((), dtype=torch.float64, device=rows.device)
     grad_bias = torch.zeros((), dtype=torch.float64, device=rows.device)
     row_tiles, col_tiles = _tiles(n_rows, block_rows), _tiles(n_cols, block_cols)
     skipped = 0
     for r in row_tiles:
         row_tile = rows[r].to(compute)
-        row_ids = torch.arange(r.start, r.stop, device=rows.device)[:, None]
         for c in col_tiles:
             col_tile = cols[c].to(compute)
             products = row_tile @ col_tile.T  # A·Cᵀ of the tile
-            signs = 1.0 - 2.0 * (owner[c][None, :] == row_ids).to(dtype)  # s = −1 on positives
-            signed_logits = signs * (products.to(dtype) * tau + b)
+            # (in place unless the products are still needed for dτ)
+            signed_logits = (products.mul(tau) if scale_per_tile else products.mul_(tau)).add_(b)
+            # This tile's positives (row, column): a column's owner among these rows; their sign s = −1.
+            owner = col_owner[c] - r.start
+            positive_cols = torch.nonzero((owner >= 0) & (owner < r.stop - r.start)).squeeze(1)
+            positive_rows = owner[positive_cols]
+            signed_logits[positive_rows, positive_cols] *= -1
             # −log σ(−x), not softplus(x): torch's softplus returns x above x = 20 (an error of up to 2e-9).
-            total -= (F.logsigmoid(-signed_logits) * weight[c]).sum(dtype=torch.float64)
+            pair_losses = F.logsigmoid(signed_logits.neg())
+            # Column sums in the tile's dtype (torch sums pairwise), the weighted total in float64.
+            total -= pair_losses.sum(0).double() @ weight[c].double()
             if not need_any:
                 continue
-            magnitude = torch.sigmoid(signed_logits).mul_(weight[c])  # |dS| = a·σ(s·l)
-            # Host-side decision: the kernel runs eagerly (inside a custom operator under torch.compile).
+            grad_logits = torch.sigmoid_(signed_logits).mul_(weight[c])  # |dS| = a·σ(s·l)
             # NaN compares False: a tile with a NaN is never skipped.
-            if grad_filter_eps > 0 and bool(magnitude.amax() < grad_filter_eps):
+            if grad_filter_eps > 0 and bool(grad_logits.amax() < grad_filter_eps):
                 skipped += 1
                 continue
-            grad_logits = magnitude.mul_(signs)
+            grad_logits[positive_rows, positive_cols] *= -1  # dS = s·a·σ(s·l)
             if need_rows:
-                grad_rows[r].addmm_(grad_logits.to(compute), col_tile, alpha=tau_value)
+                grad_rows[r].addmm_(grad_logits, col_tile, alpha=tau)
             if need_cols:
-                grad_cols[c].addmm_(grad_logits.to(compute).T, row_tile, alpha=tau_value)
-            if need_scale:
-                grad_scale += (grad_logits.double() * products.double()).sum()
+                grad_cols[c].addmm_(grad_logits.T, row_tile, alpha=tau)
+            if scale_per_tile:
+                grad_scale += torch.dot(grad_logits.reshape(-1).double(), products.reshape(-1).double())
             if need_bias:
-                grad_bias += grad_logits.sum(dtype=torch.float64)
+                grad_bias += grad_logits.sum().double()
+    if need_scale and not scale_per_tile:
+        feature, grad = (rows, grad_rows) if need_rows else (cols, grad_cols)
+        for t in row_tiles if need_rows else col_tiles:  # float64 one tile at a time (§3's tile budget)
+            grad_scale += torch.dot(grad[t].double().reshape(-1), feature[t].double().reshape(-1))
+        grad_scale /= tau
     if not torch.compiler.is_compiling():  # informative only
         _last_stats = BackwardStats(tiles=len(row_tiles) * len(col_tiles) if need_any else 0, skipped_tiles=skipped)
     return (
