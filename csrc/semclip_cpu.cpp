@@ -199,8 +199,9 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& rows, const at::Tensor& c
 // The gradient filter's per-block bounds (NaN-propagating: a NaN statistic never lets a tile be skipped):
 // min row_lse per row block; per column block the max bias, the min col_lse, and the min log-mass of the
 // columns' gradients that row weights feed (0 for a query column with a column gradient, whose column
-// softmax alone has mass 1; else log of exp(b_c + col_mass_lse_c − max row_lse) ≤ Σ_i p_ic, or −inf
-// without col_mass_lse: such a column's mass is unknown and its tiles are never skipped).
+// softmax alone has mass 1; else col_mass_lb_c ≤ log Σ_i p_ic, the lower bound the caller computed (see
+// backends/values.py: Stats.col_mass_lb), or −inf without it: such a column's mass is unknown and its tiles
+// are never skipped).
 struct FilterBounds {
   std::vector<double> rb_min_lse, cb_max_bias, cb_min_col_lse, cb_min_col_mass;
   double log_eps;
@@ -215,26 +216,19 @@ struct FilterBounds {
 };
 
 template <typename T>
-FilterBounds filter_bounds(const double* rl, const double* cl, const double* mass_lse, const T* bias, const T* gc,
+FilterBounds filter_bounds(const double* rl, const double* cl, const double* mass_lb, const T* bias, const T* gc,
                            int64_t M, int64_t K, int64_t Kq, int64_t br, int64_t bc, double eps) {
   const double inf = std::numeric_limits<double>::infinity();
   const int64_t n_rb = ceil_div(M, br), n_cb = ceil_div(K, bc);
   FilterBounds f{std::vector<double>(n_rb, inf), std::vector<double>(n_cb, -inf), std::vector<double>(n_cb, inf),
                  std::vector<double>(n_cb, 0.0), eps > 0 ? std::log(eps) : -inf};
-  double max_row_lse = -inf;
-  for (int64_t r = 0; r < M; ++r) {
-    f.rb_min_lse[r / br] = nan_min(f.rb_min_lse[r / br], rl[r]);
-    max_row_lse = nan_max(max_row_lse, rl[r]);
-  }
+  for (int64_t r = 0; r < M; ++r) f.rb_min_lse[r / br] = nan_min(f.rb_min_lse[r / br], rl[r]);
   for (int64_t c = 0; c < K; ++c) {
     f.cb_max_bias[c / bc] = nan_max(f.cb_max_bias[c / bc], double(bias[c]));
     if (c < Kq) f.cb_min_col_lse[c / bc] = nan_min(f.cb_min_col_lse[c / bc], cl[c]);
     if (c < Kq && gc[c] != 0) continue;
     double log_mass = -inf;
-    if (mass_lse) {
-      const double x = bias[c] + mass_lse[c] - max_row_lse;
-      log_mass = std::isnan(x) ? x : std::min(0.0, x);
-    }
+    if (mass_lb) log_mass = std::isnan(mass_lb[c]) ? mass_lb[c] : std::min(0.0, mass_lb[c]);
     f.cb_min_col_mass[c / bc] = nan_min(f.cb_min_col_mass[c / bc], log_mass);
   }
   return f;
@@ -302,7 +296,7 @@ double tile_grad_logits(const GradWeights<T>& gw, const Tile& t, const T* S, T s
 template <typename T>
 std::vector<at::Tensor> backward_impl(const at::Tensor& rows, const at::Tensor& cols, double scale,
                                       const at::Tensor& col_bias, int64_t Kq, const at::Tensor& row_lse,
-                                      const at::Tensor& col_lse, const at::Tensor& col_mass_lse,
+                                      const at::Tensor& col_lse, const at::Tensor& col_mass_lb,
                                       const at::Tensor& tile_max, const at::Tensor& g_row, const at::Tensor& g_col,
                                       bool need_rows, bool need_cols, bool need_scale, int64_t br, int64_t bc,
                                       double eps) {
@@ -326,7 +320,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& rows, const at::Tensor& 
   // its max, taken after recomputing it, and the filter judges the tile from that max.
   const T* fwd_tile_max = tile_max.numel() > 0 ? tile_max.data_ptr<T>() : nullptr;
   const FilterBounds filter = filter_bounds(gw.row_lse, gw.col_lse,
-                                            col_mass_lse.numel() > 0 ? col_mass_lse.data_ptr<double>() : nullptr,
+                                            col_mass_lb.numel() > 0 ? col_mass_lb.data_ptr<double>() : nullptr,
                                             gw.bias, gw.g_col, M, K, Kq, br, bc, eps);
   ColumnDeposits deposits(parts.count, n_cb);
   parts.run([&](int64_t part) {
@@ -420,7 +414,7 @@ std::vector<at::Tensor> forward(const at::Tensor& rows, const at::Tensor& cols, 
 
 std::vector<at::Tensor> backward(const at::Tensor& rows, const at::Tensor& cols, double scale,
                                  const at::Tensor& col_bias, int64_t n_query_cols, const at::Tensor& row_lse,
-                                 const at::Tensor& col_lse, const at::Tensor& col_mass_lse, const at::Tensor& tile_max,
+                                 const at::Tensor& col_lse, const at::Tensor& col_mass_lb, const at::Tensor& tile_max,
                                  const at::Tensor& grad_row_lse, const at::Tensor& grad_col_lse, bool need_rows,
                                  bool need_cols, bool need_scale, int64_t block_rows, int64_t block_cols,
                                  double grad_filter_eps) {
@@ -428,24 +422,24 @@ std::vector<at::Tensor> backward(const at::Tensor& rows, const at::Tensor& cols,
   for (const at::Tensor* t : {&grad_row_lse, &grad_col_lse})
     TORCH_CHECK(t->scalar_type() == rows.scalar_type() && t->is_contiguous() && t->dim() == 1,
                 "grad_row_lse and grad_col_lse must be contiguous 1-d tensors of the inputs' dtype");
-  for (const at::Tensor* t : {&row_lse, &col_lse, &col_mass_lse})
+  for (const at::Tensor* t : {&row_lse, &col_lse, &col_mass_lb})
     TORCH_CHECK(t->scalar_type() == at::kDouble && t->is_contiguous() && t->dim() == 1,
-                "row_lse, col_lse and col_mass_lse must be contiguous 1-d float64 tensors");
+                "row_lse, col_lse and col_mass_lb must be contiguous 1-d float64 tensors");
   TORCH_CHECK(row_lse.size(0) == rows.size(0) && grad_row_lse.size(0) == rows.size(0), "row statistics must be [M]");
   TORCH_CHECK(col_lse.size(0) == n_query_cols && grad_col_lse.size(0) == n_query_cols,
               "column statistics must be [n_query_cols]");
-  TORCH_CHECK(col_mass_lse.numel() == 0 || col_mass_lse.size(0) == cols.size(0),
-              "col_mass_lse must be empty or the forward's [K] log-partitions of every column");
+  TORCH_CHECK(col_mass_lb.numel() == 0 || col_mass_lb.size(0) == cols.size(0),
+              "col_mass_lb must be empty or [K] lower bounds of every column's log row-softmax mass");
   TORCH_CHECK(tile_max.numel() == 0 ||
                   (tile_max.scalar_type() == rows.scalar_type() && tile_max.is_contiguous() &&
                    tile_max.numel() == ceil_div(rows.size(0), block_rows) * ceil_div(cols.size(0), block_cols)),
               "tile_max must be empty or the forward's [row blocks, column blocks] tensor for these block sizes");
   at::NoGradGuard no_grad;
   if (rows.scalar_type() == at::kDouble)
-    return backward_impl<double>(rows, cols, scale, col_bias, n_query_cols, row_lse, col_lse, col_mass_lse, tile_max,
+    return backward_impl<double>(rows, cols, scale, col_bias, n_query_cols, row_lse, col_lse, col_mass_lb, tile_max,
                                  grad_row_lse, grad_col_lse, need_rows, need_cols, need_scale, block_rows,
                                  block_cols, grad_filter_eps);
-  return backward_impl<float>(rows, cols, scale, col_bias, n_query_cols, row_lse, col_lse, col_mass_lse, tile_max,
+  return backward_impl<float>(rows, cols, scale, col_bias, n_query_cols, row_lse, col_lse, col_mass_lb, tile_max,
                               grad_row_lse, grad_col_lse, need_rows, need_cols, need_scale, block_rows, block_cols,
                               grad_filter_eps);
 }
@@ -465,7 +459,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &semclip::forward, "(rows, cols, scale, col_bias, n_query_cols, block_rows, block_cols) -> "
         "[row_lse [M] (float64), col_lse [K] (float64, every column), tile_max (each tile's max logit)]");
   m.def("backward", &semclip::backward,
-        "(rows, cols, scale, col_bias, n_query_cols, row_lse [M] f64, col_lse [Kq] f64, col_mass_lse [K] f64 or "
+        "(rows, cols, scale, col_bias, n_query_cols, row_lse [M] f64, col_lse [Kq] f64, col_mass_lb [K] f64 or "
         "empty, tile_max or empty, grad_row_lse, grad_col_lse, need_rows, "
         "need_cols, need_scale, block_rows, block_cols, grad_filter_eps) -> [grad_rows, grad_cols, grad_scale, "
         "stats = (tiles, skipped tiles, exactly recomputed rows+columns)]");

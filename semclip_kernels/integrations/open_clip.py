@@ -280,8 +280,8 @@ def split_text_groups(features: torch.Tensor, batch: int, n_paraphrases: int,
                       n_negations: int) -> dict[str, torch.Tensor]:
     """Views of a `[B·(1 + Pn + Mn), d]` text-tower output laid out `[captions; paraphrases; negations]`.
 
-    The three blocks are adjacent views of one buffer, which is what lets the loss use the buffer
-    itself as its `[T; P; N]` columns (`semclip_kernels.column_views.adjacent_view_columns`).
+    The three blocks are adjacent views of one buffer: one text-tower pass, its output already in the
+    loss's `[T; P; N]` column order (the loss reads the blocks in place, docs/backends.md).
     """
     dim = features.shape[-1]
     end_para = batch * (1 + n_paraphrases)
