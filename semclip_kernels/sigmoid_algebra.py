@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .column_views import adjacent_view_columns
 from .validation import SemCLIPInputs
 
 NO_OWNER = -1  # the owner of a column that is no image's positive (a negation)
@@ -53,10 +52,8 @@ def build_sigmoid_columns(
         blocks.append(inputs.negation.reshape(-1, dim))
         weights.append(torch.full((batch * n_neg,), hard_negative_weight, dtype=stat, device=device))
         owners.append(torch.full((batch * n_neg,), NO_OWNER, dtype=torch.long, device=device))
-    # Blocks already back to back in one buffer (one text-tower pass in column order) are used in place.
-    cols = adjacent_view_columns(*blocks) if len(blocks) > 1 else blocks[0]
-    if cols is None:
-        cols = torch.cat(blocks, dim=0)
+    # One [K, d] copy when there are extras (O(K·d), within docs/contract.md §3's budget).
+    cols = torch.cat(blocks, dim=0) if len(blocks) > 1 else blocks[0]
     return SigmoidColumns(cols, torch.cat(weights), torch.cat(owners))
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from .base import BackwardStats
 from .dtypes import stat_dtype
 from .options import PartitionOptions, default_grad_filter_eps
 
@@ -26,8 +25,6 @@ else:
 DEFAULT_BLOCK_ROWS = 256
 DEFAULT_BLOCK_COLS = 512
 
-_last_stats = BackwardStats()
-
 
 def is_available(device: torch.device) -> tuple[bool, str]:
     if device.type != "cpu":
@@ -40,11 +37,6 @@ def is_available(device: torch.device) -> tuple[bool, str]:
     if not hasattr(_C, "sigmoid_pairs"):
         return False, "the C++ extension semclip_kernels._C predates the sigmoid kernel: rebuild it"
     return True, ""
-
-
-def last_backward_stats() -> BackwardStats:
-    """Tiles visited and skipped by the gradient filter in the most recent gradient pass."""
-    return _last_stats
 
 
 def resolve_options(options: PartitionOptions, n_rows: int, n_cols: int, dtype: torch.dtype) -> tuple[int, int, float]:
@@ -68,9 +60,9 @@ def pair_sum(
     block_rows: int,
     block_cols: int,
     grad_filter_eps: float,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """`(pair_sum, grad_rows, grad_cols, grad_scale, grad_bias)` (see `sigmoid_torch.pair_sum`)."""
-    global _last_stats
+) -> tuple:
+    """`(pair_sum, grad_rows, grad_cols, grad_scale, grad_bias, (tiles, skipped_tiles))` (see
+    `sigmoid_torch.pair_sum`)."""
     compute = stat_dtype(rows.dtype)
     outputs = _C.sigmoid_pairs(
         rows.detach().to(compute).contiguous(), cols.detach().to(compute).contiguous(), float(scale), float(bias),
@@ -78,12 +70,11 @@ def pair_sum(
         block_rows, block_cols, grad_filter_eps,
     )  # fmt: skip
     total, grad_rows, grad_cols, grad_scale, grad_bias, stats = outputs
-    if not torch.compiler.is_compiling():  # informative only
-        _last_stats = BackwardStats(tiles=int(stats[0]), skipped_tiles=int(stats[1]))
     return (
         total.to(stat_dtype(scale.dtype)),
         grad_rows.to(rows.dtype) if needs[0] else None,
         grad_cols.to(cols.dtype) if needs[1] else None,
         grad_scale.to(scale.dtype) if needs[2] else None,
         grad_bias.to(bias.dtype) if needs[3] else None,
+        (int(stats[0]), int(stats[1])),
     )

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .dtypes import stat_dtype
+from .sigmoid_values import SigmoidProblem, SigmoidStats
 
 
 def is_available(device: torch.device) -> tuple[bool, str]:
@@ -31,3 +32,17 @@ def pair_sum(
     signs = 1.0 - 2.0 * positive.to(dtype)
     # −log σ(−x), not softplus(x): torch's softplus returns x above x = 20 (an error of up to 2e-9 per pair).
     return (-F.logsigmoid(-signs * logits) * col_weight.to(dtype)).sum()
+
+
+# The layer's `Kernels` (docs/backends.md): plain differentiable torch ops, called under autograd by `ops`.
+differentiable = True
+
+
+def forward(problem: SigmoidProblem) -> SigmoidStats:
+    """`SigmoidStats` whose `pair_sum` is differentiable (autograd through the materialized logits)."""
+    total = pair_sum(
+        problem.rows, problem.joined_cols(), problem.scale_bias[0], problem.scale_bias[1], problem.col_weight,
+        problem.col_owner,
+    )  # fmt: skip
+    empty = problem.rows.new_empty((0,), dtype=problem.stat_dtype)
+    return SigmoidStats(total, empty, tuple(empty for _ in problem.cols), empty, torch.zeros(3, dtype=torch.int64))

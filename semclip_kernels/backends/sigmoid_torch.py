@@ -16,23 +16,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import BackwardStats
 from .dtypes import stat_dtype
 from .options import PartitionOptions, default_grad_filter_eps
 
 DEFAULT_BLOCK_ROWS = 512
 DEFAULT_BLOCK_COLS = 1024
 
-_last_stats = BackwardStats()
-
 
 def is_available(device: torch.device) -> tuple[bool, str]:
     return True, ""
-
-
-def last_backward_stats() -> BackwardStats:
-    """Tiles visited and skipped by the gradient filter in the most recent gradient pass."""
-    return _last_stats
 
 
 def _tiles(n: int, block: int) -> list[slice]:
@@ -60,11 +52,10 @@ def pair_sum(
     block_rows: int,
     block_cols: int,
     grad_filter_eps: float,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """`(pair_sum, grad_rows, grad_cols, grad_scale, grad_bias)`: the sum and its gradients (None where
-    `needs = (rows, cols, scale, bias)` says no), sum and scalars in the statistics dtype, feature gradients
-    in the features' dtypes."""
-    global _last_stats
+) -> tuple:
+    """`(pair_sum, grad_rows, grad_cols, grad_scale, grad_bias, (tiles, skipped_tiles))`: the sum and its
+    gradients (None where `needs = (rows, cols, scale, bias)` says no), sum and scalars in the statistics
+    dtype, feature gradients in the features' dtypes; the tiles the gradient pass visited and filtered."""
     need_rows, need_cols, need_scale, need_bias = needs
     need_any = any(needs)
     dtype = stat_dtype(scale.dtype)
@@ -121,12 +112,11 @@ def pair_sum(
         for t in row_tiles if need_rows else col_tiles:  # float64 one tile at a time (§3's tile budget)
             grad_scale += torch.dot(grad[t].double().reshape(-1), feature[t].double().reshape(-1))
         grad_scale /= tau
-    if not torch.compiler.is_compiling():  # informative only
-        _last_stats = BackwardStats(tiles=len(row_tiles) * len(col_tiles) if need_any else 0, skipped_tiles=skipped)
     return (
         total.to(dtype),
         None if grad_rows is None else grad_rows.to(rows.dtype),
         None if grad_cols is None else grad_cols.to(cols.dtype),
         grad_scale.to(scale.dtype) if need_scale else None,
         grad_bias.to(bias.dtype) if need_bias else None,
+        (len(row_tiles) * len(col_tiles) if need_any else 0, skipped),
     )
