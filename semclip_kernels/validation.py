@@ -107,8 +107,8 @@ def _overflow_message(value: float, statistics_dtype: torch.dtype, name: str = "
 
 
 def _check_finite_scale(logit_scale: torch.Tensor, statistics_dtype: torch.dtype, name: str = "logit_scale") -> None:
-    """A non-finite tensor `logit_scale` (or `logit_bias`), or one that overflows the statistics' dtype (1e300 in float64
-    is inf in float32), is an error in eager mode.
+    """A non-finite tensor `logit_scale` (or `logit_bias`), or one that overflows the statistics' dtype
+    (1e300 in float64 is inf in float32), is an error in eager mode.
 
     Reading the value synchronises with the device, which a compiled graph must not do: under
     `torch.compile` the check is skipped and a non-finite τ gives a NaN loss instead (every logit
