@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 
 import semclip_kernels
-from semclip_kernels.backends import cpp
+from semclip_kernels.backends import cpp, last_backward_stats
 
 from .measure import (
     Point,
@@ -134,9 +134,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         },
         args.repeats,
     )
-    stats = cpp.last_backward_stats()  # of the last call: eps = 0
+    stats = last_backward_stats("cpp")  # of the last call: eps = 0
     forward_backward(cpp_loss(None), inputs)
-    stats_filtered = cpp.last_backward_stats()
+    stats_filtered = last_backward_stats("cpp")
     for name, s in seconds.items():
         print(f"  trained {name:<9} {s:7.3f} s (median of {args.repeats})", flush=True)
     results["trained GEMM-eq"] = seconds["cpp"] / seconds["gemm"]

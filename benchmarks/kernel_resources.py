@@ -59,7 +59,7 @@ ARCHS = (80, 90)
 SHARED_LIMIT_BYTES = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 _POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 # Pointers to features or to tensors in the features' dtype; pointers to int32 tensors.
-_FEATURE_POINTERS = ("rows_ptr", "cols_ptr", "panel_ptr", "grad_cols_ptr")
+_FEATURE_POINTERS = ("rows_ptr", "cols_ptr", "panel_ptr")  # gradients are written in float32 (float64)
 _INT_POINTERS = ("keep_ptr", "kept_ptr", "kept_count_ptr")
 # SASS opcodes counted (the mnemonic before the first dot).
 _ATOMIC_OPCODES = ("ATOM", "ATOMG", "ATOMS", "RED", "REDG", "REDAS")
@@ -197,8 +197,10 @@ def kernel_variants(dtype: torch.dtype, dim: int, defaults_only: bool = False, t
         for name, filtering, need_panel in _DS_VARIANTS:
             if defaults_only and name != "default":
                 continue
+            # The loss folds two positive bands (captions, paraphrases) into dS.
             launch = ds_panel_launch(tile, dtype, precision, has_row_grad=True, has_col_grad=True,
-                                     need_panel=need_panel, need_grad_scale=True, filtering=filtering)  # fmt: skip
+                                     need_panel=need_panel, need_grad_scale=True, filtering=filtering,
+                                     n_bands=2)  # fmt: skip
             yield "ds_panel", name + tag, ds_panel_kernel, launch, tile_shape
         for sparse in (True, False):
             if defaults_only and not sparse:

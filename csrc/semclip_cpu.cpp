@@ -34,6 +34,8 @@
 #include <mutex>
 #include <vector>
 
+#include "cpu_parts.h"
+#include "sigmoid_cpu.h"
 #include "tile_math.h"
 
 #if defined(__SSE2__)
@@ -47,19 +49,6 @@ namespace {
 constexpr double kMinSharedSum = 1.9287498479639178e-22;  // exp(-50)
 // Backward: exp(M − lse) above exp(20) would let weights ≥ exp(-67) underflow in e = exp(S − M).
 constexpr double kMaxShiftExcess = 20.0;
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Flush denormals to zero (FTZ + DAZ) on this thread while a part runs. In peaked softmaxes the gradient
-// weights of far tiles reach 1e-40 and below; as denormals they would send every FMA of the BLAS products
-// through a slow microcode path, and their value is ~1e-32 of the row's unit mass anyway.
-struct FlushDenormals {
-#if defined(__SSE2__)
-  unsigned int saved = _mm_getcsr();
-  FlushDenormals() { _mm_setcsr(saved | 0x8040); }
-  ~FlushDenormals() { _mm_setcsr(saved); }
-#endif
-};
 
 // Online log-sum-exp state (m, s) meaning log(s) + m; adds log(sum) + shift.
 template <typename T>
@@ -102,23 +91,6 @@ inline double lse_of(double m, double s) { return m + std::log(s); }
 // min/max that return NaN when either argument is NaN (std::min/max keep the first argument then).
 inline double nan_min(double a, double b) { return std::isnan(a) || std::isnan(b) ? a + b : std::min(a, b); }
 inline double nan_max(double a, double b) { return std::isnan(a) || std::isnan(b) ? a + b : std::max(a, b); }
-
-// The row blocks split into n_parts contiguous parts, one per thread, processed by at::parallel_for.
-// Parts (not thread ids) index the per-part accumulators, so results depend only on the thread count.
-struct Parts {
-  int64_t n_rb, count;
-  explicit Parts(int64_t n_row_blocks)
-      : n_rb(n_row_blocks), count(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_row_blocks))) {}
-  int64_t begin(int64_t part) const { return part * n_rb / count; }
-  int64_t end(int64_t part) const { return (part + 1) * n_rb / count; }
-  // fn(part) for every part; a thread given several parts runs them in increasing order.
-  template <typename F>
-  void run(const F& fn) const {
-    at::parallel_for(0, count, 1, [&](int64_t first, int64_t last) {
-      for (int64_t part = first; part < last; ++part) fn(part);
-    });
-  }
-};
 
 struct Tile {
   int64_t r0, nr, c0, nc, nq;  // rows [r0, r0+nr), columns [c0, c0+nc), the first nq of them queries
@@ -227,8 +199,9 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& rows, const at::Tensor& c
 // The gradient filter's per-block bounds (NaN-propagating: a NaN statistic never lets a tile be skipped):
 // min row_lse per row block; per column block the max bias, the min col_lse, and the min log-mass of the
 // columns' gradients that row weights feed (0 for a query column with a column gradient, whose column
-// softmax alone has mass 1; else log of exp(b_c + col_mass_lse_c − max row_lse) ≤ Σ_i p_ic, or −inf
-// without col_mass_lse: such a column's mass is unknown and its tiles are never skipped).
+// softmax alone has mass 1; else col_mass_lb_c ≤ log Σ_i p_ic, the lower bound the caller computed (see
+// backends/values.py: Stats.col_mass_lb), or −inf without it: such a column's mass is unknown and its tiles
+// are never skipped).
 struct FilterBounds {
   std::vector<double> rb_min_lse, cb_max_bias, cb_min_col_lse, cb_min_col_mass;
   double log_eps;
@@ -243,26 +216,19 @@ struct FilterBounds {
 };
 
 template <typename T>
-FilterBounds filter_bounds(const double* rl, const double* cl, const double* mass_lse, const T* bias, const T* gc,
+FilterBounds filter_bounds(const double* rl, const double* cl, const double* mass_lb, const T* bias, const T* gc,
                            int64_t M, int64_t K, int64_t Kq, int64_t br, int64_t bc, double eps) {
   const double inf = std::numeric_limits<double>::infinity();
   const int64_t n_rb = ceil_div(M, br), n_cb = ceil_div(K, bc);
   FilterBounds f{std::vector<double>(n_rb, inf), std::vector<double>(n_cb, -inf), std::vector<double>(n_cb, inf),
                  std::vector<double>(n_cb, 0.0), eps > 0 ? std::log(eps) : -inf};
-  double max_row_lse = -inf;
-  for (int64_t r = 0; r < M; ++r) {
-    f.rb_min_lse[r / br] = nan_min(f.rb_min_lse[r / br], rl[r]);
-    max_row_lse = nan_max(max_row_lse, rl[r]);
-  }
+  for (int64_t r = 0; r < M; ++r) f.rb_min_lse[r / br] = nan_min(f.rb_min_lse[r / br], rl[r]);
   for (int64_t c = 0; c < K; ++c) {
     f.cb_max_bias[c / bc] = nan_max(f.cb_max_bias[c / bc], double(bias[c]));
     if (c < Kq) f.cb_min_col_lse[c / bc] = nan_min(f.cb_min_col_lse[c / bc], cl[c]);
     if (c < Kq && gc[c] != 0) continue;
     double log_mass = -inf;
-    if (mass_lse) {
-      const double x = bias[c] + mass_lse[c] - max_row_lse;
-      log_mass = std::isnan(x) ? x : std::min(0.0, x);
-    }
+    if (mass_lb) log_mass = std::isnan(mass_lb[c]) ? mass_lb[c] : std::min(0.0, mass_lb[c]);
     f.cb_min_col_mass[c / bc] = nan_min(f.cb_min_col_mass[c / bc], log_mass);
   }
   return f;
@@ -327,56 +293,10 @@ double tile_grad_logits(const GradWeights<T>& gw, const Tile& t, const T* S, T s
   return dot;
 }
 
-// grad_cols of a column block collects from every part. Each part sums its own contributions in a private
-// block_cols × d buffer, then deposits it: with more than two parts in part order (0, 1, …), deterministic,
-// and the parts sweep the column blocks in the same order, so a part rarely waits for its turn; with two
-// parts in either order, because 0 + a + b and 0 + b + a are the same bits (IEEE addition commutes), so the
-// first part to finish a column block adds first and neither waits for the other.
-class ColumnDeposits {
- public:
-  ColumnDeposits(int64_t n_parts, int64_t n_col_blocks)
-      : ordered_(n_parts > 2), deposits_(n_col_blocks, 0), col_locks_(ordered_ ? 0 : n_col_blocks) {}
-
-  // Runs add() (which adds the part's share of column block cb, if it has one) in the deterministic order.
-  template <typename F>
-  void deposit(int64_t part, int64_t cb, bool has_share, const F& add) {
-    if (ordered_) {
-      std::unique_lock<std::mutex> lock(mutex_);
-      done_.wait(lock, [&] { return deposits_[cb] == part || failed_; });
-      TORCH_CHECK(!failed_, "semclip_kernels._C: another part of the backward failed");
-      lock.unlock();
-      if (has_share) add();
-      lock.lock();
-      deposits_[cb] += 1;
-      done_.notify_all();
-    } else if (has_share) {
-      std::lock_guard<std::mutex> lock(col_locks_[cb]);
-      add();
-    }
-  }
-
-  // A part threw: wake every waiting part so that none waits forever.
-  void fail() {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      failed_ = true;
-    }
-    done_.notify_all();
-  }
-
- private:
-  const bool ordered_;
-  std::vector<int64_t> deposits_;  // parts that have added their share of each column block
-  std::vector<std::mutex> col_locks_;
-  std::mutex mutex_;
-  std::condition_variable done_;
-  bool failed_ = false;
-};
-
 template <typename T>
 std::vector<at::Tensor> backward_impl(const at::Tensor& rows, const at::Tensor& cols, double scale,
                                       const at::Tensor& col_bias, int64_t Kq, const at::Tensor& row_lse,
-                                      const at::Tensor& col_lse, const at::Tensor& col_mass_lse,
+                                      const at::Tensor& col_lse, const at::Tensor& col_mass_lb,
                                       const at::Tensor& tile_max, const at::Tensor& g_row, const at::Tensor& g_col,
                                       bool need_rows, bool need_cols, bool need_scale, int64_t br, int64_t bc,
                                       double eps) {
@@ -400,7 +320,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& rows, const at::Tensor& 
   // its max, taken after recomputing it, and the filter judges the tile from that max.
   const T* fwd_tile_max = tile_max.numel() > 0 ? tile_max.data_ptr<T>() : nullptr;
   const FilterBounds filter = filter_bounds(gw.row_lse, gw.col_lse,
-                                            col_mass_lse.numel() > 0 ? col_mass_lse.data_ptr<double>() : nullptr,
+                                            col_mass_lb.numel() > 0 ? col_mass_lb.data_ptr<double>() : nullptr,
                                             gw.bias, gw.g_col, M, K, Kq, br, bc, eps);
   ColumnDeposits deposits(parts.count, n_cb);
   parts.run([&](int64_t part) {
@@ -494,7 +414,7 @@ std::vector<at::Tensor> forward(const at::Tensor& rows, const at::Tensor& cols, 
 
 std::vector<at::Tensor> backward(const at::Tensor& rows, const at::Tensor& cols, double scale,
                                  const at::Tensor& col_bias, int64_t n_query_cols, const at::Tensor& row_lse,
-                                 const at::Tensor& col_lse, const at::Tensor& col_mass_lse, const at::Tensor& tile_max,
+                                 const at::Tensor& col_lse, const at::Tensor& col_mass_lb, const at::Tensor& tile_max,
                                  const at::Tensor& grad_row_lse, const at::Tensor& grad_col_lse, bool need_rows,
                                  bool need_cols, bool need_scale, int64_t block_rows, int64_t block_cols,
                                  double grad_filter_eps) {
@@ -502,24 +422,24 @@ std::vector<at::Tensor> backward(const at::Tensor& rows, const at::Tensor& cols,
   for (const at::Tensor* t : {&grad_row_lse, &grad_col_lse})
     TORCH_CHECK(t->scalar_type() == rows.scalar_type() && t->is_contiguous() && t->dim() == 1,
                 "grad_row_lse and grad_col_lse must be contiguous 1-d tensors of the inputs' dtype");
-  for (const at::Tensor* t : {&row_lse, &col_lse, &col_mass_lse})
+  for (const at::Tensor* t : {&row_lse, &col_lse, &col_mass_lb})
     TORCH_CHECK(t->scalar_type() == at::kDouble && t->is_contiguous() && t->dim() == 1,
-                "row_lse, col_lse and col_mass_lse must be contiguous 1-d float64 tensors");
+                "row_lse, col_lse and col_mass_lb must be contiguous 1-d float64 tensors");
   TORCH_CHECK(row_lse.size(0) == rows.size(0) && grad_row_lse.size(0) == rows.size(0), "row statistics must be [M]");
   TORCH_CHECK(col_lse.size(0) == n_query_cols && grad_col_lse.size(0) == n_query_cols,
               "column statistics must be [n_query_cols]");
-  TORCH_CHECK(col_mass_lse.numel() == 0 || col_mass_lse.size(0) == cols.size(0),
-              "col_mass_lse must be empty or the forward's [K] log-partitions of every column");
+  TORCH_CHECK(col_mass_lb.numel() == 0 || col_mass_lb.size(0) == cols.size(0),
+              "col_mass_lb must be empty or [K] lower bounds of every column's log row-softmax mass");
   TORCH_CHECK(tile_max.numel() == 0 ||
                   (tile_max.scalar_type() == rows.scalar_type() && tile_max.is_contiguous() &&
                    tile_max.numel() == ceil_div(rows.size(0), block_rows) * ceil_div(cols.size(0), block_cols)),
               "tile_max must be empty or the forward's [row blocks, column blocks] tensor for these block sizes");
   at::NoGradGuard no_grad;
   if (rows.scalar_type() == at::kDouble)
-    return backward_impl<double>(rows, cols, scale, col_bias, n_query_cols, row_lse, col_lse, col_mass_lse, tile_max,
+    return backward_impl<double>(rows, cols, scale, col_bias, n_query_cols, row_lse, col_lse, col_mass_lb, tile_max,
                                  grad_row_lse, grad_col_lse, need_rows, need_cols, need_scale, block_rows,
                                  block_cols, grad_filter_eps);
-  return backward_impl<float>(rows, cols, scale, col_bias, n_query_cols, row_lse, col_lse, col_mass_lse, tile_max,
+  return backward_impl<float>(rows, cols, scale, col_bias, n_query_cols, row_lse, col_lse, col_mass_lb, tile_max,
                               grad_row_lse, grad_col_lse, need_rows, need_cols, need_scale, block_rows, block_cols,
                               grad_filter_eps);
 }
@@ -539,9 +459,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &semclip::forward, "(rows, cols, scale, col_bias, n_query_cols, block_rows, block_cols) -> "
         "[row_lse [M] (float64), col_lse [K] (float64, every column), tile_max (each tile's max logit)]");
   m.def("backward", &semclip::backward,
-        "(rows, cols, scale, col_bias, n_query_cols, row_lse [M] f64, col_lse [Kq] f64, col_mass_lse [K] f64 or "
+        "(rows, cols, scale, col_bias, n_query_cols, row_lse [M] f64, col_lse [Kq] f64, col_mass_lb [K] f64 or "
         "empty, tile_max or empty, grad_row_lse, grad_col_lse, need_rows, "
         "need_cols, need_scale, block_rows, block_cols, grad_filter_eps) -> [grad_rows, grad_cols, grad_scale, "
         "stats = (tiles, skipped tiles, exactly recomputed rows+columns)]");
   m.def("has_avx2", &semclip::has_avx2, "whether the vectorized exp was compiled in");
+  m.def("sigmoid_pairs", &semclip::sigmoid_pairs,
+        "(rows, cols, scale, bias, col_weight [K], col_owner [K] int64, need_rows, need_cols, need_scale, "
+        "need_bias, block_rows, block_cols, grad_filter_eps) -> [pair_sum (f64), grad_rows, grad_cols, "
+        "grad_scale (f64), grad_bias (f64), stats = (tiles, skipped tiles)] (csrc/sigmoid_cpu.cpp)");
 }

@@ -18,15 +18,19 @@ _EXPORTS = {
     "PartitionOptions": ".backends.options",
     "SemCLIPLoss": ".loss",
     "semclip_loss": ".loss",
+    "SemSigLipLoss": ".sigmoid_loss",
+    "semsiglip_loss": ".sigmoid_loss",
 }
 
 __all__ = [
     "BACKENDS",
     "PartitionOptions",
     "SemCLIPLoss",
+    "SemSigLipLoss",
     "available_backends",
     "backend_status",
     "semclip_loss",
+    "semsiglip_loss",
 ]
 __version__ = "0.1.0"
 
@@ -34,6 +38,7 @@ if TYPE_CHECKING:
     from .backends import BACKENDS, available_backends, backend_status
     from .backends.options import PartitionOptions
     from .loss import SemCLIPLoss, semclip_loss
+    from .sigmoid_loss import SemSigLipLoss, semsiglip_loss
 
 
 def __getattr__(name: str) -> Any:

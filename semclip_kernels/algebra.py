@@ -7,7 +7,8 @@ The backends compute only the log-partitions of `S = τ·I·Cᵀ` against the te
     query_lse[q] = Y(C_q) = log Σ_i exp(S_iq),           for captions and paraphrases
 
 This module lays out the columns, computes the O(B·d) positive logits and turns the
-partitions into the loss. It knows nothing of backends or ranks.
+partitions into the loss. It knows nothing of backends or ranks (`loss_node.py` is the
+single-process loss as one autograd node over it).
 """
 
 from __future__ import annotations
@@ -17,17 +18,24 @@ from dataclasses import dataclass
 
 import torch
 
-from .column_views import adjacent_view_columns
 from .validation import SemCLIPInputs
 
 
 @dataclass(frozen=True)
 class Columns:
-    """The text columns of one batch, query columns first: `[T; P; N]`."""
+    """The text columns of one batch, query columns first: `[T; P; N]`, as blocks (never joined here)."""
 
-    cols: torch.Tensor  # [K, d]
+    blocks: tuple[torch.Tensor, ...]  # [B, d] captions, then [B·Pn, d] paraphrases, [B·Mn, d] negations
     col_bias: torch.Tensor  # [K]: 0 on captions and paraphrases, log β on negations
     n_query_cols: int  # captions and paraphrases: the queries of the text → image direction
+
+    @property
+    def n_cols(self) -> int:
+        return self.col_bias.shape[0]
+
+    def joined(self) -> torch.Tensor:
+        """`[T; P; N]` as one `[K, d]` tensor (a copy when there are several blocks)."""
+        return self.blocks[0] if len(self.blocks) == 1 else torch.cat(self.blocks, dim=0)
 
 
 def build_columns(inputs: SemCLIPInputs, paraphrase_weight: float, hard_negative_weight: float) -> Columns:
@@ -37,22 +45,17 @@ def build_columns(inputs: SemCLIPInputs, paraphrase_weight: float, hard_negative
     Extras whose weight is 0 are left out entirely (docs/contract.md §1: "w = 0 removes paraphrases").
     """
     dim = inputs.image.shape[1]
-    query = [inputs.text]
+    blocks = [inputs.text]
     if inputs.paraphrase is not None and paraphrase_weight > 0:
-        query.append(inputs.paraphrase.reshape(-1, dim))
-    n_query_cols = sum(block.shape[0] for block in query)
-    blocks = list(query)
+        blocks.append(inputs.paraphrase.reshape(-1, dim))
+    n_query_cols = sum(block.shape[0] for block in blocks)
     if inputs.negation is not None and hard_negative_weight > 0:
         blocks.append(inputs.negation.reshape(-1, dim))
-    # Blocks that already lie back to back in one buffer (one text-tower pass in column order, as the
-    # open_clip integration encodes them) are used in place: no K·d copy.
-    cols = adjacent_view_columns(*blocks) if len(blocks) > 1 else blocks[0]
-    if cols is None:
-        cols = torch.cat(blocks, dim=0)
-    col_bias = torch.zeros(cols.shape[0], dtype=inputs.logit_scale.dtype, device=inputs.image.device)
-    if cols.shape[0] > n_query_cols:
+    n_cols = sum(block.shape[0] for block in blocks)
+    col_bias = torch.zeros(n_cols, dtype=inputs.logit_scale.dtype, device=inputs.image.device)
+    if n_cols > n_query_cols:
         col_bias[n_query_cols:] = math.log(hard_negative_weight)
-    return Columns(cols, col_bias, n_query_cols)
+    return Columns(tuple(blocks), col_bias, n_query_cols)
 
 
 def positive_logits(inputs: SemCLIPInputs, paraphrase_weight: float) -> tuple[torch.Tensor, torch.Tensor | None]:

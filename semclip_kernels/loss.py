@@ -4,10 +4,12 @@ captions as weighted hard negatives (docs/contract.md §1, docs/loss.md).
 One pipeline for every backend and every process layout:
 
     validate the arguments   (validation.py: once, here)
-    lay out the columns      (algebra.build_columns: [T; P; N], log β on negations)
-    partitions               single process: one primitive call (backends/);
-                             distributed: gathered or ring-passed blocks (distributed/)
-    combine                  (algebra.combine_partitions: positives, weights, means)
+    single process           one autograd node for the whole loss (loss_node.py): the partitions of
+                             [T; P; N] as blocks, the positives folded into the kernels' backward, one
+                             float32 → input dtype cast per input. The reference backend (second
+                             derivatives) runs as plain autograd, each input cast to float32 once.
+    distributed              gathered or ring-passed column blocks (distributed/), combined by
+                             algebra.combine_partitions
 
 The whole forward runs with autocast off: inside `torch.autocast` the loss computes exactly what
 it computes outside (its statistics are float32 by contract, and autocast would lower them). As
@@ -17,14 +19,18 @@ PyTorch recommends (and open_clip's trainer does), call `backward()` outside the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 from torch import nn
 
-from .algebra import Columns, build_columns, combine_partitions, positive_logits
-from .backends import partitions
+from .algebra import build_columns, combine_partitions, positive_logits
+from .backends import backend_module, resolve_backend
+from .backends import forward as backend_forward
 from .backends.options import PartitionOptions
+from .backends.values import Problem
 from .distributed import RankGroup, distributed_loss
+from .loss_node import node_loss
 from .validation import LossConfig, SemCLIPInputs, check_inputs
 
 
@@ -132,9 +138,9 @@ def _loss(
     """The pipeline: validate, lay out the columns, partitions (one process or many), combine."""
     inputs = check_inputs(image_features, text_features, logit_scale, paraphrase_features, negation_features)
     with _autocast_off(inputs.image.device):
-        columns = build_columns(inputs, config.paraphrase_weight, config.hard_negative_weight)
         if group is None:
-            return _single_process_loss(inputs, columns, config)
+            return _single_process_loss(inputs, config)
+        columns = build_columns(inputs, config.paraphrase_weight, config.hard_negative_weight)
         return distributed_loss(inputs, columns, config, group)
 
 
@@ -146,10 +152,22 @@ def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.autocast(device.type, enabled=False)
 
 
-def _single_process_loss(inputs: SemCLIPInputs, columns: Columns, config: LossConfig) -> torch.Tensor:
-    row_lse, query_lse = partitions(
-        inputs.image, columns.cols, inputs.logit_scale, columns.col_bias, columns.n_query_cols,
-        backend=config.backend, options=config.options,
+def _single_process_loss(inputs: SemCLIPInputs, config: LossConfig) -> torch.Tensor:
+    name = resolve_backend(config.backend, inputs.image.device)
+    w, beta = config.paraphrase_weight, config.hard_negative_weight
+    if not backend_module(name, inputs.image.device).differentiable:
+        return node_loss(inputs, w, beta, config.options, name)
+    # Plain autograd (the reference backend: second derivatives). Each input is cast to the statistics dtype
+    # once, so that every path's gradient meets the others in float32 and is cast back once.
+    stat = inputs.logit_scale.dtype
+    inputs = dataclasses.replace(
+        inputs, image=inputs.image.to(stat), text=inputs.text.to(stat),
+        paraphrase=None if inputs.paraphrase is None else inputs.paraphrase.to(stat),
+        negation=None if inputs.negation is None else inputs.negation.to(stat),
     )  # fmt: skip
-    text_pos, para_pos = positive_logits(inputs, config.paraphrase_weight)
-    return combine_partitions(row_lse, query_lse, text_pos, para_pos, config.paraphrase_weight)
+    columns = build_columns(inputs, w, beta)
+    problem = Problem(inputs.image, columns.blocks, inputs.logit_scale, columns.col_bias, columns.n_query_cols,
+                      config.options)  # fmt: skip
+    stats = backend_forward(problem, name)
+    text_pos, para_pos = positive_logits(inputs, w)
+    return combine_partitions(stats.row_lse, stats.query_lse, text_pos, para_pos, w)

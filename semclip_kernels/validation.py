@@ -74,40 +74,41 @@ def _check_extra(name: str, value: object, ref: torch.Tensor) -> torch.Tensor | 
     return value
 
 
-def _check_scale(logit_scale: object, ref: torch.Tensor) -> torch.Tensor:
+def _check_scale(logit_scale: object, ref: torch.Tensor, name: str = "logit_scale") -> torch.Tensor:
+    """A real scalar (`logit_scale`, `logit_bias`) as a 0-dim statistics-dtype tensor on the features' device."""
     statistics_dtype = stat_dtype(ref.dtype)
     if isinstance(logit_scale, torch.Tensor):
         if logit_scale.numel() != 1:
-            raise ValueError(f"logit_scale must be a scalar (0-dim tensor), got shape {list(logit_scale.shape)}")
+            raise ValueError(f"{name} must be a scalar (0-dim tensor), got shape {list(logit_scale.shape)}")
         if not logit_scale.is_floating_point():
-            raise TypeError(f"logit_scale must be a floating-point tensor, got {logit_scale.dtype}")
+            raise TypeError(f"{name} must be a floating-point tensor, got {logit_scale.dtype}")
         if logit_scale.device != ref.device:
-            raise ValueError(f"logit_scale is on {logit_scale.device} but the features are on {ref.device}")
-        _check_finite_scale(logit_scale, statistics_dtype)
+            raise ValueError(f"{name} is on {logit_scale.device} but the features are on {ref.device}")
+        _check_finite_scale(logit_scale, statistics_dtype, name)
         return logit_scale.reshape(()).to(statistics_dtype)
     # Any real number: Python int/float, NumPy scalars (np.float32(10.0)), ... but not bool.
     if isinstance(logit_scale, bool) or not isinstance(logit_scale, numbers.Real):
         raise TypeError(
-            f"logit_scale must be a Python float or a 0-dim tensor (any real number: int, float, NumPy scalar), "
+            f"{name} must be a Python float or a 0-dim tensor (any real number: int, float, NumPy scalar), "
             f"got {type(logit_scale).__name__}"
         )
     if not math.isfinite(float(logit_scale)):
-        raise ValueError(f"logit_scale must be finite, got {logit_scale}")
+        raise ValueError(f"{name} must be finite, got {logit_scale}")
     if abs(float(logit_scale)) > torch.finfo(statistics_dtype).max:
-        raise ValueError(_overflow_message(float(logit_scale), statistics_dtype))
+        raise ValueError(_overflow_message(float(logit_scale), statistics_dtype, name))
     return torch.tensor(float(logit_scale), dtype=statistics_dtype, device=ref.device)
 
 
-def _overflow_message(value: float, statistics_dtype: torch.dtype) -> str:
+def _overflow_message(value: float, statistics_dtype: torch.dtype, name: str = "logit_scale") -> str:
     return (
-        f"logit_scale must be finite in {statistics_dtype} (the dtype of the loss's statistics for these "
+        f"{name} must be finite in {statistics_dtype} (the dtype of the loss's statistics for these "
         f"features; at most {torch.finfo(statistics_dtype).max:.3g} in magnitude), got {value:g}"
     )
 
 
-def _check_finite_scale(logit_scale: torch.Tensor, statistics_dtype: torch.dtype) -> None:
-    """A non-finite tensor `logit_scale`, or one that overflows the statistics' dtype (1e300 in float64
-    is inf in float32), is an error in eager mode.
+def _check_finite_scale(logit_scale: torch.Tensor, statistics_dtype: torch.dtype, name: str = "logit_scale") -> None:
+    """A non-finite tensor `logit_scale` (or `logit_bias`), or one that overflows the statistics' dtype
+    (1e300 in float64 is inf in float32), is an error in eager mode.
 
     Reading the value synchronises with the device, which a compiled graph must not do: under
     `torch.compile` the check is skipped and a non-finite τ gives a NaN loss instead (every logit
@@ -117,9 +118,9 @@ def _check_finite_scale(logit_scale: torch.Tensor, statistics_dtype: torch.dtype
         return
     value = logit_scale.detach()
     if not bool(torch.isfinite(value).all()):
-        raise ValueError(f"logit_scale must be finite, got {value.item()}")
+        raise ValueError(f"{name} must be finite, got {value.item()}")
     if not bool(torch.isfinite(value.to(statistics_dtype)).all()):
-        raise ValueError(_overflow_message(value.item(), statistics_dtype))
+        raise ValueError(_overflow_message(value.item(), statistics_dtype, name))
 
 
 def check_weight(name: str, value: object) -> float:
@@ -225,3 +226,9 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
     if device.type == "meta" or not torch.is_autocast_enabled(device.type):
         return None
     return torch.get_autocast_dtype(device.type)
+
+
+def check_logit_bias(logit_bias: object, ref: torch.Tensor) -> torch.Tensor:
+    """The sigmoid loss's `logit_bias` (docs/contract.md §8), checked as `logit_scale` is: a real number or a
+    one-element floating-point tensor on the features' device, finite (eager mode)."""
+    return _check_scale(logit_bias, ref, "logit_bias")

@@ -12,8 +12,8 @@ import os
 
 import pytest
 import torch
+from primitive import opcheck_forward_and_backward, partitions
 
-from semclip_kernels.backends import cpp, torch_tiled
 from semclip_kernels.backends.options import PartitionOptions
 
 pytestmark = pytest.mark.skipif(os.environ.get("SEMCLIP_SKIP_CPP") == "1", reason="SEMCLIP_SKIP_CPP=1")
@@ -28,37 +28,22 @@ def primitive_args(n_rows=12, n_cols=20, n_query=12, dim=8, tau=5.0, seed=0):
     return rows, cols, torch.tensor(tau), col_bias, n_query
 
 
-def test_cpp_forward_custom_op_passes_opcheck():
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_custom_ops_pass_opcheck(backend):
     rows, cols, scale, col_bias, n_query = primitive_args()
-    args = (rows.requires_grad_(), cols.requires_grad_(), scale.requires_grad_(), col_bias, n_query, 8, 16, 1e-10)
-    torch.library.opcheck(torch.ops.semclip.cpp_forward.default, args)
-
-
-def test_cpp_backward_custom_op_passes_opcheck():
-    rows, cols, scale, col_bias, n_query = primitive_args()
-    row_lse, col_lse, tile_max = torch.ops.semclip.cpp_forward(rows, cols, scale, col_bias, n_query, 8, 16, 0.0)
-    for col_mass_lse, maxima in ((col_lse, tile_max), (torch.empty(0, dtype=torch.float64), torch.empty(0))):
-        args = (rows, cols, scale, col_bias, n_query, row_lse, col_lse[:n_query].contiguous(), col_mass_lse, maxima,
-                torch.rand(12), torch.rand(n_query), [True, True, True], 8, 16, 1e-10)
-        torch.library.opcheck(torch.ops.semclip.cpp_backward.default, args)
-
-
-def test_torch_tiled_custom_ops_pass_opcheck():
-    rows, cols, scale, col_bias, n_query = primitive_args()
-    args = (rows.requires_grad_(), cols.requires_grad_(), scale.requires_grad_(), col_bias, n_query, 8, 16)
-    torch.library.opcheck(torch.ops.semclip.torch_tiled_forward.default, args)
-    row_lse, col_lse = torch.ops.semclip.torch_tiled_forward(*args)
-    backward_args = (rows.detach(), cols.detach(), scale.detach(), col_bias, row_lse.detach(), col_lse.detach(),
-                     torch.rand(12), torch.rand(n_query), [True, True, True], 8, 16)  # fmt: skip
-    torch.library.opcheck(torch.ops.semclip.torch_tiled_backward.default, backward_args)
+    for eps in (1e-10, None):
+        opcheck_forward_and_backward(
+            backend, rows.requires_grad_(), cols.requires_grad_(), scale.requires_grad_(), col_bias, n_query,
+            PartitionOptions(8, 16, eps), ((True, True, True), (True, False, False)), bands=((0, 1),),
+        )  # fmt: skip
 
 
 def objective(module, rows, cols, scale, col_bias, n_query):
-    row_lse, col_lse = module.partitions(rows, cols, scale, col_bias, n_query, PartitionOptions(8, 16))
+    row_lse, col_lse = partitions(module, rows, cols, scale, col_bias, n_query, PartitionOptions(8, 16))
     return (row_lse * torch.linspace(0.5, 1.5, row_lse.shape[0])).sum() + col_lse.sum()
 
 
-@pytest.mark.parametrize("module", [cpp, torch_tiled], ids=["cpp", "torch"])
+@pytest.mark.parametrize("module", ["cpp", "torch"])
 def test_compiled_fullgraph_matches_eager(module):
     torch._dynamo.reset()
     args = primitive_args()

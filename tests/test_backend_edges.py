@@ -10,11 +10,11 @@ import math
 import pytest
 import torch
 from oracle import make_case, max_norm_rel_err
+from primitive import last_backward_stats, partitions_backward
 from test_cpp import peaked_case
 from test_loss import run_backend, run_oracle
 
 import semclip_kernels as sk
-from semclip_kernels.backends import cpp
 from semclip_kernels.backends.options import PartitionOptions
 
 
@@ -51,7 +51,7 @@ def test_cpp_large_logits_with_hard_negative_weight_within_10x_of_reference(beta
 def test_cpp_filter_never_swallows_nan(nan_leaf):
     case = peaked_case(128, 32)
     run_backend(case, "cpp", block_rows=16, block_cols=32)
-    assert cpp.last_backward_stats().skipped_tiles > 0  # without NaN the filter does skip tiles here
+    assert last_backward_stats("cpp").skipped_tiles > 0  # without NaN the filter does skip tiles here
     with torch.no_grad():
         case.leaves()[nan_leaf].view(-1)[40] = math.nan  # e.g. another rank's feature in the distributed layer
     _, unfiltered = run_backend(case, "cpp", block_rows=16, block_cols=32, grad_filter_eps=0.0)
@@ -62,7 +62,7 @@ def test_cpp_filter_never_swallows_nan(nan_leaf):
     # the backward-only entry (the ring's use), given statistics: NaN reaches it too
     rows, cols = case.image.detach(), case.negation.detach().reshape(-1, 32)
     row_lse = torch.full((128,), math.nan)
-    grads = cpp.partitions_backward(rows, cols, case.logit_scale.detach(), torch.zeros(128), 0, row_lse,
+    grads = partitions_backward("cpp", rows, cols, case.logit_scale.detach(), torch.zeros(128), 0, row_lse,
                                     torch.zeros(0), torch.ones(128), None, (True, True, False),
                                     PartitionOptions(16, 32))
     assert torch.isnan(grads[0]).all() and torch.isnan(grads[1]).all()

@@ -13,6 +13,7 @@ import platform
 import pytest
 import torch
 from oracle import make_case, max_norm_rel_err, semclip_loss_float64
+from primitive import last_backward_stats, partitions
 from test_loss import assert_matches, run_backend
 
 import semclip_kernels as sk
@@ -46,7 +47,7 @@ def primitive_float64(rows, cols, scale, col_bias, n_query_cols, g_row, g_col):
 def primitive_cpp(rows, cols, scale, col_bias, n_query_cols, g_row, g_col, **options):
     rows, cols = rows.detach().clone().requires_grad_(), cols.detach().clone().requires_grad_()
     scale = scale.detach().clone().requires_grad_()
-    row_lse, col_lse = cpp.partitions(rows, cols, scale, col_bias, n_query_cols, PartitionOptions(**options))
+    row_lse, col_lse = partitions("cpp", rows, cols, scale, col_bias, n_query_cols, PartitionOptions(**options))
     ((row_lse * g_row).sum() + (col_lse * g_col).sum()).backward()
     return row_lse.detach(), col_lse.detach(), rows.grad, cols.grad, scale.grad
 
@@ -122,10 +123,10 @@ def peaked_case(batch, dim, tau=100.0, seed=0):
 def test_trained_regime_default_filter_skips_most_tiles_and_stays_exact():
     case = peaked_case(384, 64)
     assert_matches(case, "cpp", block_rows=32, block_cols=64)  # default eps
-    stats = cpp.last_backward_stats()
+    stats = last_backward_stats("cpp")
     assert stats.skipped_tiles >= 0.5 * stats.tiles, stats
     assert_matches(case, "cpp", block_rows=32, block_cols=64, grad_filter_eps=0.0)
-    assert cpp.last_backward_stats().skipped_tiles == 0
+    assert last_backward_stats("cpp").skipped_tiles == 0
 
 
 def test_larger_filter_eps_skips_more_and_error_stays_bounded():
@@ -134,7 +135,7 @@ def test_larger_filter_eps_skips_more_and_error_stays_bounded():
     skipped = []
     for eps in (1e-9, 1e-6, 1e-3):
         _, grads = run_backend(case, "cpp", block_rows=32, block_cols=32, grad_filter_eps=eps)
-        skipped.append(cpp.last_backward_stats().skipped_tiles)
+        skipped.append(last_backward_stats("cpp").skipped_tiles)
         # Dropped weights are each < eps, at most K = 3B of them per row or column: every gradient moves by
         # at most ~K·eps times the scale of the largest gradient (the negations' own are ~1e-9 here).
         bound = max(1e-6, 3 * case.image.shape[0] * eps)
@@ -152,7 +153,7 @@ def test_large_logits_take_the_exact_path_and_match():
         case.image.mul_(3.0)
         case.text.mul_(3.0)
     assert_matches(case, "cpp", block_rows=16, block_cols=32, grad_filter_eps=0.0)
-    assert cpp.last_backward_stats().exact_lines > 0
+    assert last_backward_stats("cpp").exact_lines > 0
 
 
 def test_thread_counts_agree_and_each_is_deterministic():
@@ -183,7 +184,7 @@ def test_thread_counts_agree_and_each_is_deterministic():
 def test_only_scale_requires_grad():
     rows, cols, scale, col_bias, n_query, g_row, g_col = primitive_inputs(20, 30, 20, 8, tau=5.0, seed=3)
     scale.requires_grad_()
-    row_lse, col_lse = cpp.partitions(rows, cols, scale, col_bias, n_query, PartitionOptions(4, 8))
+    row_lse, col_lse = partitions("cpp", rows, cols, scale, col_bias, n_query, PartitionOptions(4, 8))
     ((row_lse * g_row).sum() + (col_lse * g_col).sum()).backward()
     expected = primitive_float64(rows, cols, scale, col_bias, n_query, g_row, g_col)[4]
     assert max_norm_rel_err(scale.grad, expected) <= 1e-4

@@ -28,7 +28,6 @@ from PIL import Image
 
 from semclip_kernels import SemCLIPLoss
 from semclip_kernels import open_clip_train as command
-from semclip_kernels.column_views import adjacent_view_columns
 from semclip_kernels.integrations.open_clip import (
     CpuFriendlyDDP,
     SemCLIPOptions,
@@ -42,6 +41,18 @@ MODEL = "semclip-oc-tiny"
 BATCH, ROWS = 8, 24  # 3 steps per epoch
 PN, MN = 2, 2
 COLORS = ("red", "green", "blue", "white")
+
+
+def adjacent_views(*blocks: torch.Tensor | None) -> bool:
+    """Whether the blocks are contiguous views that lie back to back, in order, in one storage: the layout
+    of one text-tower pass `[captions; paraphrases; negations]`."""
+    blocks = [b for b in blocks if b is not None]
+    if not all(b.is_contiguous() for b in blocks):
+        return False
+    if len({b.untyped_storage().data_ptr() for b in blocks}) != 1:
+        return False
+    return all(after.storage_offset() == before.storage_offset() + before.numel()
+               for before, after in zip(blocks, blocks[1:]))  # fmt: skip
 
 
 def paraphrases_of(i: int) -> list[str]:
@@ -132,7 +143,7 @@ class Recorder:
                 "neg": None if neg is None else neg.detach().clone(),
                 "scale": torch.as_tensor(logit_scale).detach().clone(), "loss": value.detach().clone(),
                 "text_ptr": text_features.data_ptr(),
-                "joined": adjacent_view_columns(text_features, para, neg) is not None,
+                "joined": adjacent_views(text_features, para, neg),
             })
             return loss
 
@@ -335,8 +346,7 @@ def test_encode_text_groups_matches_separate_float64_passes():
             expected = torch.stack([reference.encode_text(tokens[:, g], normalize=True) for g in index], 1)
             got = groups[key]
             assert torch.allclose(got.double().reshape(expected.shape), expected, atol=1e-5), key
-    assert adjacent_view_columns(groups["text_features"], groups["paraphrase_features"],
-                                 groups["negation_features"]) is not None
+    assert adjacent_views(groups["text_features"], groups["paraphrase_features"], groups["negation_features"])
 
 
 def test_bad_rows_name_file_and_line(tmp_path):

@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 from oracle import make_case, semclip_loss_float64
+from primitive import partitions
 
 import semclip_kernels as sk
 from semclip_kernels.backends.options import PartitionOptions
@@ -76,7 +77,7 @@ def test_partitions_match_float64(n_rows, n_cols, n_query_cols, dim):
     scale = torch.tensor(14.3, device=DEVICE)
     col_bias = torch.zeros(n_cols, device=DEVICE)
     col_bias[n_query_cols:] = math.log(0.4)
-    row_lse, col_lse = triton_fused.partitions(rows, cols, scale, col_bias, n_query_cols, PartitionOptions(**TILES))
+    row_lse, col_lse = partitions("triton", rows, cols, scale, col_bias, n_query_cols, PartitionOptions(**TILES))
     expected_row, expected_col = lse_float64(rows.cpu(), cols.cpu(), scale, col_bias.cpu(), n_query_cols)
     assert row_lse.shape == (n_rows,) and col_lse.shape == (n_query_cols,)
     assert_close_lse(row_lse, expected_row, scaled_tol(expected_row, 2e-6))
@@ -92,7 +93,7 @@ def test_default_blocks_and_strided_columns():
     assert not cols.is_contiguous()
     scale = torch.tensor(30.0, device=DEVICE)
     col_bias = torch.zeros(45, device=DEVICE)
-    row_lse, col_lse = triton_fused.partitions(rows, cols, scale, col_bias, 20, PartitionOptions())
+    row_lse, col_lse = partitions("triton", rows, cols, scale, col_bias, 20, PartitionOptions())
     expected_row, expected_col = lse_float64(rows.cpu(), cols.cpu(), scale, col_bias.cpu(), 20)
     assert_close_lse(row_lse, expected_row, scaled_tol(expected_row, 2e-6))
     assert_close_lse(col_lse, expected_col, scaled_tol(expected_col, 2e-6))
@@ -107,13 +108,13 @@ def test_minus_inf_bias_and_large_logits():
     scale = torch.tensor(100.0, device=DEVICE)
     col_bias = torch.zeros(35, device=DEVICE)
     col_bias[20:] = -math.inf
-    row_lse, col_lse = triton_fused.partitions(rows, cols, scale, col_bias, 20, PartitionOptions(**TILES))
+    row_lse, col_lse = partitions("triton", rows, cols, scale, col_bias, 20, PartitionOptions(**TILES))
     expected_row, expected_col = lse_float64(rows.cpu(), cols.cpu(), scale, col_bias.cpu(), 20)
     assert expected_row.abs().max() > 150  # exp() overflows float32 beyond 88
     assert_close_lse(row_lse, expected_row, scaled_tol(expected_row, 2e-6))
     assert_close_lse(col_lse, expected_col, scaled_tol(expected_col, 2e-6))
     # Every column biased to -inf: empty partitions are -inf, not NaN.
-    row_lse, _ = triton_fused.partitions(rows, cols, scale, torch.full_like(col_bias, -math.inf), 0,
+    row_lse, _ = partitions("triton", rows, cols, scale, torch.full_like(col_bias, -math.inf), 0,
                                          PartitionOptions(**TILES))
     assert torch.all(row_lse == -math.inf)
 
@@ -126,7 +127,7 @@ def test_half_precision_partitions(dtype):
     cols = random_features(50, 100, dtype, gen, norm_range=(0.9, 1.1))
     scale = torch.tensor(50.0, device=DEVICE)
     col_bias = torch.zeros(50, device=DEVICE)
-    row_lse, col_lse = triton_fused.partitions(rows, cols, scale, col_bias, 30, PartitionOptions(**TILES))
+    row_lse, col_lse = partitions("triton", rows, cols, scale, col_bias, 30, PartitionOptions(**TILES))
     expected_row, expected_col = lse_float64(rows.cpu(), cols.cpu(), scale, col_bias.cpu(), 30)
     assert_close_lse(row_lse, expected_row, scaled_tol(expected_row, 2e-6))
     assert_close_lse(col_lse, expected_col, scaled_tol(expected_col, 2e-6))

@@ -15,9 +15,11 @@ import torch
 import triton
 import triton.language as tl
 from oracle import make_case, max_norm_rel_err, semclip_loss_float64
+from primitive import partitions, partitions_backward
 
 import semclip_kernels as sk
 from semclip_kernels.backends.options import PartitionOptions
+from semclip_kernels.backends.values import column_mass_bounds
 
 triton_fused = pytest.importorskip("semclip_kernels.backends.triton_fused")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -147,8 +149,6 @@ def test_large_logits_within_ten_times_reference_error():
 
 def block_problem(query_cols: int, seed: int = 21):
     """A block of rows and columns with statistics of a larger batch (reference backend, float64)."""
-    from semclip_kernels.backends import reference
-
     gen = torch.Generator().manual_seed(seed)
     rows = torch.randn(27, 36, generator=gen, dtype=torch.float64) / 3
     cols = torch.randn(45, 36, generator=gen, dtype=torch.float64) / 3
@@ -157,8 +157,8 @@ def block_problem(query_cols: int, seed: int = 21):
     col_bias[query_cols:] = math.log(0.5)
     scale = torch.tensor(4.0, dtype=torch.float64)
     with torch.no_grad():
-        row_lse, _ = reference.partitions(rows, cols, scale, col_bias, query_cols, PartitionOptions())
-        _, col_lse = reference.partitions(torch.cat([rows, other_rows]), cols, scale, col_bias, query_cols,
+        row_lse, _ = partitions("reference", rows, cols, scale, col_bias, query_cols, PartitionOptions())
+        _, col_lse = partitions("reference", torch.cat([rows, other_rows]), cols, scale, col_bias, query_cols,
                                           PartitionOptions())  # fmt: skip
         row_lse = torch.logaddexp(row_lse, torch.randn(27, generator=gen, dtype=torch.float64))  # other columns
     g_row = torch.rand(27, generator=gen, dtype=torch.float64)
@@ -188,16 +188,16 @@ def test_backward_only_entry_with_given_statistics(query_cols):
     problem = block_problem(query_cols)
     expected = block_gradients_float64(*problem)
     rows, cols, scale, col_bias, row_lse, col_lse, g_row, g_col = to_device32(*problem)
-    actual = triton_fused.partitions_backward(
-        rows, cols, scale, col_bias, query_cols, row_lse, col_lse, g_row, g_col, (True, True, True),
+    actual = partitions_backward(
+        "triton", rows, cols, scale, col_bias, query_cols, row_lse, col_lse, g_row, g_col, (True, True, True),
         PartitionOptions(**TILES),
     )  # fmt: skip
     assert actual[0].dtype == torch.float32 and actual[2].shape == ()
     for got, ref in zip(actual, expected):
         assert max_norm_rel_err(got.cpu(), ref) <= 1e-5
     # Only what is needed is computed.
-    only_cols = triton_fused.partitions_backward(
-        rows, cols, scale, col_bias, query_cols, row_lse, col_lse, g_row, None, (False, True, False),
+    only_cols = partitions_backward(
+        "triton", rows, cols, scale, col_bias, query_cols, row_lse, col_lse, g_row, None, (False, True, False),
         PartitionOptions(**TILES),
     )  # fmt: skip
     assert only_cols[0] is None and only_cols[2] is None and only_cols[1].shape == cols.shape
@@ -213,8 +213,9 @@ def test_panels_of_any_width(panel_cols, filter_eps):
     expected = block_gradients_float64(*problem)
     rows, cols, scale, col_bias, row_lse, col_lse, g_row, g_col = to_device32(*problem)
     tile = config.tile_config(36, torch.float32, 16, 16)
+    mass_lb = column_mass_bounds(col_bias, col_lse, row_lse)  # every column is a query here: the filter's bound
     result = backward.partitions_backward(
-        rows, cols, scale.reshape(1), col_bias, 45, row_lse, col_lse, g_row, g_col, (True, True, True),
+        rows, cols, scale.reshape(1), col_bias, 45, row_lse, col_lse, mass_lb, g_row, g_col, (True, True, True),
         "ieee", filter_eps, tile, config.gemm_config(36, torch.float32), panel_cols=panel_cols,
     )  # fmt: skip
     assert result.tiles == 2 * 3

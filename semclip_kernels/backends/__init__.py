@@ -1,29 +1,29 @@
-"""The one dispatch point: pick a backend, call its primitive (docs/contract.md §7).
+"""The one dispatch point: pick a backend, call the primitive through the autograd layer (docs/backends.md).
 
-Every backend is a module that satisfies `base.Backend`:
+Every backend is a module of pure kernels that satisfies `base.Kernels` (`is_available`, `forward`,
+`backward`, `stats_like`); `ops` registers each one's custom ops and autograd when it is first loaded.
 
-    is_available(device) -> (bool, reason)
-    partitions(rows [M, d], cols [K, d], scale (0-dim), col_bias [K], n_query_cols,
-               options) -> (row_lse [M], col_lse [n_query_cols])
-    partitions_backward(...)     the backward alone, given statistics computed elsewhere
-    last_backward_stats() -> BackwardStats
+    forward(problem, backend) -> Stats                          differentiable in rows, cols, scale
+    backward(problem, stats, grads, needs, backend) -> Grads    the backward alone (statistics from elsewhere)
+    partitions(rows, cols, scale, col_bias, n_query_cols) -> (row_lse [M], query_lse [Kq])
+    last_backward_stats(backend) -> BackwardStats
 
-`partitions` is differentiable with respect to `rows`, `cols` and `scale`. Backends are
-imported lazily so that a missing Triton or an unbuilt C++ extension never breaks
+Backends are imported lazily so that a missing Triton or an unbuilt C++ extension never breaks
 `import semclip_kernels`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import warnings
 from types import ModuleType
 
 import torch
 
-from .base import Backend, BackwardStats
+from . import ops
+from .base import Kernels
 from .options import PartitionOptions
+from .values import BackwardStats, Grads, Needs, Problem, StatGrads, Stats, problem
 
 BACKENDS = ("auto", "triton", "cpp", "torch", "reference")
 
@@ -53,7 +53,9 @@ def _load(name: str) -> tuple[ModuleType | None, str]:
         module = importlib.import_module(_MODULES[name])
     except ImportError as error:  # backend not built / dependency not installed
         return None, f"{type(error).__name__}: {error}"
-    _loaded[name] = module
+    if name not in _loaded:
+        ops.register_primitive(ops.PARTITIONS, name, module)
+        _loaded[name] = module
     return module, ""
 
 
@@ -130,18 +132,20 @@ def resolve_backend(name: str, device: torch.device) -> str:
     return _resolved_name(name, device.type, device.index)
 
 
-def backend_module(name: str, device: torch.device) -> Backend:
-    """The module of the backend that `name` resolves to on `device`."""
+def backend_module(name: str, device: torch.device) -> Kernels:
+    """The kernels of the backend that `name` resolves to on `device`."""
     return _loaded[resolve_backend(name, device)]
 
 
-def _fit_to_problem(options: PartitionOptions, n_rows: int, n_cols: int) -> PartitionOptions:
-    """Tiles never larger than the problem: `block_rows = 10**9` must not allocate a 10**9-row tile."""
-    block_rows = None if options.block_rows is None else min(options.block_rows, max(n_rows, 1))
-    block_cols = None if options.block_cols is None else min(options.block_cols, max(n_cols, 1))
-    if (block_rows, block_cols) == (options.block_rows, options.block_cols):
-        return options
-    return dataclasses.replace(options, block_rows=block_rows, block_cols=block_cols)
+def forward(problem: Problem, backend: str = "auto") -> Stats:
+    """The statistics of `problem` (docs/backends.md), differentiable in its rows, column blocks and scale."""
+    return ops.forward(problem, resolve_backend(backend, problem.rows.device))
+
+
+def backward(problem: Problem, stats: Stats, grads: StatGrads, needs: Needs, backend: str = "auto") -> Grads:
+    """The backward alone, against statistics computed elsewhere (`Stats.rebased`); gradients in the
+    statistics dtype."""
+    return ops.backward(problem, stats, grads, needs, resolve_backend(backend, problem.rows.device))
 
 
 def partitions(
@@ -154,35 +158,23 @@ def partitions(
     backend: str = "auto",
     options: PartitionOptions | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row and query-column log-partitions of `scale·rows·colsᵀ` (docs/contract.md §7)."""
-    module = backend_module(backend, rows.device)
-    options = _fit_to_problem(options or PartitionOptions(), rows.shape[0], cols.shape[0])
-    return module.partitions(rows, cols, scale, col_bias, n_query_cols, options)
+    """`(row_lse [M], query_lse [Kq])` of `scale·rows·colsᵀ` in the statistics dtype (docs/contract.md §7),
+    differentiable in rows, cols and scale."""
+    stats = forward(problem(rows, cols, scale, col_bias, n_query_cols, options), backend)
+    dtype = scale.dtype if scale.is_floating_point() else torch.float32
+    return stats.row_lse.to(dtype), stats.query_lse.to(dtype)
 
 
-def partitions_backward(
-    rows: torch.Tensor,
-    cols: torch.Tensor,
-    scale: torch.Tensor,
-    col_bias: torch.Tensor,
-    n_query_cols: int,
-    row_lse: torch.Tensor,
-    col_lse: torch.Tensor,
-    grad_row_lse: torch.Tensor | None,
-    grad_col_lse: torch.Tensor | None,
-    needs: tuple[bool, bool, bool],
-    *,
-    backend: str = "auto",
-    options: PartitionOptions | None = None,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """The primitive's backward alone, against statistics computed elsewhere (see `base.Backend`)."""
-    module = backend_module(backend, rows.device)
-    options = _fit_to_problem(options or PartitionOptions(), rows.shape[0], cols.shape[0])
-    return module.partitions_backward(
-        rows, cols, scale, col_bias, n_query_cols, row_lse, col_lse, grad_row_lse, grad_col_lse, needs, options
-    )
+def summed_backward_stats(backend: str, device: torch.device):
+    """A context in which the backward calls of `backend` add up to one `last_backward_stats` (a distributed
+    backward makes many)."""
+    return ops.summed_backward_stats(resolve_backend(backend, device))
 
 
 def last_backward_stats(backend: str, device: torch.device | str = "cpu") -> BackwardStats:
-    """What the most recent backward of `backend` (as resolved on `device`) did."""
-    return backend_module(backend, torch.device(device)).last_backward_stats()
+    """What the most recent backward of `backend` (as resolved on `device`) did: the sum over its calls in a
+    distributed backward. The reference backend (plain autograd) reports one tile, never filtered."""
+    name = resolve_backend(backend, torch.device(device))
+    if _loaded[name].differentiable:
+        return BackwardStats(tiles=1)
+    return ops.last_backward_stats(name)

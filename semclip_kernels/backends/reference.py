@@ -1,69 +1,70 @@
-"""The materialized partitions: the whole `M × K` logits matrix, plain autograd.
+"""The materialized partitions: the whole `M × K` logits matrix in differentiable torch ops.
 
-Written for clarity, not speed; the fast backends are tested against it (and
-against an independent float64 evaluation of the loss).
+Written for clarity, not speed; the fast backends are tested against it (and against an independent
+float64 evaluation of the loss). Its forward is plain autograd (second derivatives work), so the
+autograd layer (`ops`) calls it directly instead of registering custom ops.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .base import BackwardStats
-from .dtypes import stat_dtype
-from .options import PartitionOptions
+from .values import Grads, Needs, Problem, StatGrads, Stats, column_mass_bounds, counts
+
+differentiable = True
 
 
 def is_available(device: torch.device) -> tuple[bool, str]:
     return True, ""
 
 
-def last_backward_stats() -> BackwardStats:
-    """The materialized backward visits the whole logits matrix as one tile, and filters nothing."""
-    return BackwardStats(tiles=1)
+def _logits(problem: Problem, rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    dtype = problem.stat_dtype
+    return scale.to(dtype) * (rows.to(dtype) @ cols.to(dtype).T)  # [M, K]
 
 
-def partitions(
-    rows: torch.Tensor,
-    cols: torch.Tensor,
-    scale: torch.Tensor,
-    col_bias: torch.Tensor,
-    n_query_cols: int,
-    options: PartitionOptions,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    dtype = stat_dtype(scale.dtype)
-    logits = scale * (rows.to(dtype) @ cols.to(dtype).T)  # [M, K]
-    row_lse = torch.logsumexp(logits + col_bias, dim=1)
-    col_lse = torch.logsumexp(logits[:, :n_query_cols], dim=0)
-    return row_lse, col_lse
+def forward(problem: Problem) -> Stats:
+    logits = _logits(problem, problem.rows, problem.joined_cols(), problem.scale)
+    row_lse = torch.logsumexp(logits + problem.col_bias, dim=1)
+    query_lse = torch.logsumexp(logits[:, : problem.n_query_cols], dim=0)
+    with torch.no_grad():
+        bounds = column_mass_bounds(problem.col_bias, torch.logsumexp(logits.detach(), dim=0), row_lse.detach())
+    return Stats(row_lse, query_lse, bounds)
 
 
-def partitions_backward(
-    rows: torch.Tensor,
-    cols: torch.Tensor,
-    scale: torch.Tensor,
-    col_bias: torch.Tensor,
-    n_query_cols: int,
-    row_lse: torch.Tensor,
-    col_lse: torch.Tensor,
-    grad_row_lse: torch.Tensor | None,
-    grad_col_lse: torch.Tensor | None,
-    needs: tuple[bool, bool, bool],
-    options: PartitionOptions,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """The backward alone, given statistics computed elsewhere: the weights `dS` materialized, then autograd
-    through the logits (`Σ dS ⊙ S` has the gradients of `Σ g_row·row_lse + Σ g_col·col_lse`)."""
-    dtype = stat_dtype(scale.dtype)
-    leaves = [t.detach().requires_grad_(need) for t, need in zip((rows, cols, scale), needs)]
+def stats_like(problem: Problem) -> Stats:
+    stat = problem.stat_dtype
+    new = problem.rows.new_empty
+    return Stats(new((problem.n_rows,), dtype=stat), new((problem.n_query_cols,), dtype=stat),
+                 new((problem.n_cols,), dtype=stat))  # fmt: skip
+
+
+def backward(problem: Problem, stats: Stats, grads: StatGrads, needs: Needs) -> Grads:
+    """The weights `dS` materialized (positive bands included), then autograd through the logits:
+    `Σ dS ⊙ S` has the gradients of `Σ g_row·row_lse + Σ g_query·query_lse + Σ g·S[band]`. Float32
+    leaves: the gradients come back in the statistics dtype."""
+    dtype = problem.stat_dtype
+    n_query = problem.n_query_cols
+    flags = (needs.rows, needs.cols, needs.scale)
+    leaves = [t.detach().to(dtype).requires_grad_(need)
+              for t, need in zip((problem.rows, problem.joined_cols(), problem.scale), flags)]  # fmt: skip
     with torch.enable_grad():
-        logits = leaves[2].to(dtype) * (leaves[0].to(dtype) @ leaves[1].to(dtype).T)  # [M, K]
+        logits = _logits(problem, *leaves)
         with torch.no_grad():
             grad_logits = torch.zeros_like(logits)
-            if grad_row_lse is not None:
-                weights = torch.exp(logits + col_bias.to(dtype) - row_lse.to(dtype)[:, None])
-                grad_logits += grad_row_lse.to(dtype)[:, None] * weights
-            if grad_col_lse is not None:
-                weights = torch.exp(logits[:, :n_query_cols] - col_lse.to(dtype))
-                grad_logits[:, :n_query_cols] += grad_col_lse.to(dtype) * weights
+            if grads.row is not None:
+                weights = torch.exp(logits + problem.col_bias.to(dtype) - stats.row_lse.to(dtype)[:, None])
+                grad_logits += grads.row.to(dtype)[:, None] * weights
+            if grads.query is not None:
+                weights = torch.exp(logits[:, :n_query] - stats.query_lse.to(dtype))
+                grad_logits[:, :n_query] += grads.query.to(dtype) * weights
+            rows = torch.arange(problem.n_rows, device=logits.device)[:, None]
+            for band in grads.positives:
+                grad_logits[rows, band.columns(problem.n_rows, logits.device)] += band.grad.to(dtype)
         wanted = [leaf for leaf in leaves if leaf.requires_grad]
-        grads = iter(torch.autograd.grad(logits, wanted, grad_logits) if wanted else ())
-    return tuple(next(grads) if need else None for need in needs)
+        result = iter(torch.autograd.grad(logits, wanted, grad_logits) if wanted else ())
+    grad_rows, grad_cols, grad_scale = (next(result) if need else None for need in flags)
+    if grad_cols is not None:
+        sizes = [block.shape[0] for block in problem.cols]
+        grad_cols = tuple(g.reshape(b.shape) for g, b in zip(torch.split(grad_cols, sizes), problem.cols))
+    return Grads(grad_rows, grad_cols, grad_scale, counts(1))

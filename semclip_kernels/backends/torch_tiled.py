@@ -32,9 +32,9 @@ import math
 
 import torch
 
-from .base import BackwardStats
 from .dtypes import stat_dtype
 from .options import PartitionOptions
+from .values import Grads, Needs, PositiveBand, Problem, StatGrads, Stats, counts, split_cols
 
 DEFAULT_BLOCK_ROWS = 512
 DEFAULT_BLOCK_COLS = 1024
@@ -55,12 +55,7 @@ _OPERAND_TARGET_EXPONENT = 14
 # τ gradient with identical rows). Per line, float64 costs nothing.
 _PRECISE = torch.float64
 
-_last_stats = BackwardStats()
-
-
-def last_backward_stats() -> BackwardStats:
-    """What the most recent backward did (this backend filters nothing)."""
-    return _last_stats
+differentiable = False
 
 
 def is_available(device: torch.device) -> tuple[bool, str]:
@@ -210,12 +205,32 @@ def _forward_tiles(rows, cols, scale, col_bias, n_query_cols, block_rows, block_
     return row_lse, col_lse
 
 
+def _band_entries(bands: tuple[PositiveBand, ...], n_rows: int, dtype: torch.dtype, device: torch.device):
+    """Every positive band's entries as `(row [E], col [E], grad [E])`, row-major (None without bands)."""
+    if not bands:
+        return None
+    rows = torch.cat([torch.arange(n_rows, device=device).repeat_interleave(b.per_row) for b in bands])
+    cols = torch.cat([b.columns(n_rows, device).reshape(-1) for b in bands])
+    grad = torch.cat([b.grad.reshape(-1).to(dtype) for b in bands])
+    return rows, cols, grad
+
+
+def _add_band_entries(grad_logits: torch.Tensor, entries, r: slice, c: slice) -> None:
+    """`dS[i, c] += g` for the band entries inside the tile (rows r, columns c)."""
+    if entries is None:
+        return
+    rows, cols, grad = entries
+    inside = (rows >= r.start) & (rows < r.stop) & (cols >= c.start) & (cols < c.stop)
+    grad_logits.index_put_((rows[inside] - r.start, cols[inside] - c.start), grad[inside], accumulate=True)
+
+
 def _backward_tiles(rows, cols, scale, col_bias, row_lse, col_lse, g_row, g_col, needs, block_rows, block_cols,
-                    fast: bool):
+                    fast: bool, bands: tuple[PositiveBand, ...] = ()):
     """`(grad_rows, grad_cols, grad_scale)` in the statistics dtype (None where not needed); lse in float64.
 
     `fast`: take the eager shared-shift path (decided where `torch.compiler.is_compiling()` is reliable:
-    in the forward, or by the caller of the backward-only entry).
+    in the forward, or by the caller of the backward-only entry). `bands`: positive entries added to dS
+    before any cast (docs/backends.md).
     """
     need_rows, need_cols, need_scale = needs
     dtype = stat_dtype(scale.dtype)
@@ -230,6 +245,7 @@ def _backward_tiles(rows, cols, scale, col_bias, row_lse, col_lse, g_row, g_col,
     # positive logits cancel most of it), so float32 accumulation over B·K products is not enough.
     grad_scale = torch.zeros((), dtype=torch.float64, device=rows.device)
     low_precision = _low_precision_products(rows)
+    entries = _band_entries(bands, n_rows, dtype, rows.device)
     row_tiles, col_tiles = _tiles(n_rows, block_rows), _tiles(n_cols, block_cols)
     for r in row_tiles:
         for c in col_tiles:
@@ -246,6 +262,7 @@ def _backward_tiles(rows, cols, scale, col_bias, row_lse, col_lse, g_row, g_col,
             grad_logits = _shared_shift_grad_logits(logits, *tile_args) if fast else None
             if grad_logits is None:  # the shared path leaves logits intact when it declines
                 grad_logits = _per_line_grad_logits(logits, *tile_args)
+            _add_band_entries(grad_logits, entries, r, c)
             if scale_per_tile:
                 grad_scale = grad_scale + torch.sum(grad_logits.double() * products.double())
             alpha = tau
@@ -263,152 +280,39 @@ def _backward_tiles(rows, cols, scale, col_bias, row_lse, col_lse, g_row, g_col,
         for r in row_tiles if need_rows else col_tiles:
             grad_scale = grad_scale + torch.dot(grad[r].double().reshape(-1), feature[r].double().reshape(-1))
         grad_scale = grad_scale / tau
-    if not torch.compiler.is_compiling():  # informative only; a compiled graph must not mutate module state
-        global _last_stats
-        _last_stats = BackwardStats(tiles=len(row_tiles) * len(col_tiles))
     return grad_rows, grad_cols, grad_scale.to(dtype) if need_scale else None
-
-
-# The tile loops run as two custom operators: eager code even inside a compiled graph, where they are
-# one node each instead of an unrolled loop over (B / block_rows)·(K / block_cols) tiles (which would
-# take minutes to compile at B = 8192 and specialise the graph on B).
-
-
-@torch.library.custom_op("semclip::torch_tiled_forward", mutates_args=())
-def torch_tiled_forward(
-    rows: torch.Tensor,
-    cols: torch.Tensor,
-    scale: torch.Tensor,
-    col_bias: torch.Tensor,
-    n_query_cols: int,
-    block_rows: int,
-    block_cols: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(row_lse [M], col_lse [n_query_cols])` in float64, tile by tile."""
-    with torch.no_grad():
-        return _forward_tiles(rows, cols, scale, col_bias, n_query_cols, block_rows, block_cols)
-
-
-@torch_tiled_forward.register_fake
-def _(rows, cols, scale, col_bias, n_query_cols, block_rows, block_cols):
-    return rows.new_empty((rows.shape[0],), dtype=_PRECISE), rows.new_empty((n_query_cols,), dtype=_PRECISE)
-
-
-@torch.library.custom_op("semclip::torch_tiled_backward", mutates_args=())
-def torch_tiled_backward(
-    rows: torch.Tensor,
-    cols: torch.Tensor,
-    scale: torch.Tensor,
-    col_bias: torch.Tensor,
-    row_lse: torch.Tensor,
-    col_lse: torch.Tensor,
-    grad_row_lse: torch.Tensor,
-    grad_col_lse: torch.Tensor,
-    needs: list[bool],
-    block_rows: int,
-    block_cols: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`(grad_rows, grad_cols, grad_scale)` in the inputs' dtypes; empty where `needs` says no."""
-    with torch.no_grad():
-        grads = _backward_tiles(rows, cols, scale, col_bias, row_lse, col_lse, grad_row_lse, grad_col_lse,
-                                tuple(needs), block_rows, block_cols, _eager_fast_path(rows))
-    grad_rows, grad_cols, grad_scale = _in_dtypes(grads, rows, cols, scale)
-    return (  # separate empties: the outputs of a custom op must not alias each other
-        grad_rows if needs[0] else rows.new_empty((0,)),
-        grad_cols if needs[1] else rows.new_empty((0,)),
-        grad_scale if needs[2] else scale.new_zeros(()),
-    )
-
-
-@torch_tiled_backward.register_fake
-def _(rows, cols, scale, col_bias, row_lse, col_lse, grad_row_lse, grad_col_lse, needs, block_rows, block_cols):
-    return (
-        torch.empty_like(rows) if needs[0] else rows.new_empty((0,)),
-        torch.empty_like(cols) if needs[1] else rows.new_empty((0,)),
-        scale.new_empty(()),
-    )
-
-
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "backend='torch' does not support double backward (differentiating its gradients again, "
-        "create_graph=True); use backend='reference' for second derivatives"
-    )
-
-
-def _forward_setup_context(ctx, inputs, output) -> None:
-    rows, cols, scale, col_bias, n_query_cols, block_rows, block_cols = inputs
-    ctx.save_for_backward(rows, cols, scale, col_bias, *output)
-    ctx.blocks = (block_rows, block_cols)
-
-
-def _forward_backward(ctx, grad_row_lse, grad_col_lse):
-    rows, cols, scale, col_bias, row_lse, col_lse = ctx.saved_tensors
-    needs = list(ctx.needs_input_grad[:3])
-    dtype = stat_dtype(scale.dtype)
-    g_row = torch.zeros_like(row_lse, dtype=dtype) if grad_row_lse is None else grad_row_lse.to(dtype)
-    g_col = torch.zeros_like(col_lse, dtype=dtype) if grad_col_lse is None else grad_col_lse.to(dtype)
-    grad_rows, grad_cols, grad_scale = torch_tiled_backward(
-        rows, cols, scale, col_bias, row_lse, col_lse, g_row, g_col, needs, *ctx.blocks
-    )
-    return (
-        grad_rows if needs[0] else None,
-        grad_cols if needs[1] else None,
-        grad_scale if needs[2] else None,
-        None, None, None, None,
-    )
-
-
-torch.library.register_autograd("semclip::torch_tiled_backward", _no_double_backward)
-torch.library.register_autograd("semclip::torch_tiled_forward", _forward_backward, setup_context=_forward_setup_context)
-
-
-def _in_dtypes(grads, rows, cols, scale):
-    grad_rows, grad_cols, grad_scale = grads
-    return (
-        None if grad_rows is None else grad_rows.to(rows.dtype),
-        None if grad_cols is None else grad_cols.to(cols.dtype),
-        None if grad_scale is None else grad_scale.to(scale.dtype),
-    )
 
 
 def _blocks(options: PartitionOptions) -> tuple[int, int]:
     return options.block_rows or DEFAULT_BLOCK_ROWS, options.block_cols or DEFAULT_BLOCK_COLS
 
 
-def partitions(
-    rows: torch.Tensor,
-    cols: torch.Tensor,
-    scale: torch.Tensor,
-    col_bias: torch.Tensor,
-    n_query_cols: int,
-    options: PartitionOptions,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row and query-column log-partitions of `scale·rows·colsᵀ` (docs/contract.md §7), tile by tile."""
-    row_lse, col_lse = torch_tiled_forward(rows, cols, scale, col_bias, n_query_cols, *_blocks(options))
-    return row_lse.to(scale.dtype), col_lse.to(scale.dtype)
+def forward(problem: Problem) -> Stats:
+    """Row and query-column log-partitions (float64, see `_PRECISE`), tile by tile. This backend does not
+    filter gradients: no column-mass bounds."""
+    row_lse, query_lse = _forward_tiles(problem.rows, problem.joined_cols(), problem.scale, problem.col_bias,
+                                        problem.n_query_cols, *_blocks(problem.options))  # fmt: skip
+    return Stats(row_lse, query_lse, row_lse.new_empty((0,)))
 
 
-def partitions_backward(
-    rows: torch.Tensor,
-    cols: torch.Tensor,
-    scale: torch.Tensor,
-    col_bias: torch.Tensor,
-    n_query_cols: int,
-    row_lse: torch.Tensor,
-    col_lse: torch.Tensor,
-    grad_row_lse: torch.Tensor | None,
-    grad_col_lse: torch.Tensor | None,
-    needs: tuple[bool, bool, bool],
-    options: PartitionOptions,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """The backward alone, given statistics computed elsewhere (see `base.Backend.partitions_backward`)."""
-    dtype = stat_dtype(scale.dtype)
-    row_lse, col_lse = row_lse.detach().to(_PRECISE), col_lse.detach().to(_PRECISE)
-    col_bias = col_bias.detach().to(dtype)
-    g_row = torch.zeros_like(row_lse, dtype=dtype) if grad_row_lse is None else grad_row_lse.detach().to(dtype)
-    g_col = torch.zeros_like(col_lse, dtype=dtype) if grad_col_lse is None else grad_col_lse.detach().to(dtype)
-    with torch.no_grad():
-        grads = _backward_tiles(rows, cols, scale, col_bias, row_lse, col_lse, g_row, g_col, tuple(needs),
-                                *_blocks(options), _eager_fast_path(rows))
-    return _in_dtypes(grads, rows, cols, scale)
+def stats_like(problem: Problem) -> Stats:
+    new = problem.rows.new_empty
+    return Stats(new((problem.n_rows,), dtype=_PRECISE), new((problem.n_query_cols,), dtype=_PRECISE),
+                 new((0,), dtype=_PRECISE))  # fmt: skip
+
+
+def backward(problem: Problem, stats: Stats, grads: StatGrads, needs: Needs) -> Grads:
+    """Gradients in the statistics dtype, tile by tile, the positive bands folded into each tile's dS."""
+    dtype = problem.stat_dtype
+    row_lse, query_lse = stats.row_lse.to(_PRECISE), stats.query_lse.to(_PRECISE)
+    g_row = torch.zeros_like(row_lse, dtype=dtype) if grads.row is None else grads.row.to(dtype)
+    g_col = torch.zeros_like(query_lse, dtype=dtype) if grads.query is None else grads.query.to(dtype)
+    cols = problem.joined_cols()
+    block_rows, block_cols = _blocks(problem.options)
+    grad_rows, grad_cols, grad_scale = _backward_tiles(
+        problem.rows, cols, problem.scale, problem.col_bias.to(dtype), row_lse, query_lse, g_row, g_col,
+        (needs.rows, needs.cols, needs.scale), block_rows, block_cols, _eager_fast_path(problem.rows),
+        grads.positives,
+    )  # fmt: skip
+    tiles = -(-problem.n_rows // block_rows) * -(-problem.n_cols // block_cols)
+    return Grads(grad_rows, None if grad_cols is None else split_cols(grad_cols, problem), grad_scale, counts(tiles))

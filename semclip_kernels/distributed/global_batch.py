@@ -10,8 +10,9 @@ arbitrary rows/columns form (never a local × global matrix):
 and `algebra.combine_partitions` turns them into this rank's share `loss_r` of §1 (local
 means). With equal local batches, mean_r loss_r is the global loss.
 
-Three ways to bring the other ranks' features ("modes"):
-- "gather": all-gather every rank's images and text columns, then two primitive calls.
+Three ways to bring the other ranks' features ("modes"), one implementation (ring.py):
+- "gather": all-gather every rank's images and text columns, then two primitive calls (a ring of
+  one step whose group is every rank).
 - "ring": the blocks `[C_s; I_s]` travel around the ring (ring.py).
 - "hierarchical": a ring across groups of `group_size` consecutive ranks (a node's NVLink
   domain), all-gathering within the group at each step (ring.py).
@@ -29,9 +30,8 @@ import torch
 import torch.distributed as dist
 
 from ..algebra import Columns, combine_partitions, positive_logits
-from ..backends import partitions
 from ..validation import SUPPORTED_DTYPES, LossConfig, SemCLIPInputs
-from .collectives import AllGather, MeanOverRanks, SumScaleGradOverRanks, gather, group_timeout
+from .collectives import MeanOverRanks, SumScaleGradOverRanks, gather, group_timeout
 from .ring import RingConfig, RingPartitions
 
 # "gather": all-gather the columns (open_clip's way); "ring": column blocks travel rank to rank (Inf-CL's way);
@@ -126,10 +126,7 @@ def distributed_loss(inputs: SemCLIPInputs, columns: Columns, config: LossConfig
         inputs = dataclasses.replace(inputs, logit_scale=scale)
 
     text_pos, para_pos = _positive_logits(inputs, config.paraphrase_weight, group.remote_grad)
-    if group.mode == "gather":
-        row_lse, query_lse = _gathered_partitions(inputs, columns, config, group)
-    else:
-        row_lse, query_lse = _ring_partitions(inputs, columns, config, group)
+    row_lse, query_lse = _ring_partitions(inputs, columns, config, group)
     loss_r = combine_partitions(row_lse, query_lse, text_pos, para_pos, config.paraphrase_weight)
     if group.local_loss:
         return loss_r
@@ -155,40 +152,21 @@ def _positive_logits(
     return text_pos, para_pos
 
 
-def _gathered(tensor: torch.Tensor, group: RankGroup) -> torch.Tensor:
-    """Every rank's `tensor`: with the gradient path back to its owner when the other ranks'
-    gradients come home, else as constants."""
-    if group.remote_grad and _needs_grad(tensor):
-        return AllGather.apply(tensor, group.world_size, None)
-    return gather(tensor.detach(), group.world_size)
-
-
-def _gathered_partitions(
-    inputs: SemCLIPInputs, columns: Columns, config: LossConfig, group: RankGroup
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """ "gather" mode: this rank's images against every rank's columns, its queries against every image."""
-    world_size = group.world_size
-    all_images, all_cols = _gathered(inputs.image, group), _gathered(columns.cols, group)
-    all_bias = columns.col_bias.repeat(world_size)  # every rank's block is laid out [T; P; N] alike
-    image_bias = torch.zeros(all_images.shape[0], dtype=columns.col_bias.dtype, device=all_images.device)
-    scale = inputs.logit_scale
-    row_lse, _ = partitions(inputs.image, all_cols, scale, all_bias, 0, backend=config.backend, options=config.options)
-    queries = columns.cols[: columns.n_query_cols]
-    query_lse, _ = partitions(queries, all_images, scale, image_bias, 0, backend=config.backend, options=config.options)
-    return row_lse, query_lse
-
-
 def _ring_partitions(
     inputs: SemCLIPInputs, columns: Columns, config: LossConfig, group: RankGroup
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """ "ring" and "hierarchical" modes (ring.py): one ring per position in a group of ranks.
+    """Every mode (ring.py): one ring per position in a group of ranks.
 
     Rank r = g·size + l sits at position l of group g; its ring is the ranks at position l of
-    every group ("ring" mode: groups of one, a single ring of every rank).
+    every group ("ring" mode: groups of one, a single ring of every rank; "gather": one group of
+    every rank, a single step).
     """
     size = group.ring_group_size
     n_groups = group.world_size // size
     position, group_index = group.rank % size, group.rank // size
+    # At step t this rank's group holds the blocks of group (g − t): their owners, in member order.
+    owners = tuple((group_index - step) % n_groups * size + member for step in range(n_groups)
+                   for member in range(size))  # fmt: skip
     ring = RingConfig(
         next_rank=(group_index + 1) % n_groups * size + position,
         prev_rank=(group_index - 1) % n_groups * size + position,
@@ -198,9 +176,12 @@ def _ring_partitions(
         options=config.options,
         remote_grad=group.remote_grad,
         group_size=size,
-        group=_intra_group(size) if size > 1 else None,
+        group=_intra_group(size) if 1 < size < group.world_size else None,  # None: the default group
+        owner_rank=owners,
+        world_size=group.world_size,
+        keep_gathered=group.mode == "gather",
     )
-    return RingPartitions.apply(inputs.image, columns.cols, inputs.logit_scale, columns.col_bias, ring)
+    return RingPartitions.apply(inputs.image, columns.joined(), inputs.logit_scale, columns.col_bias, ring)
 
 
 # This process's group of consecutive ranks, per (default process group, group size): creating
@@ -251,11 +232,11 @@ def _check_layout_across_ranks(inputs: SemCLIPInputs, columns: Columns, config: 
         "feature dim d": inputs.image.shape[1],
         "paraphrases per image Pn": inputs.n_paraphrases,
         "negations per image Mn": inputs.n_negations,
-        "text columns K": columns.cols.shape[0],
+        "text columns K": columns.n_cols,
         "query columns": columns.n_query_cols,
         "feature dtype": SUPPORTED_DTYPES.index(inputs.image.dtype),
         "image_features requires grad": int(_needs_grad(inputs.image)),
-        "text/paraphrase/negation requires grad": int(_needs_grad(columns.cols)),
+        "text/paraphrase/negation requires grad": int(any(_needs_grad(block) for block in columns.blocks)),
         "logit_scale requires grad": int(_needs_grad(inputs.logit_scale)),
         "distributed_mode": MODES.index(group.mode),
         "group_size": group.ring_group_size,

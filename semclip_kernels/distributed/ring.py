@@ -13,21 +13,32 @@ whole group, over the fast intra-node links) and each rank computes against all 
 backward the group reduce-scatters that group block's gradient, so each rank sends on only the
 gradient of the block it holds. "ring" mode is the same with groups of one.
 
+"gather" mode is the same with one group of every rank: one step, the blocks all-gathered.
+
 The backward passes the blocks around again and differentiates each group block with the
-primitive's backward-only entry (`backends.partitions_backward`, docs/contract.md §7) against the
-*global* statistics of the forward: no forward is recomputed. The gradient of each travelling
-block travels with it and reaches its owner after a full turn.
+primitive's backward-only entry (`backends.backward`, docs/backends.md) against the *global*
+statistics of the forward (each step's forward `Stats` rebased on them): no forward is recomputed.
+The gradient of each travelling block travels with it and reaches its owner after a full turn.
+
+The gradient filter (cpp, triton) needs every column's row-softmax mass, which no rank knows alone: each
+rank's bounds of the columns it saw (its rows against each block's columns, its queries against each
+block's images) are max-all-reduced once after the forward, `world_size·(K + B)` floats per rank
+(O(K) per step, no product), and every backward call gets the global bounds of its block.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 import torch.distributed as dist
 
-from ..backends import partitions, partitions_backward
+from ..backends import backward as partitions_backward
+from ..backends import forward as partitions
+from ..backends import summed_backward_stats
 from ..backends.options import PartitionOptions
+from ..backends.values import Needs, StatGrads, Stats, problem
 from .collectives import explain_peer_failure, gather, reduce_scatter
 
 _DATA_TAG, _GRAD_TAG = 7301, 7302  # distinct tags: feature blocks and gradient blocks never match each other
@@ -43,7 +54,12 @@ class RingConfig:
     options: PartitionOptions
     remote_grad: bool  # gradients of the other ranks' blocks travel home (else: own rows only)
     group_size: int = 1  # ranks whose blocks are all-gathered at every step (1: plain ring)
-    group: dist.ProcessGroup | None = None  # their process group (None when group_size is 1)
+    group: dist.ProcessGroup | None = None  # their process group (None: the default group, or group_size 1)
+    owner_rank: tuple[int, ...] = ()  # owner_rank[t·group_size + m]: whose block is member m's at step t
+    world_size: int = 1
+    # "gather" mode: keep the forward's gathered blocks for the backward (as an all-gather with autograd
+    # does: W blocks of memory, no second all-gather).
+    keep_gathered: bool = False
 
 
 def _post(ops: list[dist.P2POp]) -> list[dist.Work]:
@@ -115,106 +131,159 @@ class RingPartitions(torch.autograd.Function):
         row_lse = torch.full((image.shape[0],), -float("inf"), dtype=scale.dtype, device=image.device)
         query_lse = torch.full((config.n_query_cols,), -float("inf"), dtype=scale.dtype, device=image.device)
         block = torch.cat([cols, image]).detach()  # what travels: [C_s; I_s]
+        step_stats = []
         for step in range(config.n_steps):
             incoming, works = None, []
             if step < config.n_steps - 1:
                 incoming, works = _exchange(block, config)
             group_cols, group_images = _group_block(block, n_cols, config)
-            row_part, _ = partitions(
-                image, group_cols, scale, group_bias, 0, backend=config.backend, options=config.options
+            if config.keep_gathered:
+                ctx.gathered = (group_cols, group_images)
+            row_stats = partitions(problem(image, group_cols, scale, group_bias, 0, config.options), config.backend)
+            query_stats = partitions(
+                problem(queries, group_images, scale, image_bias, 0, config.options), config.backend
             )
-            query_part, _ = partitions(
-                queries, group_images, scale, image_bias, 0, backend=config.backend, options=config.options
-            )
-            torch.logaddexp(row_lse, row_part, out=row_lse)
-            torch.logaddexp(query_lse, query_part, out=query_lse)
+            torch.logaddexp(row_lse, row_stats.row_lse.to(row_lse.dtype), out=row_lse)
+            torch.logaddexp(query_lse, query_stats.row_lse.to(query_lse.dtype), out=query_lse)
+            step_stats.append((row_stats, query_stats))
             _wait(works, f"the ring's exchange of feature blocks (forward, step {step + 1} of {config.n_steps - 1})")
             block = incoming
         ctx.save_for_backward(image, cols, scale, col_bias, row_lse, query_lse)
         ctx.config = config
+        ctx.step_stats = _global_bounds(step_stats, row_lse, query_lse, n_cols, image.shape[0], config)
         return row_lse, query_lse
 
     @staticmethod
     def backward(ctx, grad_row_lse: torch.Tensor | None, grad_query_lse: torch.Tensor | None):
-        image, cols, scale, col_bias, row_lse, query_lse = ctx.saved_tensors
-        config: RingConfig = ctx.config
-        need_image, need_cols, need_scale = ctx.needs_input_grad[:3]
-        stat_dtype = scale.dtype
-        n_query, n_cols, size = config.n_query_cols, cols.shape[0], config.group_size
-        queries = cols[:n_query]
-        group_bias = col_bias.repeat(size)
-        image_bias = _zero_bias(size * image.shape[0], col_bias)
-        no_stats = row_lse.new_empty(0)  # one direction per call: the other's statistics are empty
-        grad_row_lse = torch.zeros_like(row_lse) if grad_row_lse is None else grad_row_lse
-        grad_query_lse = torch.zeros_like(query_lse) if grad_query_lse is None else grad_query_lse
-        # The other ranks' blocks need gradients only for the inputs that require them here
-        # (every rank has the same requires_grad flags: checked in distributed_loss), so all agree.
-        remote_grad = config.remote_grad and (need_image or need_cols)
+        # Every block's backward call adds to what `last_backward_stats` reports for this backward.
+        with summed_backward_stats(ctx.config.backend, ctx.saved_tensors[0].device):
+            return _backward(ctx, grad_row_lse, grad_query_lse)
 
-        grad_image = torch.zeros(image.shape, dtype=stat_dtype, device=image.device)
-        grad_cols = torch.zeros(cols.shape, dtype=stat_dtype, device=cols.device)
-        grad_scale = torch.zeros((), dtype=stat_dtype, device=scale.device)
-        block = torch.cat([cols, image]).detach()
-        home, outgoing_works = None, []
-        for step in range(config.n_steps):
-            # Order of posts per peer pair: [gradient of step t−1, block of step t+1], then the
-            # gradient of step t; the same order on both sides (needed by NCCL, harmless on Gloo).
-            incoming, incoming_grad, grad_works, works = None, None, [], []
-            if remote_grad and step > 0:
-                incoming_grad = torch.empty(block.shape, dtype=stat_dtype, device=block.device)
-                grad_works = _post([dist.P2POp(dist.irecv, incoming_grad, config.prev_rank, tag=_GRAD_TAG)])
-            if step < config.n_steps - 1:
-                incoming, works = _exchange(block, config)
 
-            # The primitive's backward alone, with the global statistics: the weights
-            # exp(S + bias − row_lse) and exp(S − query_lse) of this block, no forward recompute.
+def _backward(ctx, grad_row_lse: torch.Tensor | None, grad_query_lse: torch.Tensor | None):
+    """`RingPartitions.backward`: the blocks travel again, each differentiated against the global statistics."""
+    image, cols, scale, col_bias, row_lse, query_lse = ctx.saved_tensors
+    config: RingConfig = ctx.config
+    need_image, need_cols, need_scale = ctx.needs_input_grad[:3]
+    stat_dtype = scale.dtype
+    n_query, n_cols, size = config.n_query_cols, cols.shape[0], config.group_size
+    queries = cols[:n_query]
+    group_bias = col_bias.repeat(size)
+    image_bias = _zero_bias(size * image.shape[0], col_bias)
+    no_stats = row_lse.new_empty(0)  # one direction per call: the other's statistics are empty
+    name = config.backend
+    grad_row_lse = torch.zeros_like(row_lse) if grad_row_lse is None else grad_row_lse
+    grad_query_lse = torch.zeros_like(query_lse) if grad_query_lse is None else grad_query_lse
+    # The other ranks' blocks need gradients only for the inputs that require them here
+    # (every rank has the same requires_grad flags: checked in distributed_loss), so all agree.
+    remote_grad = config.remote_grad and (need_image or need_cols)
+
+    grad_image = torch.zeros(image.shape, dtype=stat_dtype, device=image.device)
+    grad_cols = torch.zeros(cols.shape, dtype=stat_dtype, device=cols.device)
+    grad_scale = torch.zeros((), dtype=stat_dtype, device=scale.device)
+    block = torch.cat([cols, image]).detach()
+    home, outgoing_works = None, []
+    for step in range(config.n_steps):
+        # Order of posts per peer pair: [gradient of step t−1, block of step t+1], then the
+        # gradient of step t; the same order on both sides (needed by NCCL, harmless on Gloo).
+        incoming, incoming_grad, grad_works, works = None, None, [], []
+        if remote_grad and step > 0:
+            incoming_grad = torch.empty(block.shape, dtype=stat_dtype, device=block.device)
+            grad_works = _post([dist.P2POp(dist.irecv, incoming_grad, config.prev_rank, tag=_GRAD_TAG)])
+        if step < config.n_steps - 1:
+            incoming, works = _exchange(block, config)
+
+        # The primitive's backward alone, with the global statistics: the weights
+        # exp(S + bias − row_lse) and exp(S − query_lse) of this block, no forward recompute.
+        if config.keep_gathered:
+            group_cols, group_images = ctx.gathered
+        else:
             group_cols, group_images = _group_block(block, n_cols, config)
-            g_image, g_group_cols, g_scale_rows = partitions_backward(
-                image, group_cols, scale, group_bias, 0, row_lse, no_stats, grad_row_lse, None,
-                (need_image, remote_grad and need_cols, need_scale), backend=config.backend, options=config.options,
-            )  # fmt: skip
-            g_queries, g_group_images, g_scale_queries = partitions_backward(
-                queries, group_images, scale, image_bias, 0, query_lse, no_stats, grad_query_lse, None,
-                (need_cols, remote_grad and need_image, need_scale), backend=config.backend, options=config.options,
-            )  # fmt: skip
-            if g_image is not None:
-                grad_image += g_image
-            if g_queries is not None:
-                grad_cols[:n_query] += g_queries
-            for g_scale in (g_scale_rows, g_scale_queries):
-                if g_scale is not None:
-                    grad_scale += g_scale
+        row_stats, query_stats = ctx.step_stats[step]
+        rows_grads = partitions_backward(
+            problem(image, group_cols, scale, group_bias, 0, config.options),
+            Stats(row_lse, no_stats, row_stats.col_mass_lb, row_stats.aux), StatGrads(row=grad_row_lse),
+            Needs(need_image, remote_grad and need_cols, need_scale), name,
+        )  # fmt: skip
+        query_grads = partitions_backward(
+            problem(queries, group_images, scale, image_bias, 0, config.options),
+            Stats(query_lse, no_stats, query_stats.col_mass_lb, query_stats.aux),
+            StatGrads(row=grad_query_lse), Needs(need_cols, remote_grad and need_image, need_scale), name,
+        )  # fmt: skip
+        g_image, g_scale_rows = rows_grads.rows, rows_grads.scale
+        g_group_cols = None if rows_grads.cols is None else rows_grads.cols[0]
+        g_queries, g_scale_queries = query_grads.rows, query_grads.scale
+        g_group_images = None if query_grads.cols is None else query_grads.cols[0]
+        if g_image is not None:
+            grad_image += g_image
+        if g_queries is not None:
+            grad_cols[:n_query] += g_queries
+        for g_scale in (g_scale_rows, g_scale_queries):
+            if g_scale is not None:
+                grad_scale += g_scale
 
-            if remote_grad:
-                group_grad = torch.zeros((size, *block.shape), dtype=stat_dtype, device=block.device)
-                if g_group_cols is not None:
-                    group_grad[:, :n_cols] = g_group_cols.view(size, n_cols, -1)
-                if g_group_images is not None:
-                    group_grad[:, n_cols:] = g_group_images.view(size, image.shape[0], -1)
-                block_grad = _own_share(group_grad, config)
-                if incoming_grad is not None:
-                    _wait(grad_works, f"the ring's exchange of gradient blocks (backward, step {step + 1})")
-                    block_grad += incoming_grad  # this block's gradient from the ranks it visited before
-                _wait(outgoing_works, f"the ring's exchange of gradient blocks (backward, step {step})")
-                if config.n_steps == 1:
-                    home = block_grad  # a ring of one: the block never left
-                else:
-                    outgoing_works = _post([dist.P2POp(dist.isend, block_grad, config.next_rank, tag=_GRAD_TAG)])
-            _wait(works, f"the ring's exchange of feature blocks (backward, step {step + 1} of {config.n_steps - 1})")
-            block = incoming
+        if remote_grad:
+            group_grad = torch.zeros((size, *block.shape), dtype=stat_dtype, device=block.device)
+            if g_group_cols is not None:
+                group_grad[:, :n_cols] = g_group_cols.view(size, n_cols, -1)
+            if g_group_images is not None:
+                group_grad[:, n_cols:] = g_group_images.view(size, image.shape[0], -1)
+            block_grad = _own_share(group_grad, config)
+            if incoming_grad is not None:
+                _wait(grad_works, f"the ring's exchange of gradient blocks (backward, step {step + 1})")
+                block_grad += incoming_grad  # this block's gradient from the ranks it visited before
+            _wait(outgoing_works, f"the ring's exchange of gradient blocks (backward, step {step})")
+            if config.n_steps == 1:
+                home = block_grad  # a ring of one: the block never left
+            else:
+                outgoing_works = _post([dist.P2POp(dist.isend, block_grad, config.next_rank, tag=_GRAD_TAG)])
+        _wait(works, f"the ring's exchange of feature blocks (backward, step {step + 1} of {config.n_steps - 1})")
+        block = incoming
 
-        if remote_grad and home is None:  # our own block's gradient, after a full turn
-            home = torch.empty((n_cols + image.shape[0], image.shape[1]), dtype=stat_dtype, device=image.device)
-            home_works = _post([dist.P2POp(dist.irecv, home, config.prev_rank, tag=_GRAD_TAG)])
-            _wait(home_works, "the ring's return of this rank's gradient block (end of the backward)")
-            _wait(outgoing_works, "the ring's exchange of gradient blocks (end of the backward)")
-        if home is not None:
-            grad_cols += home[:n_cols]
-            grad_image += home[n_cols:]
-        return (
-            grad_image.to(image.dtype) if need_image else None,
-            grad_cols.to(cols.dtype) if need_cols else None,
-            grad_scale.to(scale.dtype) if need_scale else None,
-            None,
-            None,
-        )
+    if remote_grad and home is None:  # our own block's gradient, after a full turn
+        home = torch.empty((n_cols + image.shape[0], image.shape[1]), dtype=stat_dtype, device=image.device)
+        home_works = _post([dist.P2POp(dist.irecv, home, config.prev_rank, tag=_GRAD_TAG)])
+        _wait(home_works, "the ring's return of this rank's gradient block (end of the backward)")
+        _wait(outgoing_works, "the ring's exchange of gradient blocks (end of the backward)")
+    if home is not None:
+        grad_cols += home[:n_cols]
+        grad_image += home[n_cols:]
+    return (
+        grad_image.to(image.dtype) if need_image else None,
+        grad_cols.to(cols.dtype) if need_cols else None,
+        grad_scale.to(scale.dtype) if need_scale else None,
+        None,
+        None,
+    )
+
+
+def _global_bounds(step_stats, row_lse, query_lse, n_cols: int, batch: int, config: RingConfig):
+    """Each step's `(row, query)` statistics with global column-mass bounds (see the module docstring).
+
+    A rank's bound of a column from its own rows is rebased on its final (global) row statistics, then the
+    bounds of every rank are max-all-reduced per block owner: a `[world_size, K + B]` table, −inf where
+    a rank did not see a block. Backends without bounds (no filter) skip the exchange.
+    """
+    rebased = [(rows.rebased(row_lse, rows.query_lse), queries.rebased(query_lse, queries.query_lse))
+               for rows, queries in step_stats]  # fmt: skip
+    if any(rows.col_mass_lb.numel() == 0 or queries.col_mass_lb.numel() == 0 for rows, queries in rebased):
+        return rebased
+    device, size = row_lse.device, config.group_size
+    table = torch.full((config.world_size, n_cols + batch), -math.inf, dtype=torch.float64, device=device)
+    for step, (rows, queries) in enumerate(rebased):
+        owners = torch.tensor(config.owner_rank[step * size : (step + 1) * size], device=device)
+        bounds = torch.cat([rows.col_mass_lb.double().view(size, n_cols),
+                            queries.col_mass_lb.double().view(size, batch)], dim=1)  # fmt: skip
+        table[owners] = torch.maximum(table[owners], bounds)
+    with explain_peer_failure("the all-reduce of the column-mass bounds (end of the forward)"):
+        dist.all_reduce(table, op=dist.ReduceOp.MAX)
+    result = []
+    for step, (rows, queries) in enumerate(rebased):
+        owners = torch.tensor(config.owner_rank[step * size : (step + 1) * size], device=device)
+        bounds = table[owners]  # [size, K + B]
+        result.append((
+            Stats(rows.row_lse, rows.query_lse, bounds[:, :n_cols].reshape(-1).to(rows.col_mass_lb.dtype), rows.aux),
+            Stats(queries.row_lse, queries.query_lse, bounds[:, n_cols:].reshape(-1).to(queries.col_mass_lb.dtype),
+                  queries.aux),
+        ))  # fmt: skip
+    return result

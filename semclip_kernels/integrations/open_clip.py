@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..backends import BACKENDS
 from ..distributed import MODES as DISTRIBUTED_MODES
 from ..loss import SemCLIPLoss
+from ..sigmoid_loss import SemSigLipLoss
 from ..triplets import MissingColumnsError, TripletColumns, TripletRow, batch_texts, read_triplet_csv, text_views
 from ..validation import check_weight
 
@@ -279,15 +280,26 @@ def install_semclip_forward(model: nn.Module, n_paraphrases: int) -> nn.Module:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def create_loss(args: Any, options: SemCLIPOptions | None = None) -> SemCLIPLoss:
-    """open_clip's `create_loss(args)` for the CLIP objective, returning `SemCLIPLoss`.
+def create_loss(args: Any, options: SemCLIPOptions | None = None) -> SemCLIPLoss | SemSigLipLoss:
+    """open_clip's `create_loss(args)` for the CLIP objective (`SemCLIPLoss`) and, with `--siglip`, the
+    SigLIP objective (`SemSigLipLoss`, docs/siglip.md).
 
-    Raises for the objectives SemCLIP does not replace (SigLIP, CoCa, distillation) instead of
-    silently training something else.
+    Raises for the objectives SemCLIP does not replace (CoCa, distillation) instead of silently training
+    something else.
     """
     options = options or SemCLIPOptions()
-    for flag, active in (("--siglip", getattr(args, "siglip", False)),
-                         ("--distill-model", getattr(args, "distill", False)),
+    if getattr(args, "siglip", False) and not getattr(args, "distill", False):
+        logger.info("SemCLIP sigmoid loss (--siglip): %s", json.dumps(dataclasses.asdict(options)))
+        return SemSigLipLoss(
+            cache_labels=True,
+            rank=args.rank,
+            world_size=args.world_size,
+            paraphrase_weight=options.paraphrase_weight,
+            hard_negative_weight=options.hard_negative_weight,
+            backend=options.backend,
+            distributed_mode=options.distributed_mode,
+        )
+    for flag, active in (("--distill-model", getattr(args, "distill", False)),
                          ("--model (CoCa)", "coca" in str(getattr(args, "model", "")).lower())):
         if active:
             raise ValueError(f"{flag}: SemCLIPLoss replaces open_clip's ClipLoss only; "

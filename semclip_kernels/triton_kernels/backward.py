@@ -35,13 +35,15 @@ made of, is below `filter_eps`:
 
     p_ic               (row i's mass Σ_c p_ic is 1)
     q_ic               (query column c's mass Σ_i q_ic is 1)
-    p_ic / mass_lb_c   (column c's row-direction mass Σ_i p_ic ≥ mass_lb_c =
-                        exp(bias_c + col_lse_c − max_i row_lse_i), col_lse over all rows)
+    p_ic / mass_lb_c   (column c's row-direction mass Σ_i p_ic ≥ mass_lb_c = exp(col_mass_lb_c),
+                        the lower bound `Stats.col_mass_lb` carries, see backends/values.py)
 
 The third term protects columns that are nobody's query (negations): their gradient is
 made only of row-softmax weights, which may all be tiny. The factor 1/mass_lb_c is
 clamped at e^80 (so p_ic·factor cannot overflow float32). NaN weights compare false and
-are never filtered. The filter needs g_row and the column partitions of every column.
+are never filtered. The filter needs g_row and every column's mass bound. A tile that
+holds an entry of a positive band (`dS[i, first + i·per_row + p] += g[i, p]`, the loss's
+positive logits folded into dS before the 16-bit cast) is always kept.
 
 Memory: the panel holds `n_rows × panel_cols` operand-dtype elements; by default no more
 elements than the features (`(M + K)·d`) or a fixed 2^22 (small d), so docs/contract.md §3 holds. Plus per panel
@@ -71,10 +73,12 @@ def ds_panel_kernel(
     scale_ptr,
     col_bias_ptr,
     row_lse_ptr,
-    col_lse_ptr,  # [n_cols]: column partitions over every row (query columns at least)
-    max_row_lse_ptr,  # [1]: max_i row_lse_i (for the filter's column-mass bound)
+    query_lse_ptr,  # [n_query_cols]: column partitions of the query columns
+    col_mass_lb_ptr,  # [n_cols]: lower bounds of log Σ_i p_ic (FILTER only)
     grad_row_lse_ptr,
     grad_col_lse_ptr,
+    band0_ptr,  # [n_rows, band0_per_row]: positive band 0's dS entries (N_BANDS ≥ 1)
+    band1_ptr,  # [n_rows, band1_per_row] (N_BANDS = 2)
     ds_scale_ptr,  # [1]: 2^e
     panel_ptr,  # [n_rows, panel_blocks·BLOCK_N], operand dtype
     keep_ptr,  # [n_row_blocks, panel_blocks] int32
@@ -86,6 +90,10 @@ def ds_panel_kernel(
     dim,
     first_col_block,
     panel_blocks,
+    band0_first,
+    band0_per_row,
+    band1_first,
+    band1_per_row,
     stride_row_m,
     stride_row_d,
     stride_col_n,
@@ -103,6 +111,7 @@ def ds_panel_kernel(
     NEED_PANEL: tl.constexpr,  # a feature gradient is wanted: store dS
     NEED_GRAD_SCALE: tl.constexpr,
     FILTER: tl.constexpr,
+    N_BANDS: tl.constexpr,  # positive bands folded into dS (0, 1 or 2)
 ):
     row_block, panel_block = grouped_tile_ids(n_rows, panel_blocks * BLOCK_N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -121,7 +130,6 @@ def ds_panel_kernel(
     # most dots, logits, dS and one weight tile are live (registers: see config.py).
     grad_logits = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     max_weight = tl.zeros((), dtype=ACC_DTYPE)
-    col_lse = tl.load(col_lse_ptr + offs_n, mask=col_in, other=0.0).to(ACC_DTYPE)
     if HAS_ROW_GRAD:
         col_bias = tl.load(col_bias_ptr + offs_n, mask=col_in, other=0.0).to(ACC_DTYPE)
         row_lse = tl.load(row_lse_ptr + offs_m, mask=row_in, other=0.0).to(ACC_DTYPE)
@@ -130,20 +138,36 @@ def ds_panel_kernel(
         row_softmax = tl.where(row_in[:, None] & col_in[None, :], row_softmax, 0.0)
         grad_logits += g_row[:, None] * row_softmax
         if FILTER:
-            # Relative to a lower bound of column c's row-softmax mass, exp(bias + col_lse − max row_lse):
+            # Relative to a lower bound of column c's row-softmax mass, exp(col_mass_lb):
             # the factor is clamped at e^80 so that the product stays finite.
-            max_row_lse = tl.load(max_row_lse_ptr).to(ACC_DTYPE)
-            inv_mass = tl.exp(tl.minimum(max_row_lse - col_bias - col_lse, 80.0))
+            mass_lb = tl.load(col_mass_lb_ptr + offs_n, mask=col_in, other=0.0).to(ACC_DTYPE)
+            inv_mass = tl.exp(tl.minimum(-mass_lb, 80.0))
             max_weight = tl.maximum(max_weight, tl.max(row_softmax * tl.maximum(inv_mass, 1.0)[None, :]))
         else:
             max_weight = tl.maximum(max_weight, tl.max(row_softmax))
     if HAS_COL_GRAD:
         is_query = offs_n < n_query_cols
         g_col = tl.load(grad_col_lse_ptr + offs_n, mask=is_query, other=0.0).to(ACC_DTYPE)
-        col_softmax = tl.exp(logits - col_lse[None, :])
+        query_lse = tl.load(query_lse_ptr + offs_n, mask=is_query, other=0.0).to(ACC_DTYPE)
+        col_softmax = tl.exp(logits - query_lse[None, :])
         col_softmax = tl.where(row_in[:, None] & is_query[None, :], col_softmax, 0.0)
         grad_logits += g_col[None, :] * col_softmax
         max_weight = tl.maximum(max_weight, tl.max(col_softmax))
+    band_entries = 0
+    if N_BANDS >= 1:
+        in_band = row_in[:, None] & col_in[None, :]
+        slot = offs_n[None, :] - band0_first - offs_m[:, None] * band0_per_row
+        in_band = in_band & (slot >= 0) & (slot < band0_per_row)
+        band_ptrs = band0_ptr + offs_m[:, None].to(tl.int64) * band0_per_row + slot
+        grad_logits += tl.load(band_ptrs, mask=in_band, other=0.0).to(ACC_DTYPE)
+        band_entries += tl.sum(in_band.to(tl.int32))
+    if N_BANDS >= 2:
+        in_band = row_in[:, None] & col_in[None, :]
+        slot = offs_n[None, :] - band1_first - offs_m[:, None] * band1_per_row
+        in_band = in_band & (slot >= 0) & (slot < band1_per_row)
+        band_ptrs = band1_ptr + offs_m[:, None].to(tl.int64) * band1_per_row + slot
+        grad_logits += tl.load(band_ptrs, mask=in_band, other=0.0).to(ACC_DTYPE)
+        band_entries += tl.sum(in_band.to(tl.int32))
 
     tile = row_block * panel_blocks + panel_block
     if NEED_GRAD_SCALE:  # every tile, kept or not: grad_τ never depends on the filter
@@ -151,7 +175,7 @@ def ds_panel_kernel(
     # (The caller sets FILTER only with HAS_ROW_GRAD, which defines row_softmax and col_bias.)
     skip = False
     if FILTER:
-        skip = max_weight < filter_eps
+        skip = (max_weight < filter_eps) & (band_entries == 0)
     if skip:
         tl.store(keep_ptr + tile, 0)
     else:
@@ -164,19 +188,19 @@ def ds_panel_kernel(
 
 def ds_panel_launch(
     tile: TileConfig, dtype: torch.dtype, precision: str, *, has_row_grad: bool, has_col_grad: bool,
-    need_panel: bool, need_grad_scale: bool, filtering: bool,
+    need_panel: bool, need_grad_scale: bool, filtering: bool, n_bands: int = 0,
 ) -> Launch:  # fmt: skip
     """The launch of `ds_panel_kernel` for one combination of its feature flags."""
     return tile_launch(
         tile, dtype, precision, GROUP_M=tile.group_m, HAS_ROW_GRAD=has_row_grad, HAS_COL_GRAD=has_col_grad,
-        NEED_PANEL=need_panel, NEED_GRAD_SCALE=need_grad_scale, FILTER=filtering,
+        NEED_PANEL=need_panel, NEED_GRAD_SCALE=need_grad_scale, FILTER=filtering, N_BANDS=n_bands,
     )  # fmt: skip
 
 
 @dataclass(frozen=True)
 class BackwardResult:
-    grad_rows: torch.Tensor | None  # in the rows' dtype
-    grad_cols: torch.Tensor | None  # in the columns' dtype
+    grad_rows: torch.Tensor | None  # statistics dtype
+    grad_cols: torch.Tensor | None  # statistics dtype
     grad_scale: torch.Tensor | None  # 0-dim, statistics dtype
     tiles: int
     kept_tiles: torch.Tensor  # 0-dim int64 on the device (read lazily: reading synchronizes)
@@ -192,10 +216,12 @@ def default_panel_cols(n_rows: int, n_cols: int, dim: int, block_n: int) -> int:
     return max(block_n, budget // block_n * block_n)
 
 
-def ds_scale_for(grad_row_lse: torch.Tensor | None, grad_col_lse: torch.Tensor | None, like: torch.Tensor):
-    """`2^e` with `(max|g_row| + max|g_col|)·2^e ≤ 2^14` (clamped to 2^±126; a 1-element device tensor, no sync)."""
+def ds_scale_for(grad_row_lse: torch.Tensor | None, grad_col_lse: torch.Tensor | None, like: torch.Tensor,
+                 bands: tuple[torch.Tensor, ...] = ()):  # fmt: skip
+    """`2^e` with `(max|g_row| + max|g_col| + Σ max|band|)·2^e ≤ 2^14` (a bound on |dS|; clamped to 2^±126;
+    a 1-element device tensor, no sync)."""
     bound = torch.zeros((), dtype=torch.float32, device=like.device)
-    for grad in (grad_row_lse, grad_col_lse):
+    for grad in (grad_row_lse, grad_col_lse, *bands):
         if grad is not None and grad.numel():
             bound = bound + grad.detach().abs().amax().float()
     exponent = torch.floor(_DS_HEADROOM_LOG2 - torch.log2(bound)).clamp(-126.0, 126.0)
@@ -209,7 +235,8 @@ def partitions_backward(
     col_bias: torch.Tensor,
     n_query_cols: int,
     row_lse: torch.Tensor,
-    col_lse: torch.Tensor,
+    query_lse: torch.Tensor,
+    col_mass_lb: torch.Tensor,
     grad_row_lse: torch.Tensor | None,
     grad_col_lse: torch.Tensor | None,
     needs: tuple[bool, bool, bool],
@@ -218,12 +245,13 @@ def partitions_backward(
     tile: TileConfig,
     gemm: GemmConfig,
     panel_cols: int | None = None,
+    bands: tuple[tuple[int, int, torch.Tensor], ...] = (),
 ) -> BackwardResult:
-    """Gradients of `Σ g_row·row_lse + Σ g_col·col_lse[:Kq]` with respect to rows, cols and scale.
+    """Gradients of `Σ g_row·row_lse + Σ g_col·query_lse + Σ_bands g·S[band]` for rows, cols and scale.
 
-    `scale` [1] and `col_bias` [K] in the statistics dtype; `col_lse` covers every column
-    when `filter_eps > 0` (the filter's column-mass bound), at least the query columns
-    otherwise. `precision` must be the forward's (bitwise recompute).
+    `scale` [1] and `col_bias` [K] in the statistics dtype; `query_lse` [Kq]; `col_mass_lb` [K] (the filter's
+    column-mass bounds; empty: no filtering); `bands`: up to two `(first_col, per_row, grad [M, per_row])`.
+    `precision` must be the forward's (bitwise recompute). Gradients in the statistics dtype.
     """
     need_rows, need_cols, need_scale = needs
     n_rows, dim = rows.shape
@@ -232,43 +260,51 @@ def partitions_backward(
     has_row_grad = grad_row_lse is not None
     has_col_grad = grad_col_lse is not None and n_query_cols > 0
     n_row_blocks, n_col_blocks = triton.cdiv(n_rows, tile.block_m), triton.cdiv(n_cols, tile.block_n)
+    if len(bands) > 2:
+        raise ValueError(f"the Triton backward folds at most 2 positive bands into dS, got {len(bands)}")
     grad_rows = torch.zeros((n_rows, dim), dtype=stat, device=device) if need_rows else None
-    grad_cols = torch.empty((n_cols, dim), dtype=cols.dtype, device=device) if need_cols else None
+    grad_cols = torch.empty((n_cols, dim), dtype=stat, device=device) if need_cols else None
     grad_scale = torch.zeros((), dtype=stat, device=device) if need_scale else None
     kept_tiles = torch.zeros((), dtype=torch.int64, device=device)
     tiles = n_row_blocks * n_col_blocks
-    if not (has_row_grad or has_col_grad) or tiles == 0 or not any(needs):
+    if not (has_row_grad or has_col_grad or bands) or tiles == 0 or not any(needs):
         if need_cols:
             grad_cols.zero_()
-        return BackwardResult(grad_rows.to(rows.dtype) if need_rows else None, grad_cols, grad_scale, tiles,
-                              kept_tiles)  # fmt: skip
+        return BackwardResult(grad_rows, grad_cols, grad_scale, tiles, kept_tiles)
 
-    # The filter's column-mass bound needs every column's partition (a caller may give only the queries').
-    filtering = filter_eps > 0 and has_row_grad and col_lse.shape[0] >= n_cols
+    # The filter needs every column's mass bound (unknown: nothing is skipped).
+    filtering = filter_eps > 0 and has_row_grad and col_mass_lb.shape[0] >= n_cols
     need_panel = need_rows or need_cols
     panel_cols = panel_cols or default_panel_cols(n_rows, n_cols, dim, tile.block_n)
     panel_width = max(1, min(triton.cdiv(panel_cols, tile.block_n), n_col_blocks))
     panel = torch.empty((n_rows, panel_width * tile.block_n), dtype=rows.dtype, device=device) if need_panel else None
     keep = torch.empty((n_row_blocks, panel_width), dtype=torch.int32, device=device)
     grad_scale_parts = torch.empty((n_row_blocks, panel_width), dtype=stat, device=device)
-    ds_scale = ds_scale_for(grad_row_lse, grad_col_lse, rows)
+    band_grads = tuple(grad.detach().to(stat).contiguous() for _, _, grad in bands)
+    ds_scale = ds_scale_for(grad_row_lse, grad_col_lse, rows, band_grads)
     factor = (scale.detach().float() / ds_scale).to(stat)  # τ·2^-e
-    max_row_lse = row_lse.detach().amax().reshape(1).to(stat)
-    if col_lse.shape[0] < n_cols:  # the non-query entries are then never read
-        col_lse = torch.cat([col_lse, col_lse.new_zeros(n_cols - col_lse.shape[0])])
     dummy = scale  # stands in for pointers a constexpr flag keeps unused
+    band_args = []
+    for k in range(2):
+        if k < len(bands):
+            band_args.append((band_grads[k], bands[k][0], bands[k][1]))
+        else:
+            band_args.append((dummy, 0, 1))
     launch = ds_panel_launch(
         tile, rows.dtype, precision, has_row_grad=has_row_grad, has_col_grad=has_col_grad, need_panel=need_panel,
-        need_grad_scale=need_scale, filtering=filtering,
+        need_grad_scale=need_scale, filtering=filtering, n_bands=len(bands),
     )  # fmt: skip
     for first_block in range(0, n_col_blocks, panel_width):
         blocks = min(panel_width, n_col_blocks - first_block)
         ds_panel_kernel[(n_row_blocks * blocks,)](
-            rows, cols, scale, col_bias, row_lse, col_lse, max_row_lse,
+            rows, cols, scale, col_bias, row_lse, query_lse if query_lse.numel() else dummy,
+            col_mass_lb if filtering else dummy,
             grad_row_lse.contiguous() if has_row_grad else dummy,
             grad_col_lse.contiguous() if has_col_grad else dummy,
+            band_args[0][0], band_args[1][0],
             ds_scale, panel if need_panel else dummy, keep, grad_scale_parts, filter_eps,
             n_rows, n_cols, n_query_cols, dim, first_block, blocks,
+            band_args[0][1], band_args[0][2], band_args[1][1], band_args[1][2],
             rows.stride(0), rows.stride(1), cols.stride(0), cols.stride(1), panel.stride(0) if need_panel else 0,
             **launch.kwargs(),
         )  # fmt: skip
@@ -283,4 +319,4 @@ def partitions_backward(
             write_grad_cols(grad_cols, panel, rows, factor, sparse_keep, first_col, blocks, tile, gemm, precision)
         if need_rows:
             add_grad_rows(grad_rows, panel, cols, factor, sparse_keep, first_col, blocks, tile, gemm, precision)
-    return BackwardResult(grad_rows.to(rows.dtype) if need_rows else None, grad_cols, grad_scale, tiles, kept_tiles)
+    return BackwardResult(grad_rows, grad_cols, grad_scale, tiles, kept_tiles)

@@ -1,0 +1,383 @@
+"""The values of the partitions primitive (docs/contract.md §7, docs/backends.md): what a backend is given
+and what it returns. One owner of their fields, their meaning and their flat form for custom ops.
+
+    Problem    rows [M, d], cols (blocks [K_j, d]), scale, col_bias [K], n_query_cols, options
+    Stats      row_lse [M], query_lse [Kq], col_mass_lb [K] (or [0]), aux (backend-private)
+    StatGrads  row [M], query [Kq], positives (bands of extra dS entries)
+    Needs      which of rows / cols / scale to differentiate
+    Grads      rows [M, d], cols (blocks), scale, in the statistics dtype; what the backward did
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .dtypes import stat_dtype
+from .options import PartitionOptions
+
+
+@dataclass(frozen=True)
+class BackwardStats:
+    """What a backward did (informative).
+
+    tiles: tiles of `S = τ·A·Cᵀ` the backward visited.
+    skipped_tiles: of those, how many the gradient filter skipped (0 without filtering).
+    exact_lines: rows or columns recomputed with per-line shifts because the tile's shared
+        shift was unsafe for them (backends without a shared shift report 0).
+    """
+
+    tiles: int = 0
+    skipped_tiles: int = 0
+    exact_lines: int = 0
+
+    @property
+    def skipped_fraction(self) -> float:
+        return self.skipped_tiles / self.tiles if self.tiles else 0.0
+
+    @staticmethod
+    def of(counts: torch.Tensor) -> BackwardStats:
+        """From a backward's `[tiles, skipped_tiles, exact_lines]` counts (reading a device tensor synchronizes)."""
+        return BackwardStats(*(int(v) for v in counts.tolist()))
+
+    def __add__(self, other: BackwardStats) -> BackwardStats:
+        return BackwardStats(
+            self.tiles + other.tiles, self.skipped_tiles + other.skipped_tiles, self.exact_lines + other.exact_lines
+        )
+
+
+@dataclass(frozen=True)
+class Problem:
+    """The log-partitions of `S = scale·rows·colsᵀ` (docs/contract.md §7).
+
+    rows: `[M, d]`. cols: the columns as blocks `[K_j, d]` of the rows' dtype, logically concatenated in
+    order (the layer never joins them; `joined_cols` does, for a kernel that needs one matrix).
+    scale: 0-dim, statistics dtype. col_bias: `[K]`, statistics dtype (added in the row direction only).
+    n_query_cols: the first `Kq` columns, whose column partitions are wanted.
+    """
+
+    rows: torch.Tensor
+    cols: tuple[torch.Tensor, ...]
+    scale: torch.Tensor
+    col_bias: torch.Tensor
+    n_query_cols: int
+    options: PartitionOptions = dataclasses.field(default_factory=PartitionOptions)
+
+    def __post_init__(self) -> None:
+        # Tiles never larger than the problem: `block_rows = 10**9` must not allocate a 10**9-row tile.
+        options = self.options
+        block_rows = None if options.block_rows is None else min(options.block_rows, max(self.n_rows, 1))
+        block_cols = None if options.block_cols is None else min(options.block_cols, max(self.n_cols, 1))
+        if (block_rows, block_cols) != (options.block_rows, options.block_cols):
+            object.__setattr__(self, "options", dataclasses.replace(options, block_rows=block_rows,
+                                                                    block_cols=block_cols))  # fmt: skip
+
+    @property
+    def n_rows(self) -> int:
+        return self.rows.shape[0]
+
+    @property
+    def n_cols(self) -> int:
+        return sum(block.shape[0] for block in self.cols)
+
+    @property
+    def stat_dtype(self) -> torch.dtype:
+        return stat_dtype(self.rows.dtype)
+
+    def joined_cols(self) -> torch.Tensor:
+        """The columns as one `[K, d]` tensor: the block itself when there is one, else a temporary copy."""
+        return self.cols[0] if len(self.cols) == 1 else torch.cat(self.cols)
+
+    def detached(self) -> Problem:
+        """The same problem on detached tensors (what kernels read)."""
+        return dataclasses.replace(
+            self, rows=self.rows.detach(), cols=tuple(c.detach() for c in self.cols), scale=self.scale.detach(),
+            col_bias=self.col_bias.detach(),
+        )  # fmt: skip
+
+
+def problem(
+    rows: torch.Tensor,
+    cols: torch.Tensor | Sequence[torch.Tensor],
+    scale: torch.Tensor,
+    col_bias: torch.Tensor,
+    n_query_cols: int,
+    options: PartitionOptions | None = None,
+) -> Problem:
+    """A `Problem` with `cols` given as one tensor or as blocks, `scale` and `col_bias` brought to the
+    statistics dtype."""
+    blocks = (cols,) if isinstance(cols, torch.Tensor) else tuple(cols)
+    stat = stat_dtype(rows.dtype)
+    return Problem(rows, blocks, scale.reshape(()).to(stat), col_bias.to(stat), n_query_cols,
+                   options or PartitionOptions())  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Stats:
+    """What a forward computed: all its backward needs.
+
+    row_lse: `[M]`, `log Σ_c exp(S_ic + b_c)`.
+    query_lse: `[Kq]`, `log Σ_i exp(S_iq)` for the query columns.
+    col_mass_lb: `[K]` lower bounds of `log Σ_i exp(S_ic + b_c − row_lse_i)` (each column's row-softmax
+        mass, what the gradient filter measures a column's weights against), or `[0]`: unknown (the
+        filter then skips no tile holding such a column). Bounds of disjoint row sets combine by max.
+    aux: backend-private tensors the forward hands its own backward (cpp: each tile's max logit).
+    """
+
+    row_lse: torch.Tensor
+    query_lse: torch.Tensor
+    col_mass_lb: torch.Tensor
+    aux: tuple[torch.Tensor, ...] = ()
+
+    def rebased(self, row_lse: torch.Tensor, query_lse: torch.Tensor) -> Stats:
+        """These statistics' block against the statistics of a larger (global) batch.
+
+        The mass bound used `max_i row_lse_i`; with larger partitions the masses shrink, by at most the
+        growth of that maximum: shifting by it keeps every bound valid.
+        """
+        lb = self.col_mass_lb
+        if lb.numel() and self.row_lse.numel():
+            growth = row_lse.detach().amax().to(lb.dtype) - self.row_lse.detach().amax().to(lb.dtype)
+            lb = lb - growth.clamp_min(0)
+        return Stats(row_lse, query_lse, lb, self.aux)
+
+
+def column_mass_bounds(col_bias: torch.Tensor, col_lse: torch.Tensor, row_lse: torch.Tensor) -> torch.Tensor:
+    """`min(0, b_c + col_lse_c − max_i row_lse_i)`: a lower bound of each column's row-softmax mass (log).
+
+    `col_lse [K]` is every column's unbiased log-partition over the rows. NaN propagates (a NaN bound never
+    lets the filter skip a tile). Empty rows give -inf (no mass).
+    """
+    if row_lse.numel() == 0:
+        return torch.full_like(col_lse, -math.inf)
+    bound = col_bias.to(col_lse.dtype) + col_lse - row_lse.amax().to(col_lse.dtype)
+    return torch.where(bound > 0, torch.zeros_like(bound), bound)  # NaN compares false: stays NaN
+
+
+@dataclass(frozen=True)
+class PositiveBand:
+    """Extra entries of `dS`: `dS[i, first_col + i·per_row + p] += grad[i, p]` (grad `[M, per_row]`).
+
+    A loss's positive logits `s(A_i, C_c)` enter its gradient through these, inside the kernels' own
+    `dS`, where they cancel against the softmax weights in float32 (docs/backends.md).
+    """
+
+    first_col: int
+    per_row: int
+    grad: torch.Tensor
+
+    def columns(self, n_rows: int, device: torch.device) -> torch.Tensor:
+        """`[M, per_row]` column index of every entry."""
+        rows = torch.arange(n_rows, device=device)[:, None] * self.per_row
+        return self.first_col + rows + torch.arange(self.per_row, device=device)[None, :]
+
+
+@dataclass(frozen=True)
+class StatGrads:
+    """The gradient arriving at the statistics: `row [M]`, `query [Kq]` (None: zero), and positive bands."""
+
+    row: torch.Tensor | None = None
+    query: torch.Tensor | None = None
+    positives: tuple[PositiveBand, ...] = ()
+
+
+@dataclass(frozen=True)
+class Needs:
+    rows: bool = True
+    cols: bool = True
+    scale: bool = True
+
+    def any(self) -> bool:
+        return self.rows or self.cols or self.scale
+
+
+@dataclass(frozen=True)
+class Grads:
+    """A backward's result, each gradient in the statistics dtype (None where not needed).
+
+    cols: one gradient per block of `Problem.cols`, shaped like it.
+    counts: what the backward did, `[tiles, skipped_tiles, exact_lines]` int64 (`BackwardStats.of`); a tensor,
+        so that a device counter is read only when someone asks.
+    """
+
+    rows: torch.Tensor | None
+    cols: tuple[torch.Tensor, ...] | None
+    scale: torch.Tensor | None
+    counts: torch.Tensor
+
+
+def counts(tiles: int, skipped_tiles: int = 0, exact_lines: int = 0) -> torch.Tensor:
+    """A backward's counts as `Grads.counts` holds them."""
+    return torch.tensor([tiles, skipped_tiles, exact_lines], dtype=torch.int64)
+
+
+def split_cols(grad_cols: torch.Tensor, problem: Problem) -> tuple[torch.Tensor, ...]:
+    """A `[K, d]` column gradient as views shaped like `problem.cols` (no copy)."""
+    if len(problem.cols) == 1:
+        return (grad_cols.view(problem.cols[0].shape),)
+    sizes = [block.shape[0] for block in problem.cols]
+    return tuple(part.view(block.shape) for part, block in zip(torch.split(grad_cols, sizes), problem.cols))
+
+
+def band_block(problem: Problem, band: PositiveBand) -> tuple[int, int]:
+    """`(block index, first row in that block)` of the column block that holds all of `band`'s columns."""
+    start = 0
+    last = band.first_col + problem.n_rows * band.per_row  # one past the band's last column
+    for index, block in enumerate(problem.cols):
+        stop = start + block.shape[0]
+        if start <= band.first_col and last <= stop:
+            return index, band.first_col - start
+        start = stop
+    raise ValueError(
+        f"a positive band (first_col={band.first_col}, per_row={band.per_row}, {problem.n_rows} rows) must lie "
+        f"within one column block, got blocks of {[b.shape[0] for b in problem.cols]} columns"
+    )
+
+
+def add_positive_terms(problem: Problem, positives: Sequence[PositiveBand], grads: Grads, needs: Needs) -> Grads:
+    """Grads plus the positive bands' terms, for a backend that keeps its gradients in float32 (or float64):
+
+        grad_rows_i += τ·Σ_p g_ip·C_c(i,p),   grad_cols_c(i,p) += τ·g_ip·A_i,   grad_τ += Σ g_ip·<A_i, C_c(i,p)>
+
+    in the statistics dtype; the given gradients are updated in place. O(M·n·d) work, no `[K, d]` copy.
+    """
+    stat = problem.stat_dtype
+    grad_scale = grads.scale
+    for band in positives:
+        block, local_first = band_block(problem, band)
+        n_rows, per_row = problem.n_rows, band.per_row
+        partners = problem.cols[block].detach().reshape(-1, problem.rows.shape[1])
+        partners = partners[local_first : local_first + n_rows * per_row].to(stat).view(n_rows, per_row, -1)
+        rows = problem.rows.detach().to(stat)
+        g = band.grad.detach().to(stat).reshape(n_rows, per_row)
+        tau = problem.scale.detach().to(stat)
+        if needs.rows and grads.rows is not None:
+            grads.rows.add_(tau * torch.einsum("mn,mnd->md", g, partners))
+        if needs.cols and grads.cols is not None:
+            target = grads.cols[block].view(-1, problem.rows.shape[1])[local_first : local_first + n_rows * per_row]
+            target.add_((tau * g[:, :, None] * rows[:, None, :]).reshape(-1, rows.shape[1]))
+        if needs.scale and grad_scale is not None:
+            dots = torch.einsum("md,mnd->mn", rows.double(), partners.double())
+            grad_scale = grad_scale + (g.double() * dots).sum().to(grad_scale.dtype)
+    return dataclasses.replace(grads, scale=grad_scale)
+
+
+# --------------------------------------------------------------------------- the flat form (custom ops)
+# One sentinel for an option left to the backend: -1 (block sizes and eps are never negative).
+_DEFAULT = -1
+
+
+def _encode_problem(p: Problem) -> tuple[list[torch.Tensor], list[int], list[float]]:
+    options = p.options
+    ints = [p.n_query_cols, _or_default(options.block_rows), _or_default(options.block_cols)]
+    return [p.rows, p.scale, p.col_bias, *p.cols], ints, [float(_or_default(options.grad_filter_eps))]
+
+
+def _or_default(value: int | float | None) -> int | float:
+    return _DEFAULT if value is None else value
+
+
+def _option(value: int | float) -> int | float | None:
+    return None if value == _DEFAULT else value
+
+
+def _decode_problem(tensors: list[torch.Tensor], ints: list[int], floats: list[float]) -> Problem:
+    rows, scale, col_bias, *cols = tensors
+    n_query_cols, block_rows, block_cols = ints
+    options = PartitionOptions(_option(block_rows), _option(block_cols), _option(floats[0]))
+    return Problem(rows, tuple(cols), scale, col_bias, n_query_cols, options)
+
+
+def _encode_stats(s: Stats) -> list[torch.Tensor]:
+    return [s.row_lse, s.query_lse, s.col_mass_lb, *s.aux]
+
+
+def _decode_stats(tensors: list[torch.Tensor]) -> Stats:
+    row_lse, query_lse, col_mass_lb, *aux = tensors
+    return Stats(row_lse, query_lse, col_mass_lb, tuple(aux))
+
+
+def _encode_stat_grads(g: StatGrads) -> tuple[list[torch.Tensor], list[int]]:
+    empty = _empty_like_any(g)
+    tensors = [empty if g.row is None else g.row, empty if g.query is None else g.query]
+    ints = [int(g.row is not None), int(g.query is not None)]
+    for band in g.positives:
+        tensors.append(band.grad)
+        ints += [band.first_col, band.per_row]
+    return tensors, ints
+
+
+def _empty_like_any(g: StatGrads) -> torch.Tensor:
+    for tensor in (g.row, g.query, *(band.grad for band in g.positives)):
+        if tensor is not None:
+            return tensor.new_empty((0,))
+    return torch.empty(0)
+
+
+def _decode_stat_grads(tensors: list[torch.Tensor], ints: list[int]) -> StatGrads:
+    row, query, *band_grads = tensors
+    bands = tuple(PositiveBand(ints[2 + 2 * k], ints[3 + 2 * k], grad) for k, grad in enumerate(band_grads))
+    return StatGrads(row if ints[0] else None, query if ints[1] else None, bands)
+
+
+def _stat_grads_of_outputs(output_grads: list[torch.Tensor | None]) -> StatGrads:
+    # Gradients arriving at col_mass_lb or aux (neither is differentiable) are ignored.
+    return StatGrads(output_grads[0], output_grads[1])
+
+
+def _encode_grads(g: Grads, p: Problem, needs: Needs) -> list[torch.Tensor]:
+    stat = p.stat_dtype
+
+    def empty() -> torch.Tensor:
+        return p.rows.new_empty((0,), dtype=stat)
+
+    cols = list(g.cols) if needs.cols and g.cols is not None else [empty() for _ in p.cols]
+    return [
+        g.rows if needs.rows and g.rows is not None else empty(),
+        g.scale.reshape(()) if needs.scale and g.scale is not None else empty(),
+        *cols,
+        g.counts.clone() if g.counts._is_view() else g.counts,
+    ]
+
+
+def _decode_grads(tensors: list[torch.Tensor], p: Problem, needs: Needs) -> Grads:
+    rows, scale, *rest = tensors
+    cols, counts = rest[:-1], rest[-1]
+    return Grads(
+        rows if needs.rows else None, tuple(cols) if needs.cols else None, scale if needs.scale else None,
+        counts,
+    )  # fmt: skip
+
+
+def _grads_like(p: Problem, needs: Needs) -> list[torch.Tensor]:
+    stat = p.stat_dtype
+    rows = p.rows.new_empty(p.rows.shape if needs.rows else (0,), dtype=stat)
+    scale = p.rows.new_empty(() if needs.scale else (0,), dtype=stat)
+    cols = [p.rows.new_empty(c.shape if needs.cols else (0,), dtype=stat) for c in p.cols]
+    return [rows, scale, *cols, torch.empty(3, dtype=torch.int64)]
+
+
+def _tensor_grads(g: Grads, p: Problem) -> list[torch.Tensor | None]:
+    """Gradients of [rows, scale, col_bias, *cols] in their dtypes (col_bias is never differentiated)."""
+    cols = [None] * len(p.cols) if g.cols is None else [grad.to(c.dtype) for grad, c in zip(g.cols, p.cols)]
+    return [
+        None if g.rows is None else g.rows.to(p.rows.dtype),
+        None if g.scale is None else g.scale.to(p.scale.dtype).reshape(p.scale.shape),
+        None,
+        *cols,
+    ]
+
+
+def _needs_of(flags: list[bool], p: Problem) -> Needs:
+    return Needs(rows=flags[0], cols=any(flags[3:]), scale=flags[1])
+
+
+# The flat form's functions, in the order of `ops.Codec`'s fields after its name.
+PARTITIONS_FLAT_FORM = (
+    _encode_problem, _decode_problem, _encode_stats, _decode_stats, _encode_stat_grads, _decode_stat_grads,
+    _stat_grads_of_outputs, _encode_grads, _decode_grads, _grads_like, _tensor_grads, _needs_of,
+)  # fmt: skip
