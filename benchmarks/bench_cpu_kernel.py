@@ -26,7 +26,6 @@ import sys
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 import semclip_kernels
 from semclip_kernels.backends import cpp, last_backward_stats
@@ -38,7 +37,9 @@ from .measure import (
     interleaved_medians,
     loss_function,
     make_inputs,
+    max_norm_rel_err,
     run_point_in_subprocess,
+    trained_inputs,
     verdict,
 )
 
@@ -49,7 +50,6 @@ GOALS = {
     "trained GEMM-eq": ("≤", 2.5),
     "trained max grad error": ("≤", 1e-4),
 }
-TRAINED_SCALE = 100.0
 
 
 def gemm_call(batch: int, dim: int, n_cols: int) -> Callable[[], None]:
@@ -67,37 +67,9 @@ def gemm_call(batch: int, dim: int, n_cols: int) -> Callable[[], None]:
     return run
 
 
-def trained_inputs(batch: int, dim: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Unit features: caption (cos ≈ 0.94) and paraphrase (≈ 0.91) near their image, negation (≈ 0.78) a
-    little farther, everything else random (cos ≈ ±1/√d): at τ = 100 the softmax is peaked."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def unit(x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(x, dim=-1)
-
-    def near(center: torch.Tensor, spread: float) -> torch.Tensor:
-        return unit(center + spread * unit(torch.randn(center.shape, generator=generator)))
-
-    image = unit(torch.randn(batch, dim, generator=generator))
-    features = {
-        "image": image,
-        "text": near(image, 0.35),
-        "paraphrase": near(image, 0.45)[:, None],
-        "negation": near(image, 0.8)[:, None],
-    }
-    inputs = {name: x.requires_grad_() for name, x in features.items()}
-    inputs["logit_scale"] = torch.tensor(TRAINED_SCALE, requires_grad=True)
-    return inputs
-
-
 def gradients(loss_fn: Callable[..., torch.Tensor], inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     forward_backward(loss_fn, inputs)
     return {name: x.grad.clone() for name, x in inputs.items()}
-
-
-def max_norm_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    expected = expected.double()
-    return float((actual.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
 
 
 def cpp_loss(grad_filter_eps: float | None) -> Callable[..., torch.Tensor]:

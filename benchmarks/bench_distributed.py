@@ -1,4 +1,4 @@
-"""Ring against gather, side by side in one run on 2 Gloo ranks (issue 15: ring within 1.15× of gather).
+"""Ring against gather, side by side in one run on 2 Gloo ranks (goal: ring within 1.15× of gather).
 
     python -m benchmarks.bench_distributed                      # local B = 2048, d = 128, one thread per rank
     python -m benchmarks.bench_distributed --batch 512 --repeats 3
@@ -104,7 +104,8 @@ def _free_port() -> int:
 
 def run(options: dict) -> dict[str, dict[str, float]]:
     """Spawn the 2-rank world, wait at most `options['deadline']` seconds, end every process."""
-    multiprocessing.get_context("forkserver").set_forkserver_preload(["torch", "semclip_kernels"])
+    # semclip_kernels.loss: `import semclip_kernels` alone loads the loss stack lazily, on first use
+    multiprocessing.get_context("forkserver").set_forkserver_preload(["torch", "semclip_kernels.loss"])
     with tempfile.TemporaryDirectory() as tmp:
         out_path = os.path.join(tmp, "result.json")
         context = mp.start_processes(

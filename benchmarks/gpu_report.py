@@ -33,8 +33,17 @@ import torch
 
 import semclip_kernels
 
-from .bench_cpu_kernel import max_norm_rel_err, trained_inputs
-from .measure import PeakMemory, Point, format_bytes, loss_function, make_inputs, median_seconds
+from .measure import (
+    PeakMemory,
+    Point,
+    available_methods,
+    format_bytes,
+    loss_function,
+    make_inputs,
+    max_norm_rel_err,
+    median_seconds,
+    trained_inputs,
+)
 
 TRITON_VARIANTS = ("triton", "triton-nofilter", "triton-tf32")
 REGIMES = ("random", "trained")
@@ -96,14 +105,6 @@ def method_call(method: str, dtype: str) -> Callable[..., torch.Tensor] | None:
 
         return triton_loss
     return loss_function(method)
-
-
-def available_methods() -> list[str]:
-    import importlib.util
-
-    methods = list(TRITON_VARIANTS) + ["torch", "reference"]
-    methods += [peer for peer in ("open_clip", "inf_cl") if importlib.util.find_spec(peer) is not None]
-    return methods
 
 
 def regime_inputs(regime: str, batch: int, dim: int, dtype: str, device: str, seed: int = 0) -> dict:
@@ -278,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick:
         args.dims, args.max_batch, args.repeats = [512], 16384, 3
-    methods = args.methods or available_methods()
+    methods = args.methods or available_methods("cuda", backends=(*TRITON_VARIANTS, "torch", "reference"))
     batches = [b for b in (args.min_batch << k for k in range(20)) if b <= args.max_batch]
     os.makedirs(args.out, exist_ok=True)
     env = environment()

@@ -32,7 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +41,7 @@ import torch.nn.functional as F
 import semclip_kernels
 
 LOGIT_SCALE = 1 / 0.07  # CLIP's initial temperature, already exponentiated
+TRAINED_SCALE = 100.0  # open_clip's cap on the temperature, where a trained model sits
 PEERS = ("open_clip", "inf_cl")  # losses a user would pick instead of ours
 RESULT_PREFIX = "RESULT "
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,11 +72,17 @@ class Point:
         return json.dumps(dataclasses.asdict(self))
 
 
-def available_methods(device: str) -> list[str]:
-    """Every semclip backend that runs on `device`, then the peers installed for it."""
-    methods = list(semclip_kernels.available_backends(device))
-    if torch.device(device).type != "cuda" and "triton" in methods:
-        methods.remove("triton")  # on CPU only Triton's interpreter runs it: a test tool, not a contender
+def available_methods(device: str, backends: Sequence[str] | None = None) -> list[str]:
+    """The methods to measure on `device`: semclip backends, then the peers installed for it.
+
+    `backends`: these, whether or not they run here (a report then shows why one fails instead of leaving it
+    out); by default, every backend that runs on `device`.
+    """
+    if backends is None:
+        backends = list(semclip_kernels.available_backends(device))
+        if torch.device(device).type != "cuda" and "triton" in backends:
+            backends.remove("triton")  # on CPU only Triton's interpreter runs it: a test tool, not a contender
+    methods = list(backends)
     if importlib.util.find_spec("open_clip") is not None:
         methods.append("open_clip")
     if torch.device(device).type == "cuda" and importlib.util.find_spec("inf_cl") is not None:
@@ -103,6 +110,34 @@ def make_inputs(point: Point) -> dict[str, torch.Tensor | None]:
         "negation": features(batch, point.n_negations) if point.n_negations else None,
         "logit_scale": torch.tensor(LOGIT_SCALE, device=point.device, requires_grad=True),
     }
+
+
+def trained_inputs(batch: int, dim: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Unit features: caption (cos ≈ 0.94) and paraphrase (≈ 0.91) near their image, negation (≈ 0.78) a
+    little farther, everything else random (cos ≈ ±1/√d): at τ = 100 the softmax is peaked."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def unit(x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=-1)
+
+    def near(center: torch.Tensor, spread: float) -> torch.Tensor:
+        return unit(center + spread * unit(torch.randn(center.shape, generator=generator)))
+
+    image = unit(torch.randn(batch, dim, generator=generator))
+    features = {
+        "image": image,
+        "text": near(image, 0.35),
+        "paraphrase": near(image, 0.45)[:, None],
+        "negation": near(image, 0.8)[:, None],
+    }
+    inputs = {name: x.requires_grad_() for name, x in features.items()}
+    inputs["logit_scale"] = torch.tensor(TRAINED_SCALE, requires_grad=True)
+    return inputs
+
+
+def max_norm_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    expected = expected.double()
+    return float((actual.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
 
 
 def open_clip_negclip_loss(image, text, logit_scale, paraphrase, negation) -> torch.Tensor:

@@ -71,8 +71,6 @@ def _check_extra(name: str, value: object, ref: torch.Tensor) -> torch.Tensor | 
             f"{name} must have shape [B, d] or [B, n, d] with B={batch}, d={dim} "
             f"(as image_features), got {list(value.shape)}"
         )
-    if value.shape[1] == 0:
-        return None
     return value
 
 
@@ -85,7 +83,7 @@ def _check_scale(logit_scale: object, ref: torch.Tensor) -> torch.Tensor:
             raise TypeError(f"logit_scale must be a floating-point tensor, got {logit_scale.dtype}")
         if logit_scale.device != ref.device:
             raise ValueError(f"logit_scale is on {logit_scale.device} but the features are on {ref.device}")
-        _check_finite_scale(logit_scale)
+        _check_finite_scale(logit_scale, statistics_dtype)
         return logit_scale.reshape(()).to(statistics_dtype)
     # Any real number: Python int/float, NumPy scalars (np.float32(10.0)), ... but not bool.
     if isinstance(logit_scale, bool) or not isinstance(logit_scale, numbers.Real):
@@ -95,11 +93,21 @@ def _check_scale(logit_scale: object, ref: torch.Tensor) -> torch.Tensor:
         )
     if not math.isfinite(float(logit_scale)):
         raise ValueError(f"logit_scale must be finite, got {logit_scale}")
+    if abs(float(logit_scale)) > torch.finfo(statistics_dtype).max:
+        raise ValueError(_overflow_message(float(logit_scale), statistics_dtype))
     return torch.tensor(float(logit_scale), dtype=statistics_dtype, device=ref.device)
 
 
-def _check_finite_scale(logit_scale: torch.Tensor) -> None:
-    """A non-finite tensor `logit_scale` is an error in eager mode.
+def _overflow_message(value: float, statistics_dtype: torch.dtype) -> str:
+    return (
+        f"logit_scale must be finite in {statistics_dtype} (the dtype of the loss's statistics for these "
+        f"features; at most {torch.finfo(statistics_dtype).max:.3g} in magnitude), got {value:g}"
+    )
+
+
+def _check_finite_scale(logit_scale: torch.Tensor, statistics_dtype: torch.dtype) -> None:
+    """A non-finite tensor `logit_scale`, or one that overflows the statistics' dtype (1e300 in float64
+    is inf in float32), is an error in eager mode.
 
     Reading the value synchronises with the device, which a compiled graph must not do: under
     `torch.compile` the check is skipped and a non-finite τ gives a NaN loss instead (every logit
@@ -107,8 +115,11 @@ def _check_finite_scale(logit_scale: torch.Tensor) -> None:
     """
     if torch.compiler.is_compiling() or logit_scale.device.type == "meta":
         return
-    if not bool(torch.isfinite(logit_scale.detach()).all()):
-        raise ValueError(f"logit_scale must be finite, got {logit_scale.detach().item()}")
+    value = logit_scale.detach()
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"logit_scale must be finite, got {value.item()}")
+    if not bool(torch.isfinite(value.to(statistics_dtype)).all()):
+        raise ValueError(_overflow_message(value.item(), statistics_dtype))
 
 
 def check_weight(name: str, value: object) -> float:
@@ -116,6 +127,12 @@ def check_weight(name: str, value: object) -> float:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got shape {list(value.shape)}")
+        if value.requires_grad:
+            # The loss reads its weights as numbers: a gradient meant for this tensor would be lost silently.
+            raise TypeError(
+                f"{name} is a tensor that requires grad, but the loss does not differentiate its weights; "
+                f"pass a float (or {name}.detach())"
+            )
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float >= 0, got {type(value).__name__}")
@@ -197,6 +214,9 @@ def check_inputs(
                 "all features must be on one device"
             )
     scale = _check_scale(logit_scale, image)
+    # `[B, 0, d]` (no extras, e.g. a text-tower output split with Pn = 0) is checked like any extra above,
+    # then means "absent".
+    paraphrase, negation = (None if t is None or t.shape[1] == 0 else t for t in (paraphrase, negation))
     return SemCLIPInputs(image, text, paraphrase, negation, scale)
 
 

@@ -279,7 +279,8 @@ def world(request, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp(f"world{world_size}")
     # A fork server that has imported torch once forks every rank: importing torch in each
     # fresh process is what makes spawning slow on a small machine.
-    multiprocessing.get_context("forkserver").set_forkserver_preload(["torch", "semclip_kernels", __name__])
+    # semclip_kernels.loss: `import semclip_kernels` alone loads the loss stack lazily, on first use
+    multiprocessing.get_context("forkserver").set_forkserver_preload(["torch", "semclip_kernels.loss", __name__])
     mp.start_processes(
         _worker, args=(world_size, _free_port(), str(out_dir)), nprocs=world_size, join=True,
         start_method="forkserver",

@@ -97,7 +97,8 @@ def _free_port() -> int:
 def outcomes(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("failures")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "semclip_kernels", __name__])
+    # semclip_kernels.loss: `import semclip_kernels` alone loads the loss stack lazily, on first use
+    context.set_forkserver_preload(["torch", "semclip_kernels.loss", __name__])
     processes = []
     try:
         for scenario in SCENARIOS:

@@ -33,7 +33,6 @@ from semclip_kernels.integrations.open_clip import (
     SemCLIPOptions,
     encode_text_groups,
     read_csv_triplets,
-    split_texts,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -348,12 +347,6 @@ def test_encode_text_groups_matches_separate_float64_passes():
             got = groups[key]
             assert torch.allclose(got.double().reshape(expected.shape), expected, atol=1e-5), key
     assert adjacent_views(groups["text_features"], groups["paraphrase_features"], groups["negation_features"])
-
-
-def test_split_texts_uses_the_spaced_separator():
-    assert split_texts("a || b ||c") == ("a", "b ||c")
-    assert split_texts("x||y") == ("x||y",)
-    assert split_texts(None) == ()
 
 
 def test_bad_rows_name_file_and_line(tmp_path):

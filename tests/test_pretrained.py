@@ -339,3 +339,15 @@ def test_synthetic_absence_clauses_do_not_tell_captions_from_negations():
     assert abs(captions - negation_rate) < 0.03, (captions, negation_rate)
     kinds = [k for i in items for k in i.negation_types]
     assert kinds.count("affirm") > 0.05 * len(kinds)  # true absence clauses are tested, not 8 of 3000
+
+
+def test_the_sugarcrepe_triplets_ship_with_the_repository():
+    import hashlib
+
+    from training.sugarcrepe import DEFAULT_PATH
+
+    triplets = load_triplets(DEFAULT_PATH)  # what the pretrained demo evaluates by default (empty texts raise)
+    assert len(triplets) == 4757
+    with open(DEFAULT_PATH, "rb") as f:  # unchanged from the release, as its README states
+        digest = hashlib.sha256(f.read()).hexdigest()
+    assert digest == "38696be245177f97ba6fd258a8aecd385aadf8fd431f04e9a67e4084aa9ebab8"

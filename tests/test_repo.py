@@ -87,3 +87,18 @@ def test_no_import_cycles(package):
 
     for key in sorted(graph):
         visit(key)
+
+
+def test_nothing_reads_outside_the_repository():
+    # Users have only the clone: data the code or tests need ships in it (training/evaluation_data/).
+    outside = ["..", "shared"]
+    patterns = ["/".join(outside), '"' + '", "'.join(outside) + '"']
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    offenders = []
+    for path in tracked:
+        if path == "tests/test_repo.py":  # these patterns themselves
+            continue
+        if path.endswith((".py", ".md", ".toml", ".cfg", ".txt", ".json", ".sh")) or path == ".ci/run":
+            text = read(path)
+            offenders += [f"{path}: {pattern}" for pattern in patterns if pattern in text]
+    assert not offenders, offenders

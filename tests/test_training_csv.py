@@ -13,7 +13,8 @@ from PIL import Image
 # training/ lives at the repository root and is not part of the installed package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from training.csv_data import BadRowsError, CsvTriplets, read_triplet_csv  # noqa: E402
+from semclip_kernels.triplets import BadRowsError, read_triplet_csv  # noqa: E402
+from training.csv_data import CsvTriplets, read_rows  # noqa: E402
 
 
 def write_png(path, color=(255, 0, 0)) -> None:
@@ -37,7 +38,7 @@ def test_csv_parsing_and_bad_rows(tmp_path, capsys):
         "img/b.png,a blue square,a blue box,\n",  # 9: no negation
         encoding="utf-8",
     )
-    rows = read_triplet_csv(str(csv_path), bad_rows="skip")
+    rows = read_rows(str(csv_path), bad_rows="skip")  # images checked with PIL
     report = capsys.readouterr().err
     assert [r.line for r in rows] == [2, 4]
     assert rows[0].paraphrases == ("a square that is red", "red box")
@@ -50,8 +51,11 @@ def test_csv_parsing_and_bad_rows(tmp_path, capsys):
     assert "skipped 5 bad row(s), kept 2" in report
 
     with pytest.raises(BadRowsError) as error:
-        read_triplet_csv(str(csv_path), bad_rows="error")
+        read_rows(str(csv_path), bad_rows="error")
     assert [line for line, _ in error.value.problems] == [3, 6, 7, 8, 9]
+    with pytest.raises(BadRowsError) as error:
+        read_triplet_csv(str(csv_path), bad_rows="error")  # images must exist, but are not opened
+    assert [line for line, _ in error.value.problems] == [3, 6, 8, 9]
 
     dataset = CsvTriplets(str(csv_path), transform=lambda im: torch.tensor(np.asarray(im)).permute(2, 0, 1))
     image, caption, paraphrases, negations = dataset[1]

@@ -143,3 +143,50 @@ def test_resume_of_a_finished_run_adds_no_second_final_evaluation(tmp_path):
     assert eval_steps(out) == [2]
     assert os.stat(out / "checkpoint.pt").st_mtime_ns == checkpoint_mtime
     assert json.loads((out / "metrics.json").read_text(encoding="utf-8"))["i2t_r1"] == metrics["i2t_r1"]
+
+
+def test_resume_refuses_a_checkpoint_trained_with_other_settings(tmp_path):
+    out = str(tmp_path / "run")
+    train(tiny_config(out), stop_after=2)
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    log = tmp_path / "run" / "metrics.jsonl"
+    saved_checkpoint, saved_log = checkpoint.read_bytes(), log.read_text()
+
+    # The case: a SemCLIP run resumed as CLIP with another batch size and seed continued silently.
+    with pytest.raises(ValueError) as error:
+        train(tiny_config(out, loss="clip", batch_size=4, seed=5), resume="auto")
+    message = str(error.value)
+    for expected in ("--loss 'semclip' (now 'clip')", "--batch-size 8 (now 4)", "--seed 0 (now 5)",
+                     "--resume-override loss,batch_size,seed"):
+        assert expected in message, message
+    assert "--lr" not in message  # only the settings that differ are named
+    assert checkpoint.read_bytes() == saved_checkpoint and log.read_text() == saved_log  # nothing touched
+
+    # Where the run writes, its backend and its logging cadence may change between launches.
+    assert train(tiny_config(out, log_every=2, backend="reference"), resume="auto")
+    assert load_checkpoint(str(checkpoint))["step"] == 3
+
+    # A finished run's checkpoint is checked too (it used to report its final evaluation whatever was asked).
+    with pytest.raises(ValueError, match=r"--steps 3 \(now 4\)"):
+        train(tiny_config(out, steps=4), resume="auto")
+    # Named in resume_override, a setting may differ: the run continues with the new value.
+    train(tiny_config(out, steps=4), resume="auto", resume_override=["steps"])
+    assert load_checkpoint(str(checkpoint))["step"] == 4
+    with pytest.raises(ValueError, match="--resume-override: colour not among the run-shaping settings"):
+        train(tiny_config(out, steps=4), resume="auto", resume_override=["colour"])
+
+
+def test_resume_override_on_the_command_line(tmp_path):
+    from training.train import main
+
+    out = str(tmp_path / "run")
+    common = ["--out", out, "--batch-size", "8", "--train-size", "20", "--val-size", "12", "--warmup", "1",
+              "--eval-every", "0", "--checkpoint-every", "0", "--synthetic-negations", "2", "--backend", "torch",
+              "--no-progress"]
+    main(common + ["--steps", "2"])
+    with pytest.raises(ValueError, match=r"--steps 2 \(now 3\)"):
+        main(common + ["--steps", "3", "--resume"])
+    assert main(common + ["--steps", "3", "--resume", "--resume-override", "steps"])
+    assert load_checkpoint(os.path.join(out, "checkpoint.pt"))["step"] == 3
+    with pytest.raises(ValueError, match="--resume-override goes with --resume"):
+        main(common + ["--steps", "3", "--resume-override", "steps"])

@@ -14,9 +14,10 @@ import time
 import pytest
 from fake_openai_server import FakeOpenAIServer, Reply
 
+from semclip_kernels.triplets import SEPARATOR, read_triplet_csv
+from training.paths import SUGARCREPE_PP_CSV
 from training.triplets.cli import main
 from training.triplets.llm import LLMGenerator, LLMSettings
-from training.triplets.pairs import COLUMNS, SEPARATOR
 from training.triplets.rules import (
     RulesGenerator,
     coordination_rule,
@@ -34,14 +35,11 @@ from training.triplets.rules import (
 from training.triplets.validate import word_key
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_CAPTIONS = os.path.join(REPO, "..", "shared", "data", "sugarcrepe_pp_triplets.csv")
 
 
-def shared_captions() -> list[str]:
-    if not os.path.isfile(SHARED_CAPTIONS):
-        pytest.fail(f"missing {os.path.normpath(SHARED_CAPTIONS)}: the real-caption tests need shared/data beside "
-                    "the repository (as CI has it)")
-    with open(SHARED_CAPTIONS, encoding="utf-8") as f:
+def real_captions() -> list[str]:
+    """The COCO captions of the SugarCrepe++ file that ships in training/evaluation_data/."""
+    with open(SUGARCREPE_PP_CSV, encoding="utf-8") as f:
         return [row["caption"] for row in csv.DictReader(f)]
 
 
@@ -107,7 +105,7 @@ def test_negation_rules_make_minimal_edits():
 
 
 def test_rules_on_real_captions_are_valid_deterministic_and_cover_most():
-    captions = shared_captions()[::10]  # every tenth of the 4,757 SugarCrepe++ COCO captions
+    captions = real_captions()[::10]  # every tenth of the 4,757 SugarCrepe++ COCO captions
     generator = RulesGenerator()
     covered = 0
     for caption in captions:
@@ -125,9 +123,6 @@ def test_rules_on_real_captions_are_valid_deterministic_and_cover_most():
 
 
 def test_rules_cli_writes_section6_triplets_readable_by_training(tmp_path):
-    from training import csv_data
-
-    assert COLUMNS == csv_data.COLUMNS and SEPARATOR == csv_data.SEPARATOR
     captions = ["A dog is sitting on a red couch.", "Two zebras standing in a field.",
                 "A man holding an umbrella in the rain."]
     write_pairs(tmp_path / "pairs.csv", captions)
@@ -140,7 +135,7 @@ def test_rules_cli_writes_section6_triplets_readable_by_training(tmp_path):
     for i in range(3):
         (tmp_path / "images").mkdir(exist_ok=True)
         (tmp_path / "images" / f"{i}.jpg").write_bytes(b"")
-    triplets = csv_data.read_triplet_csv(str(out), bad_rows="error", check_images=False)
+    triplets = read_triplet_csv(str(out), bad_rows="error")  # what training.train and open_clip_train read
     assert [len(t.paraphrases) for t in triplets] == [2, 2, 2] and [len(t.negations) for t in triplets] == [2, 2, 2]
     assert [os.path.normpath(t.image_path) for t in triplets] == [str(tmp_path / "images" / f"{i}.jpg")
                                                                   for i in range(3)]

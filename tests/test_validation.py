@@ -99,3 +99,46 @@ def test_explicit_unavailable_backend_raises_clearly_and_auto_never_fails(monkey
         assert resolve_backend("auto", torch.device("cpu")) == "torch"
     assert len(record) == 1  # said once, not on every call
     assert torch.isfinite(sk.semclip_loss(feats(B, D), feats(B, D), 10.0))
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,pattern",
+    [
+        # 1e300 is finite in float64 but inf in float32, the statistics' dtype of float32 features
+        (dict(scale=1e300), ValueError, r"logit_scale must be finite in torch.float32"),
+        (dict(scale=torch.tensor(-1e300, dtype=torch.float64)), ValueError, r"logit_scale must be finite in"),
+        # an empty extra is "absent", but its dtype and device are checked like any other
+        (dict(para=feats(B, 0, D, dtype=torch.float16)), TypeError, r"paraphrase_features has dtype torch.float16"),
+        (dict(neg=feats(B, 0, D, dtype=torch.bfloat16)), TypeError, r"negation_features has dtype"),
+        (dict(paraphrase_weight=torch.tensor(1.0, requires_grad=True)), TypeError, r"paraphrase_weight is a tensor"),
+        (dict(hard_negative_weight=torch.tensor(0.5, requires_grad=True)), TypeError, r"hard_negative_weight is a"),
+        (dict(block_rows=True), TypeError, r"block_rows must be a positive int"),
+        (dict(block_cols=4.0), TypeError, r"block_cols must be a positive int"),
+        (dict(grad_filter_eps="x"), TypeError, r"grad_filter_eps must be a float"),
+        (dict(grad_filter_eps=True), TypeError, r"grad_filter_eps must be a float"),
+        (dict(grad_filter_eps=float("nan")), ValueError, r"grad_filter_eps must be in \[0, 1\)"),
+    ],
+)
+def test_inputs_that_used_to_pass_are_named(kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        call(**kwargs)
+
+
+def test_float64_features_accept_a_large_finite_scale():
+    """The overflow check is against the statistics' dtype: float64 features keep float64 statistics."""
+    image = feats(B, D, dtype=torch.float64)
+    loss = sk.semclip_loss(image, feats(B, D, dtype=torch.float64), 1e30, backend="reference")  # inf in float32
+    assert loss.dtype == torch.float64 and torch.isfinite(loss)
+
+
+def test_empty_extras_mean_absent():
+    image, text = feats(B, D), feats(B, D)
+    plain = call(image=image, text=text)
+    assert torch.equal(call(image=image, text=text, para=feats(B, 0, D), neg=feats(B, 0, D)), plain)
+
+
+def test_numpy_integer_tiles_are_accepted():
+    import numpy as np
+
+    loss = sk.semclip_loss(feats(B, D), feats(B, D), 10.0, backend="torch", block_rows=np.int64(2), block_cols=3)
+    assert torch.isfinite(loss)

@@ -7,7 +7,7 @@ the other for them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from torch.utils.data import Dataset
 
@@ -53,6 +53,18 @@ class TrainConfig:
     eval_every: int = 100
     checkpoint_every: int = 100
     progress: bool = True
+
+
+# Settings that may change between the launches of one run (`--resume`): where it writes, which backend
+# computes the same loss, threads, and how often it logs, evaluates and checkpoints. Every other setting
+# shapes the run (data, model, objective, optimisation, schedule, seed): `--resume` refuses a checkpoint
+# trained with other values (training/train.py, `check_resume_settings`); a new field is checked by default.
+RESUMABLE_CHANGES = ("out", "backend", "threads", "log_every", "eval_every", "checkpoint_every", "progress")
+
+
+def run_shaping_settings() -> tuple[str, ...]:
+    """The `TrainConfig` fields that a resumed run must share with its checkpoint."""
+    return tuple(f.name for f in fields(TrainConfig) if f.name not in RESUMABLE_CHANGES)
 
 
 def build_model_for(config: TrainConfig) -> ModelBundle:

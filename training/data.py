@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from semclip_kernels.triplets import batch_texts
+
 
 def epoch_order(seed: int, epoch: int, size: int) -> np.ndarray:
     return np.random.default_rng([seed, 1_000_003, epoch]).permutation(size)
@@ -27,11 +29,6 @@ def batch_indices(seed: int, step: int, batch_size: int, size: int) -> tuple[int
     epoch, position = divmod(step, batches_per_epoch)
     order = epoch_order(seed, epoch, size)
     return epoch, order[position * batch_size : (position + 1) * batch_size]
-
-
-def pick(texts: list[str], count: int, rotation: int) -> list[str]:
-    """`count` of an item's texts, cycling from `rotation` (so successive epochs see different ones)."""
-    return [texts[(rotation + k) % len(texts)] for k in range(count)]
 
 
 class CachedTokenizer:
@@ -53,7 +50,7 @@ class CachedTokenizer:
 @dataclass
 class TextBatch:
     images: torch.Tensor  # [B, 3, H, W]
-    tokens: torch.Tensor  # [B·(1 + Pn + Mn), context]: captions, then paraphrases, then negations (item-major)
+    tokens: torch.Tensor  # [B·(1 + Pn + Mn), context], in `semclip_kernels.triplets.batch_texts` order
     n_paraphrases: int
     n_negations: int
 
@@ -63,10 +60,6 @@ def collate(
 ) -> TextBatch:
     """Load `indices` and tokenize their texts in one call (captions, paraphrases, negations)."""
     items = [dataset[int(i)] for i in indices]
-    images = torch.stack([image for image, _, _, _ in items])
-    texts = [caption for _, caption, _, _ in items]
-    for _, _, paraphrases, _ in items:
-        texts.extend(pick(paraphrases, n_paraphrases, rotation))
-    for _, _, _, negations in items:
-        texts.extend(pick(negations, n_negations, rotation))
-    return TextBatch(images, tokenizer(texts), n_paraphrases, n_negations)
+    images, captions, paraphrases, negations = zip(*items, strict=True)
+    texts = batch_texts(captions, paraphrases, negations, n_paraphrases, n_negations, rotation)
+    return TextBatch(torch.stack(images), tokenizer(texts), n_paraphrases, n_negations)

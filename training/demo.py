@@ -18,7 +18,7 @@ import os
 import sys
 import time
 
-from .checkpoint import atomic_write_text
+from .atomic_files import atomic_write_text
 from .config import TrainConfig
 from .evaluate import format_table
 from .plots import plot_runs

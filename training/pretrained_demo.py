@@ -40,9 +40,11 @@ from torch import nn
 from tqdm import tqdm
 
 from semclip_kernels import SemCLIPLoss
+from semclip_kernels.triplets import batch_texts, text_views
 
-from .checkpoint import atomic_save, atomic_write_text
-from .data import batch_indices, pick
+from .atomic_files import atomic_write_text
+from .checkpoint import atomic_save
+from .data import batch_indices
 from .evaluate import negation_accuracy, paraphrase_recall_at_1, recall_at_k
 from .paper_loss import PaperLoss
 from .pretrained import (
@@ -60,6 +62,7 @@ from .pretrained import (
 from .sugarcrepe import DEFAULT_PATH as SUGARCREPE_PATH
 from .sugarcrepe import load_triplets, sample_triplets, text_only_accuracy
 from .synthetic import ABSENCE_PROB, SyntheticTriplets
+from .train import warmup_cosine
 
 OBJECTIVES = ("clip", "paper", "semclip")
 HEADLINE = ["negation_accuracy", "i2t_r1", "t2i_r1", "paraphrase_r1", "sugarcrepe_pp_text_accuracy",
@@ -213,23 +216,14 @@ def optimizer_for(model: PretrainedDualEncoder, config: PretrainedDemoConfig) ->
                              betas=(0.9, 0.98), eps=1e-6)
 
 
-def lr_factor(warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-    return factor
-
-
 def train_objective(
     objective: str, config: PretrainedDemoConfig, towers: Towers, features: Features
 ) -> tuple[PretrainedDualEncoder, list[dict]]:
     model = make_model(config, towers, features)
     loss_fn = make_loss(objective, config)
     optimizer = optimizer_for(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.warmup, config.steps))
-    extras = objective != "clip"
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup, config.steps))
+    extras = int(objective != "clip")  # one paraphrase and one negation per image, or none
     train_set, states = features.train_set, features.model_states
     log: list[dict] = []
     model.train()
@@ -237,17 +231,11 @@ def train_objective(
                file=sys.stdout)
     for step in bar:
         epoch, indices = batch_indices(config.seed, step, config.batch_size, len(train_set))
-        texts = [train_set.captions[i] for i in indices]
-        if extras:
-            texts += [t for i in indices for t in pick(train_set.paraphrases[i], 1, epoch)]
-            texts += [t for i in indices for t in pick(train_set.negations[i], 1, epoch)]
+        texts = batch_texts([train_set.captions[i] for i in indices], [train_set.paraphrases[i] for i in indices],
+                            [train_set.negations[i] for i in indices], extras, extras, epoch)
         hidden, mask = states.batch(texts)
-        text = model.encode_text(hidden, mask)
+        caption, paraphrase, negation = text_views(model.encode_text(hidden, mask), len(indices), extras, extras)
         image = model.encode_image(features.train_images[torch.as_tensor(indices)])
-        size = len(indices)
-        caption = text[:size]
-        paraphrase = text[size : 2 * size] if extras else None
-        negation = text[2 * size :] if extras else None
         loss = loss_fn(image, caption, model.logit_scale.exp(), paraphrase_features=paraphrase,
                        negation_features=negation)
         optimizer.zero_grad(set_to_none=True)
@@ -469,7 +457,7 @@ def run(config: PretrainedDemoConfig, towers: Towers | None = None) -> dict[str,
 
 
 def summarize(rows: dict[str, dict[str, float]]) -> list[str]:
-    """The goal checks of issue 13, in words."""
+    """The demo's goal checks against CLIP, in words."""
     if "semclip" not in rows or "clip" not in rows:
         return []
     s, c = rows["semclip"], rows["clip"]

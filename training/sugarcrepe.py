@@ -1,8 +1,8 @@
 """SugarCrepe++ text-only accuracy: real captions, their paraphrases and minimal meaning-changing edits.
 
-Evaluation only (never training data). The file is `../shared/data/sugarcrepe_pp_triplets.csv`
-relative to the repository root, columns `filename, caption, paraphrased, negation`
-(see that folder's README for its origin and licences).
+Evaluation only (never training data). The file ships with the repository:
+`training/evaluation_data/sugarcrepe_pp_triplets.csv`, columns `filename, caption, paraphrased, negation`
+(its README there states its origin and licences).
 
 A triplet counts as correct when, on L2-normalised text embeddings, the caption is closer to
 its paraphrase than to its negation AND the paraphrase is closer to the caption than to the
@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_PATH = os.path.join(REPO_ROOT, "..", "shared", "data", "sugarcrepe_pp_triplets.csv")
+from .paths import SUGARCREPE_PP_CSV
+
+DEFAULT_PATH = SUGARCREPE_PP_CSV
 COLUMNS = ("caption", "paraphrased", "negation")
 
 

@@ -25,6 +25,7 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 
@@ -34,17 +35,12 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from semclip_kernels import SemCLIPLoss
+from semclip_kernels import BACKENDS, SemCLIPLoss
+from semclip_kernels.triplets import BAD_ROWS, text_views
 
-from .checkpoint import (
-    atomic_save,
-    atomic_write_text,
-    load_checkpoint,
-    remove_orphaned_temporaries,
-    rng_state,
-    set_rng_state,
-)
-from .config import TrainConfig, build_datasets, build_model_for
+from .atomic_files import atomic_write_text, remove_orphaned_temporaries
+from .checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
+from .config import TrainConfig, build_datasets, build_model_for, run_shaping_settings
 from .data import CachedTokenizer, TextBatch, batch_indices, collate
 from .evaluate import evaluate, format_table
 from .model import unwrap
@@ -52,21 +48,28 @@ from .paper_loss import PaperLoss
 from .plots import plot_runs
 
 
+def flag(setting: str) -> str:
+    """The command-line flag of a `TrainConfig` field."""
+    return "--" + setting.replace("_", "-")
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    choices = {"data": ("synthetic", "csv"), "bad_rows": ("skip", "error"), "loss": ("semclip", "clip", "paper"),
+    choices = {"data": ("synthetic", "csv"), "bad_rows": BAD_ROWS, "loss": ("semclip", "clip", "paper"),
                "precision": ("fp32", "bf16"),
-               "backend": ("auto", "triton", "cpp", "torch", "reference")}
+               "backend": BACKENDS}
     for field in dataclasses.fields(TrainConfig):
-        flag = "--" + field.name.replace("_", "-")
         if field.name == "progress":
             parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
             continue
         kind = {"int": int, "float": float}.get(str(field.type).split(" ")[0], str)
-        parser.add_argument(flag, type=kind, default=field.default, choices=choices.get(field.name),
+        parser.add_argument(flag(field.name), type=kind, default=field.default, choices=choices.get(field.name),
                             help=f"default: {field.default}")
     parser.add_argument("--resume", nargs="?", const="auto", default=None,
                         help="continue from OUT/checkpoint.pt (or the given checkpoint) exactly where it stopped")
+    parser.add_argument("--resume-override", default="", metavar="SETTING[,SETTING...]",
+                        help="with --resume: settings (e.g. steps,lr) that may differ from the checkpoint's; the "
+                             "run continues with the new values (by default a difference is an error)")
     parser.add_argument("--stop-after", type=int, default=None,
                         help="exit after this many steps (as if pre-empted); resume later with --resume")
     args = parser.parse_args(argv)
@@ -139,11 +142,7 @@ def features_of(model: nn.Module, batch: TextBatch, autocast) -> tuple[torch.Ten
         image, text, logit_scale = out[0], out[1], out[2]
     # The loss wants one dtype; autocast may leave the towers' outputs in different ones.
     text = text.to(image.dtype)
-    size = image.shape[0]
-    caption = text[:size]
-    n_para, n_neg = batch.n_paraphrases, batch.n_negations
-    paraphrase = text[size : size * (1 + n_para)].view(size, n_para, -1) if n_para else None
-    negation = text[size * (1 + n_para) :].view(size, n_neg, -1) if n_neg else None
+    caption, paraphrase, negation = text_views(text, image.shape[0], batch.n_paraphrases, batch.n_negations)
     return image, caption, paraphrase, negation, logit_scale
 
 
@@ -223,8 +222,9 @@ class StepResult:
     grad_norm: torch.Tensor  # before clipping
 
 
-def setup_run(config: TrainConfig, resume: str | None) -> TrainingRun:
-    """Build the model, data, optimizer and loss; restore the checkpoint on `resume`; wrap DDP under torchrun."""
+def setup_run(config: TrainConfig, resume: str | None, resume_override: Sequence[str] = ()) -> TrainingRun:
+    """Build the model, data, optimizer and loss; restore the checkpoint on `resume` (`resume_override`: settings
+    that may differ from the checkpoint's); wrap DDP under torchrun."""
     world = init_distributed()
     if config.threads > 0:
         torch.set_num_threads(config.threads)
@@ -253,10 +253,39 @@ def setup_run(config: TrainConfig, resume: str | None) -> TrainingRun:
                       scheduler, loss_fn)
     if world.is_main:
         remove_interrupted_writes(run)
-    restore(run, resume)
+    restore(run, resume, resume_override)
     if world.world_size > 1:  # after restoring: every rank loads the same checkpoint before DDP's broadcast
         run.model = nn.parallel.DistributedDataParallel(run.model)
     return run
+
+
+def check_resume_override(override: Sequence[str]) -> None:
+    shaping = run_shaping_settings()
+    unknown = [name for name in override if name not in shaping]
+    if unknown:
+        raise ValueError(f"--resume-override: {', '.join(unknown)} not among the run-shaping settings "
+                         f"{', '.join(shaping)}")
+
+
+def check_resume_settings(saved: dict | None, config: TrainConfig, path: str, override: Sequence[str] = ()) -> None:
+    """Refuse to resume from a checkpoint trained with other run-shaping settings (config.run_shaping_settings).
+
+    `override`: settings allowed to differ (the run continues with `config`'s values). Raises ValueError naming
+    every differing setting with both values.
+    """
+    shaping = run_shaping_settings()
+    if saved is None:
+        raise ValueError(f"--resume {path}: the checkpoint records no settings (not written by training.train)")
+    # A setting the checkpoint lacks was added after it was written: it ran with that setting's default.
+    saved = {**asdict(TrainConfig()), **saved}
+    differing = [(name, saved[name], getattr(config, name)) for name in shaping
+                 if name not in override and saved[name] != getattr(config, name)]
+    if differing:
+        listing = ", ".join(f"{flag(name)} {old!r} (now {new!r})" for name, old, new in differing)
+        names = ",".join(name for name, _, _ in differing)
+        raise ValueError(f"--resume {path}: the checkpoint was trained with other settings: {listing}. Resume "
+                         f"with the checkpoint's settings, write to another --out, or pass --resume-override {names} "
+                         "to continue with the new values")
 
 
 def remove_interrupted_writes(run: TrainingRun) -> None:
@@ -266,12 +295,14 @@ def remove_interrupted_writes(run: TrainingRun) -> None:
             print(f"removed {orphan}: the temporary file of a write that was killed", file=sys.stderr)
 
 
-def restore(run: TrainingRun, resume: str | None) -> None:
+def restore(run: TrainingRun, resume: str | None, override: Sequence[str] = ()) -> None:
     """Load model, optimizer, scheduler, RNG states and step from the checkpoint (`resume`), else start a fresh log.
 
     `--resume` (`"auto"`) before the run's first checkpoint exists starts fresh, so a scheduler may pass it on
-    every launch; an explicit checkpoint path that does not exist is an error (a typo must not restart a run).
+    every launch; an explicit checkpoint path that does not exist is an error (a typo must not restart a run),
+    and so is a checkpoint trained with other run-shaping settings (`check_resume_settings`), finished or not.
     """
+    check_resume_override(override)
     path = run.checkpoint_path if resume == "auto" else resume
     if path is not None and not os.path.exists(path):
         if os.path.abspath(path) != os.path.abspath(run.checkpoint_path):
@@ -284,6 +315,7 @@ def restore(run: TrainingRun, resume: str | None) -> None:
             os.unlink(run.metrics_path)  # a fresh run owns its log
         return
     state = load_checkpoint(path)
+    check_resume_settings(state.get("config"), run.config, path, override)
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
@@ -418,9 +450,14 @@ def finish(run: TrainingRun) -> dict:
     return final
 
 
-def train(config: TrainConfig, resume: str | None = None, stop_after: int | None = None) -> dict:
-    """Train per `config`; returns the final metrics (or {} when stopped early by `stop_after`)."""
-    run = setup_run(config, resume)
+def train(config: TrainConfig, resume: str | None = None, stop_after: int | None = None,
+          resume_override: Sequence[str] = ()) -> dict:
+    """Train per `config`; returns the final metrics (or {} when stopped early by `stop_after`).
+
+    `resume`: a checkpoint path, or `"auto"` for OUT/checkpoint.pt; `resume_override`: run-shaping settings that
+    may differ from the checkpoint's (see `check_resume_settings`).
+    """
+    run = setup_run(config, resume, resume_override)
     end_step = config.steps if stop_after is None else min(config.steps, stop_after)
     run_steps(run, end_step)
     if end_step < config.steps:  # stopped early: leave a checkpoint to resume from
@@ -431,7 +468,10 @@ def train(config: TrainConfig, resume: str | None = None, stop_after: int | None
 
 def main(argv: list[str] | None = None) -> dict:
     config, args = parse_args(argv)
-    final = train(config, resume=args.resume, stop_after=args.stop_after)
+    override = [name.strip().replace("-", "_") for name in args.resume_override.split(",") if name.strip()]
+    if override and args.resume is None:
+        raise ValueError("--resume-override goes with --resume")
+    final = train(config, resume=args.resume, stop_after=args.stop_after, resume_override=override)
     if final:
         print(format_table({config.loss: final}))
     return final

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -30,11 +31,22 @@ class PartitionOptions:
     def __post_init__(self) -> None:
         for name in ("block_rows", "block_cols"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
+            if value is None:
+                continue
+            # bool is an int subclass: block_rows=True must not silently mean a 1-row tile.
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} must be a positive int or None, got {type(value).__name__} {value!r}")
+            if value < 1:
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+            object.__setattr__(self, name, int(value))  # NumPy integers become plain ints, once
         eps = self.grad_filter_eps
-        if eps is not None and not (0.0 <= eps < 1.0):
+        if eps is None:
+            return
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+            raise TypeError(f"grad_filter_eps must be a float in [0, 1) or None, got {type(eps).__name__} {eps!r}")
+        if not (0.0 <= eps < 1.0):  # NaN fails the comparison too
             raise ValueError(f"grad_filter_eps must be in [0, 1) or None, got {eps!r}")
+        object.__setattr__(self, "grad_filter_eps", float(eps))
 
 
 def default_grad_filter_eps(n_rows: int, n_cols: int, dtype: torch.dtype) -> float:

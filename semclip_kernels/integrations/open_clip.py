@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import csv
 import dataclasses
 import functools
 import json
@@ -41,9 +40,8 @@ from torch.utils.data import DataLoader, Dataset
 from ..backends import BACKENDS
 from ..distributed import MODES as DISTRIBUTED_MODES
 from ..loss import SemCLIPLoss
+from ..triplets import MissingColumnsError, TripletColumns, TripletRow, batch_texts, read_triplet_csv, text_views
 from ..validation import check_weight
-
-SEPARATOR = " || "  # docs/contract.md §6: space, two bars, space; a bare "||" inside a text is text
 
 logger = logging.getLogger(__name__)
 
@@ -93,28 +91,6 @@ class SemCLIPOptions:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class CsvTriplet:
-    line: int  # 1-based line where the row starts
-    image_path: str
-    caption: str
-    paraphrases: tuple[str, ...]
-    negations: tuple[str, ...]
-
-
-def split_texts(cell: str | None) -> tuple[str, ...]:
-    """The texts of one cell, separated by ` || ` (a bare `||` without the spaces is text)."""
-    if cell is None:
-        return ()
-    return tuple(part.strip() for part in cell.split(SEPARATOR) if part.strip())
-
-
-def pick(texts: Sequence[str], count: int, rotation: int) -> list[str]:
-    """`count` of a row's texts starting at `rotation` and cycling: epoch `e` uses rotation `e`, so a
-    row with more texts than `count` shows different ones in successive epochs (as training/ does)."""
-    return [texts[(rotation + k) % len(texts)] for k in range(count)]
-
-
 def read_csv_triplets(
     path: str,
     img_key: str,
@@ -122,62 +98,29 @@ def read_csv_triplets(
     paraphrase_key: str | None,
     negation_key: str | None,
     sep: str = "\t",
-) -> list[CsvTriplet]:
-    """Read an open_clip-style CSV with extra paraphrase/negation columns.
+) -> list[TripletRow]:
+    """Read an open_clip-style CSV with extra paraphrase/negation columns (`semclip_kernels.triplets`).
 
-    Columns are chosen by the open_clip flags (`--csv-img-key`, `--csv-caption-key`,
-    `--csv-separator`) plus ours. The file is UTF-8 (a byte-order mark is tolerated); image paths are
-    absolute or relative to the CSV's folder (docs/contract.md §6). Every row that cannot be used is reported
-    with the file and line, all at once, before training starts.
+    Columns are chosen by the open_clip flags (`--csv-img-key`, `--csv-caption-key`, `--csv-separator`) plus
+    ours; a key of None leaves that column unread. Every row that cannot be used is reported with the file and
+    line, all at once, before training starts (`BadRowsError`); a missing column names its flag.
     """
     if len(sep) != 1:
         raise ValueError(f"--csv-separator must be one character for a SemCLIP CSV, got {sep!r}")
-    folder = os.path.dirname(os.path.abspath(path))
-    rows: list[CsvTriplet] = []
-    problems: list[str] = []
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f, delimiter=sep)
-        header = list(reader.fieldnames or [])
-        for flag, key in (("--csv-img-key", img_key), ("--csv-caption-key", caption_key),
-                          ("--csv-paraphrase-key", paraphrase_key), ("--csv-negation-key", negation_key)):
-            if key is not None and key not in header:
-                raise ValueError(f"{path}: no column {key!r} ({flag}); the columns are {header}")
-        previous_end = reader.line_num
-        for record in reader:
-            line = previous_end + 1  # a quoted field may span lines: report where the row starts
-            previous_end = reader.line_num
-            where = f"{path}:{line}"
-            if None in record or None in record.values():
-                problems.append(f"{where}: wrong number of fields")
-                continue
-            image = record[img_key].strip()
-            caption = record[caption_key].strip()
-            paraphrases = split_texts(record[paraphrase_key]) if paraphrase_key else ()
-            negations = split_texts(record[negation_key]) if negation_key else ()
-            image_path = os.path.join(folder, image)  # an absolute path stays as it is
-            if not image:
-                problems.append(f"{where}: empty image path ({img_key})")
-            elif not os.path.isfile(image_path):
-                problems.append(f"{where}: missing image {image_path}")
-            if not caption:
-                problems.append(f"{where}: empty caption ({caption_key})")
-            if paraphrase_key and not paraphrases:
-                problems.append(f"{where}: no paraphrase ({paraphrase_key})")
-            if negation_key and not negations:
-                problems.append(f"{where}: no negation ({negation_key})")
-            rows.append(CsvTriplet(line, image_path, caption, paraphrases, negations))
-    if problems:
-        raise ValueError(f"{len(problems)} bad row(s) in {path}:\n" + "\n".join(problems))
-    if not rows:
-        raise ValueError(f"{path}: no rows")
-    return rows
+    columns = TripletColumns(img_key, caption_key, paraphrase_key, negation_key)
+    try:
+        return read_triplet_csv(path, columns, delimiter=sep, bad_rows="error")
+    except MissingColumnsError as error:
+        flags = {"filepath": "--csv-img-key", "caption": "--csv-caption-key", "paraphrase": "--csv-paraphrase-key",
+                 "negation": "--csv-negation-key"}
+        raise ValueError(f"{error} (see {', '.join(flags[role] for role in error.missing)})") from error
 
 
 class CsvTripletTokens(Dataset):
     """Items `(image [3, H, W], tokens [1 + Pn + Mn, L])`: caption, paraphrases, negations of one image.
 
     Args:
-        rows: from `read_csv_triplets`.
+        rows: from `read_csv_triplets` (or `semclip_kernels.triplets.read_triplet_csv`).
         transform: open_clip's image transform (applied to the PIL image as open_clip's CsvDataset does).
         tokenizer: open_clip's tokenizer (`open_clip.get_tokenizer(model)`).
         n_paraphrases, n_negations: texts per image of each kind in a batch (`Pn`, `Mn`).
@@ -187,7 +130,7 @@ class CsvTripletTokens(Dataset):
 
     def __init__(
         self,
-        rows: Sequence[CsvTriplet],
+        rows: Sequence[TripletRow],
         transform: Callable[[Any], torch.Tensor],
         tokenizer: Callable[[list[str]], torch.Tensor],
         n_paraphrases: int,
@@ -207,8 +150,8 @@ class CsvTripletTokens(Dataset):
     def texts(self, index: int, epoch: int) -> list[str]:
         """`[caption, paraphrases…, negations…]` of row `index` in epoch `epoch`."""
         row = self.rows[index]
-        return ([row.caption] + pick(row.paraphrases, self.n_paraphrases, epoch)
-                + pick(row.negations, self.n_negations, epoch))
+        return batch_texts([row.caption], [row.paraphrases], [row.negations], self.n_paraphrases, self.n_negations,
+                           epoch)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         from PIL import Image
@@ -276,23 +219,6 @@ def get_data(args: Any, preprocess_fns: tuple, epoch: int = 0, tokenizer: Callab
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def split_text_groups(features: torch.Tensor, batch: int, n_paraphrases: int,
-                      n_negations: int) -> dict[str, torch.Tensor]:
-    """Views of a `[B·(1 + Pn + Mn), d]` text-tower output laid out `[captions; paraphrases; negations]`.
-
-    The three blocks are adjacent views of one buffer: one text-tower pass, its output already in the
-    loss's `[T; P; N]` column order (the loss reads the blocks in place, docs/backends.md).
-    """
-    dim = features.shape[-1]
-    end_para = batch * (1 + n_paraphrases)
-    out = {"text_features": features[:batch]}
-    if n_paraphrases:
-        out["paraphrase_features"] = features[batch:end_para].view(batch, n_paraphrases, dim)
-    if n_negations:
-        out["negation_features"] = features[end_para:].view(batch, n_negations, dim)
-    return out
-
-
 def encode_text_groups(model: nn.Module, text: torch.Tensor, n_paraphrases: int,
                        normalize: bool = True) -> dict[str, torch.Tensor]:
     """Encode `text [B, 1 + Pn + Mn, L]` (per image: caption, paraphrases, negations) in one pass.
@@ -311,7 +237,13 @@ def encode_text_groups(model: nn.Module, text: torch.Tensor, n_paraphrases: int,
     tokens = torch.cat([text[:, 0], text[:, 1:1 + n_paraphrases].reshape(-1, length),
                         text[:, 1 + n_paraphrases:].reshape(-1, length)])
     features = model.encode_text(tokens, normalize=normalize)
-    return split_text_groups(features, batch, n_paraphrases, n_negations)
+    captions, paraphrases, negations = text_views(features, batch, n_paraphrases, n_negations)
+    out = {"text_features": captions}  # the three are views of one buffer: the loss uses it in place
+    if paraphrases is not None:
+        out["paraphrase_features"] = paraphrases
+    if negations is not None:
+        out["negation_features"] = negations
+    return out
 
 
 def semclip_forward(model: nn.Module, image: torch.Tensor | None = None, text: torch.Tensor | None = None, *,

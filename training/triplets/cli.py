@@ -25,9 +25,11 @@ from typing import TextIO
 
 from tqdm import tqdm
 
+from semclip_kernels.triplets import COLUMNS, join_cell
+
 from .cache import AnswerCache, cache_key
 from .llm import FatalLLMError, LLMGenerator, LLMSettings, Outcome
-from .pairs import COLUMNS, FAILED_COLUMNS, InputError, PairRow, atomic_write_csv, join_texts, read_pairs
+from .pairs import FAILED_COLUMNS, InputError, PairRow, atomic_write_csv, read_pairs
 from .rules import RulesGenerator
 
 
@@ -209,7 +211,7 @@ def run(args: argparse.Namespace, report: TextIO | None = None) -> Summary:
     for row in rows:
         if row.caption in results:
             paraphrases, negations = results[row.caption]
-            output_rows.append((row.filepath, row.caption, join_texts(paraphrases), join_texts(negations)))
+            output_rows.append((row.filepath, row.caption, join_cell(paraphrases), join_cell(negations)))
         else:
             summary.failed_rows.append((row, summary.failed.get(row.caption, "not generated")))
     atomic_write_csv(args.output, COLUMNS, output_rows)

@@ -1,6 +1,6 @@
 """How much of a caption set the rules generator covers, and with which rules (the figures of docs/triplets.md).
 
-    python -m training.triplets.measure                    # ../shared/data/sugarcrepe_pp_triplets.csv
+    python -m training.triplets.measure                    # training/evaluation_data/sugarcrepe_pp_triplets.csv
     python -m training.triplets.measure --input pairs.csv --caption-key caption --examples 20
 
 Prints Markdown: for each (paraphrases, negations) count, the share of distinct captions that get
@@ -11,16 +11,13 @@ random sample of captions with their texts, for reading.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import sys
 from collections import Counter
 
+from ..paths import SUGARCREPE_PP_CSV
 from .pairs import read_pairs
 from .rules import RulesGenerator, negation_candidates, paraphrase_candidates
-
-DEFAULT_INPUT = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data",
-                             "sugarcrepe_pp_triplets.csv")
 
 
 def rule_of(text: str, candidates: list[tuple[str, str]]) -> str:
@@ -65,7 +62,7 @@ def measure(captions: list[str], counts: list[tuple[int, int]], examples: int, s
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.triplets.measure", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", default=os.path.normpath(DEFAULT_INPUT))
+    parser.add_argument("--input", default=SUGARCREPE_PP_CSV)
     parser.add_argument("--img-key", default="filename")
     parser.add_argument("--caption-key", default="caption")
     parser.add_argument("--separator", default=None)

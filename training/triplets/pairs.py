@@ -1,4 +1,4 @@
-"""Reading (image, caption) CSV/TSV files and writing triplet CSVs (docs/contract.md §6), atomically.
+"""Reading (image, caption) CSV/TSV files and writing CSVs atomically (the triplet format: semclip_kernels.triplets).
 
 Input is open_clip-style: a header row, one column with the image path (`--img-key`, default
 `filepath`) and one with the caption (`--caption-key`, default `caption`), any other columns ignored,
@@ -12,14 +12,12 @@ from __future__ import annotations
 import csv
 import io
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TextIO
 
-# The triplet format, as training/csv_data.py reads it (kept torch-free here so that this text tool
-# starts in a fraction of a second; tests/test_triplets.py checks both stay the same).
-COLUMNS = ("filepath", "caption", "paraphrase", "negation")
-SEPARATOR = " || "
+from ..atomic_files import atomic_write
+
 FAILED_COLUMNS = ("line", "filepath", "caption", "reason")
 
 
@@ -124,24 +122,12 @@ def read_pairs(path: str, img_key: str = "filepath", caption_key: str = "caption
     return rows, problems
 
 
-def join_texts(texts: Sequence[str]) -> str:
-    return SEPARATOR.join(texts)
-
-
 def atomic_write_csv(path: str, header: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
-    """Write a UTF-8 CSV that appears complete or not at all: temp file in the same folder, fsync, os.replace."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix=".tmp_" + os.path.basename(path), dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(header)
-            writer.writerows(rows)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.unlink(tmp_path)
-        raise
+    """Write a UTF-8 CSV that appears complete or not at all (training/atomic_files.py)."""
+
+    def write(f: TextIO) -> None:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+
+    atomic_write(path, "w", write, newline="")

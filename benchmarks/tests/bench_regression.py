@@ -1,10 +1,11 @@
 """pytest-benchmark suite: forward+backward time of the main configurations, for regression tracking.
 
-Not part of the normal test command (`python -m pytest tests` does not collect benchmarks/).
+Not part of the test command: pytest collects `test_*.py` files, and this one is named so that only an
+explicit path runs it (timings mean something only against a baseline recorded on the same machine).
 
-    python -m pytest benchmarks/test_bench_regression.py --benchmark-autosave        # record a baseline
-    python -m pytest benchmarks/test_bench_regression.py --benchmark-compare \\
-        --benchmark-compare-fail=median:20%                                            # fail on a 20% slowdown
+    python -m pytest benchmarks/tests/bench_regression.py --benchmark-autosave      # record a baseline
+    python -m pytest benchmarks/tests/bench_regression.py --benchmark-compare \\
+        --benchmark-compare-fail=median:20%                                           # fail on a 20% slowdown
 
 Each configuration also benchmarks one `B×d @ d×K` product (`gemm_reference`): compare a
 method's time against it to tell a regression from a slower machine.
