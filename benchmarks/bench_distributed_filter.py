@@ -3,7 +3,7 @@
     python -m benchmarks.bench_distributed_filter                  # local B = 2048, d = 128, Pn = Mn = 1, cpp
     python -m benchmarks.bench_distributed_filter --batch 512 --repeats 3
 
-Features as a trained model produces them (bench_cpu_kernel.trained_inputs: caption and paraphrase near
+Features as a trained model produces them (measure.trained_inputs: caption and paraphrase near
 their image, negation a little farther, τ = 100). Each rank runs forward + backward of
 `SemCLIPLoss(local_loss=True, gather_with_grad=True)` in each mode, the modes alternating call by call;
 rank 0 reports per mode the median time, its ratio to "gather" (goal ≤ 1.15) and the fraction of tiles
@@ -28,7 +28,7 @@ import torch.multiprocessing as mp
 
 import semclip_kernels as sk
 
-from .bench_cpu_kernel import TRAINED_SCALE, trained_inputs
+from .measure import TRAINED_SCALE, trained_inputs
 
 WORLD_SIZE = 2
 MODES = ("gather", "ring", "hierarchical")
