@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import os
 import platform
+import sys
 
 from setuptools import find_packages, setup
 
@@ -20,7 +21,14 @@ def extensions() -> tuple[list, dict]:
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     if not sources or os.environ.get("SEMCLIP_SKIP_CPP") == "1":
         return [], {}
-    from torch.utils.cpp_extension import BuildExtension, CppExtension
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        # pip prints this line last; the traceback of a missing module would not say what to do.
+        sys.exit(
+            "semclip-kernels builds its C++ kernel against the installed torch: run `pip install torch` first "
+            "(README: Install), then `pip install --no-build-isolation -e .` again (SEMCLIP_SKIP_CPP=1: no kernel)"
+        )
 
     # -fopenmp: at::parallel_for is a header template that runs serially without it (torch uses OpenMP).
     # No -std flag: our sources are C++17, but torch >= 2.10 headers need C++20 and cpp_extension picks it.
@@ -51,12 +59,13 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["semclip_kernels", "semclip_kernels.*"]),
-    install_requires=["torch>=2.4"],
+    # Tested (docs/gpu.md): torch 2.11 + triton 3.6 and torch 2.14.1 + triton 3.8 / 3.9; newer is expected to work.
+    install_requires=["torch>=2.11"],
     extras_require={
-        "triton": ["triton>=3.0"],
+        "triton": ["triton>=3.6"],
         "train": ["open_clip_torch>=2.24", "matplotlib", "tqdm", "pillow", "torchvision", "numpy"],
         "bench": ["open_clip_torch>=2.24", "matplotlib", "tqdm", "psutil", "pytest-benchmark"],
-        "bench-gpu": ["inf_cl>=1.2", "triton>=3.0"],
+        "bench-gpu": ["inf_cl>=1.2", "triton>=3.6"],
         # python -m semclip_kernels.open_clip_train: open_clip_train ships inside open_clip_torch; it patches
         # open_clip_train 3.x internals (open_clip's main branch is restructuring them), and its data module
         # imports webdataset (with braceexpand) and pandas, which open_clip_torch installs only with [training].
@@ -71,4 +80,4 @@ setup(
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,
-)
+)  # fmt: skip

@@ -14,7 +14,9 @@ REDG, REDAS; not REDUX, a register-only warp reduction), tensor-core instruction
 (HGMMA on sm_90, HMMA on sm_80; DMMA for float64 is not swept).
 
     python -m benchmarks.kernel_resources [--json PATH] [--dims 256 512] [--arch 80 90]
-        [--dtypes bfloat16 float32] [--defaults-only]
+        [--dtypes bfloat16 float32] [--defaults-only] [--candidates]
+
+`--candidates` compiles every tuning candidate tile (config.TILE_CANDIDATES), not only the default.
 
 Goal: no spills (STACK = LOCAL = 0), shared memory within each architecture's per-block
 limit, no atomic or reduction-to-memory instruction, and tensor-core instructions in every
@@ -38,7 +40,14 @@ import triton
 
 from semclip_kernels.triton_kernels import tl_utils
 from semclip_kernels.triton_kernels.backward import ds_panel_kernel, ds_panel_launch
-from semclip_kernels.triton_kernels.config import Launch, gemm_config, gemm_launch, tile_config
+from semclip_kernels.triton_kernels.config import (
+    Launch,
+    TileConfig,
+    gemm_config,
+    gemm_launch,
+    tile_candidates,
+    tile_config,
+)
 from semclip_kernels.triton_kernels.grad_gemm import grad_cols_kernel, grad_rows_kernel
 from semclip_kernels.triton_kernels.lse_forward import forward_launch, lse_forward_kernel
 
@@ -173,13 +182,14 @@ def compile_resources(kernel, launch: Launch, dtype: torch.dtype, arch: int) -> 
 _DS_VARIANTS = (("default", True, True), ("nofilter", False, True), ("scale-only", True, False))
 
 
-def kernel_variants(dtype: torch.dtype, dim: int, defaults_only: bool = False):
+def kernel_variants(dtype: torch.dtype, dim: int, defaults_only: bool = False, tile: TileConfig | None = None):
     """(kernel name, variant, kernel, launch, (block_m, block_n, block_d)) for every launch at (d, dtype).
 
-    The default path (what a training step runs) is the variants named "default".
+    The default path (what a training step runs) is the variants named "default"; `tile`: the
+    default tile unless given (a tuning candidate).
     """
     precisions = ["ieee", "tf32"] if dtype == torch.float32 and not defaults_only else ["ieee"]
-    tile, gemm = tile_config(dim, dtype), gemm_config(dim, dtype)
+    tile, gemm = tile or tile_config(dim, dtype), gemm_config(dim, dtype)
     tile_shape = (tile.block_m, tile.block_n, tile.block_d)
     for precision in precisions:
         tag = "+tf32" if precision == "tf32" else ""
@@ -202,14 +212,19 @@ def kernel_variants(dtype: torch.dtype, dim: int, defaults_only: bool = False):
 
 
 def sweep(
-    dims=DIMS, dtypes=DTYPES, archs=ARCHS, defaults_only: bool = False, log=None
+    dims=DIMS, dtypes=DTYPES, archs=ARCHS, defaults_only: bool = False, log=None, candidates: bool = False
 ) -> list[Resources]:
-    """Compile every (kernel, variant, dtype, launch, arch); rows with the same kernel merge their d's."""
+    """Compile every (kernel, variant, dtype, launch, arch); rows with the same kernel merge their d's.
+
+    `candidates`: every tuning candidate tile, not only the default one.
+    """
     results: dict[tuple, Resources] = {}
     for arch in archs:
         for dtype in dtypes:
             for dim in dims:
-                for kernel_name, variant, kernel, launch, shape in kernel_variants(dtype, dim, defaults_only):
+                tiles = tile_candidates(dim, dtype) if candidates else (tile_config(dim, dtype),)
+                launches = (v for tile in tiles for v in kernel_variants(dtype, dim, defaults_only, tile))
+                for kernel_name, variant, kernel, launch, shape in launches:
                     key = (kernel_name, variant, arch, dtype, repr(launch))
                     if key in results:
                         results[key].dims.append(dim)
@@ -249,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=sorted(SHARED_LIMIT_BYTES))
     parser.add_argument("--dtypes", nargs="+", default=list(_DTYPE_NAMES), choices=list(_DTYPE_NAMES))
     parser.add_argument("--defaults-only", action="store_true", help="only the default variant of each kernel")
+    parser.add_argument("--candidates", action="store_true", help="every tuning candidate tile, not only the default")
     args = parser.parse_args(argv)
     if tl_utils.INTERPRETED:
         # Kernels defined under TRITON_INTERPRET=1 are interpreter objects and cannot be compiled:
@@ -266,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows = sweep(
         args.dims, [_DTYPE_NAMES[name] for name in args.dtypes], args.arch, args.defaults_only,
-        log=lambda r: print(f"compiled {r.kernel} {r.variant} {r.dtype} sm_{r.arch}", file=sys.stderr, flush=True),
+        candidates=args.candidates,
+        log=lambda r: print(format_row(r), file=sys.stderr, flush=True),  # progress of a long sweep
     )  # fmt: skip
     print(HEADER)
     for row in rows:

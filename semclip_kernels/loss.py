@@ -146,7 +146,8 @@ def _loss(
 
 def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
     """Autocast disabled on `device` (a no-op where autocast does not exist, e.g. meta tensors)."""
-    if not torch.amp.is_autocast_available(device.type):
+    # Dynamo before torch 2.13 refuses to trace is_autocast_available; compiled code runs on real devices.
+    if not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(device.type):
         return contextlib.nullcontext()
     return torch.autocast(device.type, enabled=False)
 

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from .backends import BACKENDS
 from .distributed import MODES as DISTRIBUTED_MODES
 from .integrations.open_clip import SemCLIPOptions, patch_open_clip_train, register_model_config
+from .integrations.open_clip_grad_cache import check_grad_cache_args, patch_grad_cache
 
 PROG = "python -m semclip_kernels.open_clip_train"
 
@@ -45,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-config", default=None, metavar="FILE",
                         help="Register a model config JSON with open_clip under its file name (without .json); "
                              "--model defaults to that name.")
+    parser.add_argument("--semclip-grad-cache", action="store_true",
+                        help="With --accum-freq N: the loss once per step, gradients equal to one big batch's "
+                             "(gradient caching, docs/grad_cache.md).")
     return parser
 
 
@@ -76,9 +80,13 @@ def main(argv: Sequence[str] | None = None) -> int | None:
         name = register_model_config(ours.model_config)
         if not has_flag(rest, "--model"):
             rest += ["--model", name]
+    if ours.semclip_grad_cache:
+        from open_clip_train.params import parse_args
+
+        check_grad_cache_args(parse_args(list(rest)))  # before any model or data is built
     import open_clip_train.main as trainer
 
-    with patch_open_clip_train(options):
+    with patch_open_clip_train(options), patch_grad_cache(ours.semclip_grad_cache):
         return trainer.main(rest)
 
 

@@ -22,8 +22,9 @@ import triton
 
 from ..triton_kernels import tl_utils
 from ..triton_kernels.backward import partitions_backward as _launch_backward
-from ..triton_kernels.config import dot_precision, gemm_config, tile_config
+from ..triton_kernels.config import dot_precision, gemm_config
 from ..triton_kernels.lse_forward import lse_forward
+from ..triton_kernels.tuning import select_tile
 from .options import default_grad_filter_eps
 from .values import Grads, Needs, Problem, StatGrads, Stats, add_positive_terms, column_mass_bounds, split_cols
 
@@ -62,7 +63,8 @@ def _check(rows: torch.Tensor, cols: torch.Tensor) -> None:
 
 
 def _tile(problem: Problem):
-    return tile_config(problem.rows.shape[1], problem.rows.dtype, problem.options.block_rows,
+    """The tile of the forward and of the dS panel: the same for both (bitwise recompute); tuned per GPU."""
+    return select_tile(problem.rows.shape[1], problem.rows.dtype, problem.rows.device, problem.options.block_rows,
                        problem.options.block_cols)  # fmt: skip
 
 

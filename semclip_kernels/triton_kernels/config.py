@@ -10,12 +10,21 @@ from the same `TileConfig`: same BLOCK_M, BLOCK_N, BLOCK_D, warps. The backward'
 recomputed logits are then bitwise the forward's, so its softmax weights are normalized
 by exactly the statistics they were computed with (docs/contract.md §4).
 
-Why these entries (registers measured with `python -m benchmarks.kernel_resources`):
-- 16-bit tiles: 128×128, BLOCK_D 32, 8 warps: the usual tensor-core tile; one float32
-  [128, 128] accumulator is 64 registers per thread. Shared memory per pipeline stage is
-  (BLOCK_M + BLOCK_N)·BLOCK_D·2 = 16 KB, 4 stages fit sm_80 (163 KB) and sm_90 (227 KB).
-- float32 tiles: 128×64: at 128×128 the full-float32 dot needs 255 registers and spills.
-- float64 (gradcheck, tests): 64×64×16, 4 warps.
+Tile candidates (`TILE_CANDIDATES`, per operand size): a few tiles, each compiled ahead of
+time without spills on sm_80 and sm_90 by every supported Triton version (3.6, 3.8, 3.9:
+`python -m benchmarks.kernel_resources --candidates`, docs/triton.md has the table). The
+first of each is the default; on a GPU `tuning.select_tile` times the candidates once per
+(GPU, d, dtype, Triton version) and caches the fastest (docs/gpu.md). Why these entries:
+- 16-bit: 128×64, BLOCK_D 32, 8 warps, 3 stages (default): a float32 [128, 64] accumulator is
+  32 registers per thread, leaving room for the dS panel's softmax weights; shared memory per stage
+  (BLOCK_M + BLOCK_N)·BLOCK_D·2 = 12 KB. BLOCK_D 64 spills in the dS panel under Triton 3.6 (sm_80,
+  capped at 128 registers). Others: 64×128×64 with 8 warps / 3 stages and with 4 warps / 2 stages.
+  No 128×128 tile fits the forward on sm_90 (it spills 8-72 bytes with 8 warps, 2 or 3 stages, and
+  with 16 warps under Triton 3.6).
+- float32: 128×64, BLOCK_D 16, 8 warps, 2 stages (default): BLOCK_D 32 spills 8 bytes in the dS
+  panel under Triton 3.9 on sm_90; at 128×128 the full-float32 dot needs 255 registers and spills.
+  Other: 64×64×32, 8 warps, 2 stages.
+- float64 (gradcheck, tests): 64×64×16, 4 warps; one candidate, never timed.
 - Gradient GEMMs (`grad_gemm.py`): an output tile of BLOCK_M (or BLOCK_N) feature rows ×
   BLOCK_OUT_D features, reducing over the panel's tiles one dS tile at a time.
 - Small d shrinks BLOCK_D to d rounded up (at least 16): no work on padding.
@@ -54,11 +63,18 @@ class GemmConfig:
     block_k: int | None = None  # None: a whole dS tile side per dot
 
 
-# Keyed on the operand size in bytes (2: float16/bfloat16, 4: float32, 8: float64).
-_TILES: dict[int, TileConfig] = {
-    2: TileConfig(block_m=128, block_n=64, block_d=64, num_warps=8, num_stages=3),
-    4: TileConfig(block_m=128, block_n=64, block_d=32, num_warps=8, num_stages=2),
-    8: TileConfig(block_m=64, block_n=64, block_d=16, num_warps=4, num_stages=2),
+# Keyed on the operand size in bytes (2: float16/bfloat16, 4: float32, 8: float64); the first is the default.
+TILE_CANDIDATES: dict[int, tuple[TileConfig, ...]] = {
+    2: (
+        TileConfig(block_m=128, block_n=64, block_d=32, num_warps=8, num_stages=3),
+        TileConfig(block_m=64, block_n=128, block_d=64, num_warps=8, num_stages=3),
+        TileConfig(block_m=64, block_n=128, block_d=64, num_warps=4, num_stages=2),
+    ),
+    4: (
+        TileConfig(block_m=128, block_n=64, block_d=16, num_warps=8, num_stages=2),
+        TileConfig(block_m=64, block_n=64, block_d=32, num_warps=8, num_stages=2),
+    ),
+    8: (TileConfig(block_m=64, block_n=64, block_d=16, num_warps=4, num_stages=2),),
 }
 _GEMMS: dict[int, GemmConfig] = {
     2: GemmConfig(block_out_d=128, num_warps=8, num_stages=3),
@@ -94,14 +110,27 @@ def _block_d(preferred: int, dim: int) -> int:
 def tile_config(
     dim: int, dtype: torch.dtype, block_rows: int | None = None, block_cols: int | None = None
 ) -> TileConfig:
-    """The tile of the forward and of the dS panel for features of size `dim` and `dtype`."""
-    config = _TILES[dtype.itemsize]
-    config = replace(config, block_d=_block_d(config.block_d, dim))
+    """The default tile of the forward and of the dS panel for features of size `dim` and `dtype`.
+
+    `block_rows` / `block_cols` (PartitionOptions) replace its sides. The backend asks
+    `tuning.select_tile`, which starts from this tile or from a timed candidate.
+    """
+    config = sized_tile(TILE_CANDIDATES[dtype.itemsize][0], dim)
     if block_rows is not None:
         config = replace(config, block_m=_block_from_option(block_rows))
     if block_cols is not None:
         config = replace(config, block_n=_block_from_option(block_cols))
     return config
+
+
+def sized_tile(config: TileConfig, dim: int) -> TileConfig:
+    """`config` with BLOCK_D shrunk to `dim` rounded up to a power of two (at least 16)."""
+    return replace(config, block_d=_block_d(config.block_d, dim))
+
+
+def tile_candidates(dim: int, dtype: torch.dtype) -> tuple[TileConfig, ...]:
+    """The candidate tiles for `dim` and `dtype` (BLOCK_D sized to `dim`; duplicates removed), default first."""
+    return tuple(dict.fromkeys(sized_tile(config, dim) for config in TILE_CANDIDATES[dtype.itemsize]))
 
 
 def gemm_config(dim: int, dtype: torch.dtype) -> GemmConfig:

@@ -1,0 +1,255 @@
+"""Gradient caching: a global batch larger than memory, its loss evaluated once (docs/grad_cache.md).
+
+A contrastive loss couples every sample of the batch with every other, so plain gradient accumulation
+(one loss per micro-batch) is not the gradient of the global batch's loss. Gradient caching (GradCache,
+Gao et al. 2021) computes exactly that gradient with one micro-batch's activations in memory:
+
+1. encode every micro-batch without grad, keeping only its features (and the random state it started from);
+2. evaluate the loss once on all features and backpropagate it to the features (and to anything else the
+   loss uses, such as a temperature);
+3. encode each micro-batch again, with grad and with the random state of its first pass restored (dropout,
+   stochastic depth draw the same masks), and backpropagate its slice of the features' cached gradient.
+
+Parameters receive the gradient of the global batch's loss, accumulated in `.grad` as `loss.backward()`
+would leave it; the optimizer step is the caller's. Nothing here depends on open_clip;
+`semclip_kernels.integrations.open_clip_grad_cache` uses it inside open_clip's trainer.
+
+    from semclip_kernels import SemCLIPLoss
+    from semclip_kernels.grad_cache import grad_cache_backward
+
+    loss_fn = SemCLIPLoss()
+    def encode(batch):                                   # one micro-batch -> its features
+        images, texts = batch
+        return {"image_features": model.encode_image(images, normalize=True),
+                "text_features": model.encode_text(texts, normalize=True)}
+    micro_batches = [next(loader) for _ in range(8)]     # 8 × 1024 = one global batch of 8192
+    loss = grad_cache_backward(micro_batches, encode, lambda f: loss_fn(**f, logit_scale=model.logit_scale.exp()))
+    optimizer.step(); optimizer.zero_grad()
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+Features = torch.Tensor | Sequence[torch.Tensor] | dict[str, torch.Tensor]
+
+__all__ = ["Features", "RandomState", "grad_cache_backward"]
+
+
+class RandomState:
+    """The global random state a pass draws from: the CPU generator and, once CUDA is in use, every CUDA
+    device's generator (dropout and stochastic depth on either device)."""
+
+    def __init__(self) -> None:
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+
+def _flatten(features: Features, where: str) -> tuple[list[Any], list[torch.Tensor]]:
+    """(keys, tensors) of an encode output: a tensor, a tuple/list of tensors or a dict of tensors."""
+    if isinstance(features, torch.Tensor):
+        keys, tensors = [None], [features]
+    elif isinstance(features, dict):
+        keys, tensors = list(features), list(features.values())
+    elif isinstance(features, (tuple, list)):
+        keys, tensors = list(range(len(features))), list(features)
+    else:
+        raise TypeError(
+            f"{where}: encode must return a tensor, a tuple/list of tensors or a dict of tensors, "
+            f"got {type(features).__name__}"
+        )
+    if not tensors:
+        raise ValueError(f"{where}: encode returned no tensors")
+    for key, tensor in zip(keys, tensors):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{where}: encode's output {key!r} must be a tensor, got {type(tensor).__name__}")
+    return keys, tensors
+
+
+def _rebuild(template: Features, keys: list[Any], tensors: list[torch.Tensor]) -> Features:
+    """`tensors` in the structure of `template` (what `loss_fn` receives)."""
+    if isinstance(template, torch.Tensor):
+        return tensors[0]
+    if isinstance(template, dict):
+        return dict(zip(keys, tensors))
+    return type(template)(tensors) if isinstance(template, tuple) else list(tensors)
+
+
+def _micro_batch_size(keys: list[Any], tensors: list[torch.Tensor], where: str) -> int:
+    """The rows of one micro-batch: the common first dimension of its per-sample outputs (0-dim outputs,
+    such as a temperature, are shared by the whole step and have none)."""
+    sizes = {key: t.shape[0] for key, t in zip(keys, tensors) if t.dim() > 0}
+    if not sizes:
+        raise ValueError(
+            f"{where}: encode returned only 0-dim tensors; at least one output must be per-sample features [rows, ...]"
+        )
+    if len(set(sizes.values())) > 1:
+        raise ValueError(
+            f"{where}: encode's per-sample outputs must share their first dimension (the micro-batch size), got {sizes}"
+        )
+    return next(iter(sizes.values()))
+
+
+def grad_cache_backward(
+    micro_batches: Sequence[Any],
+    encode: Callable[[Any], Features],
+    loss_fn: Callable[[Features], torch.Tensor],
+    *,
+    model: nn.Module | None = None,
+    scale_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Backpropagate the loss of the global batch formed by `micro_batches`, evaluating it once.
+
+    Args:
+        micro_batches: the micro-batches of one optimizer step (anything `encode` accepts), all of one size.
+        encode: one micro-batch -> its features: a tensor, a tuple/list of tensors or a dict of tensors.
+            Outputs with a first dimension are per-sample (every one has the micro-batch's rows) and reach
+            `loss_fn` concatenated over the micro-batches in order. 0-dim outputs (open_clip's
+            `logit_scale.exp()`, `logit_bias`) are shared by the step: `loss_fn` gets the first micro-batch's,
+            and their gradient flows back once, through the last micro-batch's second pass.
+            It is called twice per micro-batch (without grad, then with grad) under the same random state,
+            so it must be a deterministic function of the micro-batch and that state; put autocast inside it.
+        loss_fn: the features of the global batch (the structure `encode` returns) -> a scalar loss tensor.
+            It runs once; parameters it uses directly (a closure over `model.logit_scale`) get their
+            gradient from it, except under DistributedDataParallel (see `model`).
+        model: the module `encode` runs, when it is a `DistributedDataParallel` (or anything with
+            `no_sync()`): every micro-batch but the last re-encodes under `model.no_sync()`, so the
+            gradients are all-reduced once per step. A DDP parameter that `loss_fn` uses directly would
+            miss that all-reduce: it raises a ValueError instead (return it from `encode` as a 0-dim output).
+        scale_loss: applied to the loss before its backward (`GradScaler.scale` for float16 training).
+
+    Returns:
+        The loss of the global batch, detached.
+
+    The random state (CPU, and CUDA once initialized) ends where the first passes left it, as after one
+    forward over the micro-batches; the second passes replay their first pass's draws.
+    """
+    if isinstance(micro_batches, (str, bytes)) or not isinstance(micro_batches, Sequence):
+        raise TypeError(
+            f"micro_batches must be a sequence (a list) of micro-batches, got {type(micro_batches).__name__}"
+        )
+    if not micro_batches:
+        raise ValueError("micro_batches must hold at least one micro-batch, got an empty sequence")
+    if not callable(encode) or not callable(loss_fn):
+        raise TypeError("encode and loss_fn must be callables")
+    no_sync = getattr(model, "no_sync", None) if model is not None else None
+
+    # 1. First passes: features without grad, and the random state each pass started from.
+    states: list[RandomState] = []
+    first: list[list[torch.Tensor]] = []
+    keys: list[Any] = []
+    template: Features | None = None
+    rows = 0
+    with torch.no_grad():
+        for index, micro_batch in enumerate(micro_batches):
+            where = f"micro_batches[{index}]"
+            states.append(RandomState())
+            out = encode(micro_batch)
+            out_keys, tensors = _flatten(out, where)
+            size = _micro_batch_size(out_keys, tensors, where)
+            if index == 0:
+                keys, template, rows = out_keys, out, size
+            else:
+                if out_keys != keys:
+                    raise ValueError(f"{where}: encode returned outputs {out_keys}, micro_batches[0] gave {keys}")
+                for key, tensor, ref in zip(keys, tensors, first[0]):
+                    if tensor.dim() != ref.dim() or tensor.shape[1:] != ref.shape[1:]:
+                        raise ValueError(
+                            f"{where}: encode's output {key!r} has shape {tuple(tensor.shape)}, "
+                            f"micro_batches[0]'s has {tuple(ref.shape)}"
+                        )
+                if size != rows:
+                    raise ValueError(
+                        f"{where} has {size} rows, micro_batches[0] has {rows}: every micro-batch "
+                        "of a step must have the same size"
+                    )
+            first.append([t.detach() for t in tensors])
+    after_first_passes = RandomState()
+
+    # 2. The loss, once, on leaves holding the global batch's features.
+    leaves = []
+    for position, ref in enumerate(first[0]):
+        value = torch.cat([parts[position] for parts in first]) if ref.dim() > 0 else ref.clone()
+        leaves.append(value.requires_grad_(value.is_floating_point() or value.is_complex()))
+    del first
+    loss = loss_fn(_rebuild(template, keys, leaves))
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        raise ValueError(
+            f"loss_fn must return a scalar tensor, got "
+            f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__}"
+        )
+    guard = _DirectParameterUse(model) if no_sync is not None else contextlib.nullcontext()
+    with guard:
+        if loss.requires_grad:
+            (scale_loss(loss) if scale_loss is not None else loss).backward()
+    cached = [leaf.grad for leaf in leaves]
+    del leaves
+    if no_sync is None and all(grad is None for grad in cached):
+        return loss.detach()  # nothing to backpropagate into the towers (all frozen, or the loss uses none)
+
+    # 3. Second passes: the same draws again, with grad, each backpropagating its slice of the cached gradient.
+    last = len(micro_batches) - 1
+    try:
+        for index, micro_batch in enumerate(micro_batches):
+            states[index].restore()
+            sync = contextlib.nullcontext() if no_sync is None or index == last else no_sync()
+            with sync:
+                _, tensors = _flatten(encode(micro_batch), f"micro_batches[{index}]")
+                outputs, grads = [], []
+                for tensor, grad in zip(tensors, cached):
+                    if grad is None or not tensor.requires_grad:
+                        continue  # unused by the loss, or a frozen tower
+                    if tensor.dim() > 0:
+                        if tensor.shape[0] != rows:
+                            raise RuntimeError(
+                                f"micro_batches[{index}]: encode's second pass returned "
+                                f"{tensor.shape[0]} rows, its first pass {rows}"
+                            )
+                        outputs.append(tensor)
+                        grads.append(grad[index * rows : (index + 1) * rows])
+                    elif index == last:  # a shared output: its gradient once per step
+                        outputs.append(tensor)
+                        grads.append(grad)
+                if outputs:
+                    torch.autograd.backward(outputs, grads)
+    finally:
+        after_first_passes.restore()
+    return loss.detach()
+
+
+class _DirectParameterUse:
+    """Within the block, raise if the loss's backward reaches a parameter of `model` directly: under DDP
+    its gradient would never be all-reduced (the reducer only counts gradients of its own forward)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.hit: list[str] = []
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> _DirectParameterUse:
+        for name, parameter in self.model.named_parameters():
+            if parameter.requires_grad:
+                self.handles.append(
+                    parameter.register_post_accumulate_grad_hook(lambda _, name=name: self.hit.append(name))
+                )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+        if self.hit and exc[0] is None:
+            raise ValueError(
+                f"loss_fn uses parameters of model directly ({', '.join(self.hit)}): under "
+                "DistributedDataParallel their gradients would not be all-reduced. Return them from "
+                "encode (as 0-dim outputs, like open_clip's logit_scale.exp()) instead."
+            )
