@@ -197,10 +197,10 @@ def kernel_variants(dtype: torch.dtype, dim: int, defaults_only: bool = False, t
         for name, filtering, need_panel in _DS_VARIANTS:
             if defaults_only and name != "default":
                 continue
-            # The loss folds two positive bands (captions, paraphrases) into dS.
+            # With 16-bit features the loss folds two positive bands (captions, paraphrases) into dS.
             launch = ds_panel_launch(tile, dtype, precision, has_row_grad=True, has_col_grad=True,
                                      need_panel=need_panel, need_grad_scale=True, filtering=filtering,
-                                     n_bands=2)  # fmt: skip
+                                     n_bands=2 if dtype.itemsize == 2 else 0)  # fmt: skip
             yield "ds_panel", name + tag, ds_panel_kernel, launch, tile_shape
         for sparse in (True, False):
             if defaults_only and not sparse:

@@ -92,40 +92,72 @@ inline double lse_of(double m, double s) { return m + std::log(s); }
 inline double nan_min(double a, double b) { return std::isnan(a) || std::isnan(b) ? a + b : std::min(a, b); }
 inline double nan_max(double a, double b) { return std::isnan(a) || std::isnan(b) ? a + b : std::max(a, b); }
 
-struct Tile {
-  int64_t r0, nr, c0, nc, nq;  // rows [r0, r0+nr), columns [c0, c0+nc), the first nq of them queries
+// The columns as the caller holds them: blocks [K_j, d] (e.g. captions, paraphrases, negations), logically
+// concatenated, never copied. Column tiles never straddle two blocks: block j is cut into ceil(K_j / bc)
+// tiles, numbered after those of the blocks before it.
+struct Columns {
+  struct ColTile {
+    int64_t block, local0, c0, nc;  // block index, first row in that block, first global column, width
+  };
+  std::vector<at::Tensor> blocks;
+  std::vector<ColTile> tiles;
+  std::vector<int64_t> tile_of;  // the column tile of every global column
+  int64_t K = 0;
+
+  Columns(const std::vector<at::Tensor>& blocks_, int64_t bc) : blocks(blocks_) {
+    for (int64_t j = 0; j < int64_t(blocks.size()); ++j) {
+      const int64_t n = blocks[j].size(0);
+      for (int64_t local = 0; local < n; local += bc) {
+        const int64_t nc = std::min(bc, n - local);
+        for (int64_t c = 0; c < nc; ++c) tile_of.push_back(int64_t(tiles.size()));
+        tiles.push_back({j, local, K + local, nc});
+      }
+      K += n;
+    }
+  }
+  int64_t n_tiles() const { return int64_t(tiles.size()); }
+  at::Tensor block_rows(int64_t cb) const {  // the columns of tile cb, as a [nc, d] view
+    const ColTile& t = tiles[cb];
+    return blocks[t.block].narrow(0, t.local0, t.nc);
+  }
 };
 
-Tile make_tile(int64_t rb, int64_t cb, int64_t M, int64_t K, int64_t Kq, int64_t br, int64_t bc) {
+struct Tile {
+  int64_t r0, nr, c0, nc, nq;  // rows [r0, r0+nr), columns [c0, c0+nc), the first nq of them queries
+  int64_t cb;                  // the column tile
+};
+
+Tile make_tile(int64_t rb, int64_t cb, int64_t M, const Columns& cols, int64_t Kq, int64_t br) {
   Tile t;
   t.r0 = rb * br;
   t.nr = std::min(br, M - t.r0);
-  t.c0 = cb * bc;
-  t.nc = std::min(bc, K - t.c0);
+  t.c0 = cols.tiles[cb].c0;
+  t.nc = cols.tiles[cb].nc;
   t.nq = std::max<int64_t>(0, std::min(t.nc, Kq - t.c0));
+  t.cb = cb;
   return t;
 }
 
 // S_tile = τ·A[rows]·C[cols]ᵀ into the front of a thread's tile buffer.
-at::Tensor logits_tile(const at::Tensor& buffer, const at::Tensor& rows, const at::Tensor& cols, const Tile& t,
+at::Tensor logits_tile(const at::Tensor& buffer, const at::Tensor& rows, const Columns& cols, const Tile& t,
                        double scale) {
   at::Tensor S = buffer.narrow(0, 0, t.nr * t.nc).view({t.nr, t.nc});
   // beta = 0: the buffer's old content is ignored (not even NaNs propagate).
-  at::addmm_out(S, S, rows.narrow(0, t.r0, t.nr), cols.narrow(0, t.c0, t.nc).t(), /*beta=*/0, /*alpha=*/scale);
+  at::addmm_out(S, S, rows.narrow(0, t.r0, t.nr), cols.block_rows(t.cb).t(), /*beta=*/0, /*alpha=*/scale);
   return S;
 }
 
 // Returns row_lse [M] and col_lse [K] in float64 (every column's log-partition: the query columns' are the
 // primitive's output, the others bound the column masses for the backward's filter), and each tile's max.
 template <typename T>
-std::vector<at::Tensor> forward_impl(const at::Tensor& rows, const at::Tensor& cols, double scale,
+std::vector<at::Tensor> forward_impl(const at::Tensor& rows, const Columns& cols, double scale,
                                      const at::Tensor& col_bias, int64_t Kq, int64_t br, int64_t bc) {
-  const int64_t M = rows.size(0), K = cols.size(0);
+  const int64_t M = rows.size(0), K = cols.K;
   const auto opts = rows.options();
   const at::Tensor col_weight = col_bias.exp().contiguous();  // β_c multiplies the row sums
   const T* w = col_weight.data_ptr<T>();
   const T* bias = col_bias.data_ptr<T>();
-  const int64_t n_rb = ceil_div(M, br), n_cb = ceil_div(K, bc);
+  const int64_t n_rb = ceil_div(M, br), n_cb = cols.n_tiles();
 
   at::Tensor row_m = at::full({M}, -std::numeric_limits<double>::infinity(), opts);
   at::Tensor row_s = at::zeros({M}, opts);
@@ -146,7 +178,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& rows, const at::Tensor& c
     T* cs = col_s.data_ptr<T>() + part * K;
     for (int64_t rb = parts.begin(part); rb < parts.end(part); ++rb) {
       for (int64_t cb = 0; cb < n_cb; ++cb) {
-        const Tile t = make_tile(rb, cb, M, K, Kq, br, bc);
+        const Tile t = make_tile(rb, cb, M, cols, Kq, br);
         const at::Tensor S_tile = logits_tile(buffer, rows, cols, t, scale);
         const T* S = S_tile.data_ptr<T>();
         const T shift = max_of(S, t.nr * t.nc);
@@ -217,19 +249,20 @@ struct FilterBounds {
 
 template <typename T>
 FilterBounds filter_bounds(const double* rl, const double* cl, const double* mass_lb, const T* bias, const T* gc,
-                           int64_t M, int64_t K, int64_t Kq, int64_t br, int64_t bc, double eps) {
+                           int64_t M, const Columns& cols, int64_t Kq, int64_t br, double eps) {
   const double inf = std::numeric_limits<double>::infinity();
-  const int64_t n_rb = ceil_div(M, br), n_cb = ceil_div(K, bc);
+  const int64_t n_rb = ceil_div(M, br), n_cb = cols.n_tiles(), K = cols.K;
   FilterBounds f{std::vector<double>(n_rb, inf), std::vector<double>(n_cb, -inf), std::vector<double>(n_cb, inf),
                  std::vector<double>(n_cb, 0.0), eps > 0 ? std::log(eps) : -inf};
   for (int64_t r = 0; r < M; ++r) f.rb_min_lse[r / br] = nan_min(f.rb_min_lse[r / br], rl[r]);
   for (int64_t c = 0; c < K; ++c) {
-    f.cb_max_bias[c / bc] = nan_max(f.cb_max_bias[c / bc], double(bias[c]));
-    if (c < Kq) f.cb_min_col_lse[c / bc] = nan_min(f.cb_min_col_lse[c / bc], cl[c]);
+    const int64_t cb = cols.tile_of[c];
+    f.cb_max_bias[cb] = nan_max(f.cb_max_bias[cb], double(bias[c]));
+    if (c < Kq) f.cb_min_col_lse[cb] = nan_min(f.cb_min_col_lse[cb], cl[c]);
     if (c < Kq && gc[c] != 0) continue;
     double log_mass = -inf;
     if (mass_lb) log_mass = std::isnan(mass_lb[c]) ? mass_lb[c] : std::min(0.0, mass_lb[c]);
-    f.cb_min_col_mass[c / bc] = nan_min(f.cb_min_col_mass[c / bc], log_mass);
+    f.cb_min_col_mass[cb] = nan_min(f.cb_min_col_mass[cb], log_mass);
   }
   return f;
 }
@@ -294,20 +327,25 @@ double tile_grad_logits(const GradWeights<T>& gw, const Tile& t, const T* S, T s
 }
 
 template <typename T>
-std::vector<at::Tensor> backward_impl(const at::Tensor& rows, const at::Tensor& cols, double scale,
+std::vector<at::Tensor> backward_impl(const at::Tensor& rows, const Columns& cols, double scale,
                                       const at::Tensor& col_bias, int64_t Kq, const at::Tensor& row_lse,
                                       const at::Tensor& col_lse, const at::Tensor& col_mass_lb,
                                       const at::Tensor& tile_max, const at::Tensor& g_row, const at::Tensor& g_col,
                                       bool need_rows, bool need_cols, bool need_scale, int64_t br, int64_t bc,
                                       double eps) {
-  const int64_t M = rows.size(0), K = cols.size(0);
+  const int64_t M = rows.size(0);
   const auto opts = rows.options();
-  const int64_t n_rb = ceil_div(M, br), n_cb = ceil_div(K, bc);
+  const int64_t n_rb = ceil_div(M, br), n_cb = cols.n_tiles();
   at::Tensor grad_rows = need_rows ? at::zeros_like(rows) : at::Tensor();
-  at::Tensor grad_cols = need_cols ? at::zeros_like(cols) : at::Tensor();
-  if (!need_rows && !need_cols && !need_scale) {
-    return {grad_rows, grad_cols, at::zeros({}, opts), at::zeros({3}, at::kLong)};
-  }
+  std::vector<at::Tensor> grad_cols;  // one per block
+  if (need_cols)
+    for (const at::Tensor& block : cols.blocks) grad_cols.push_back(at::zeros_like(block));
+  auto result = [&](const at::Tensor& grad_scale, const at::Tensor& stats) {
+    std::vector<at::Tensor> out{grad_rows, grad_scale, stats};
+    out.insert(out.end(), grad_cols.begin(), grad_cols.end());
+    return out;
+  };
+  if (!need_rows && !need_cols && !need_scale) return result(at::zeros({}, opts), at::zeros({3}, at::kLong));
   const Parts parts(n_rb);
   std::vector<double> scale_dot(parts.count, 0.0);  // Σ dS ⊙ S per part (dτ = Σ dS ⊙ A·Cᵀ = that / τ)
   std::vector<double> scale_dot_raw(parts.count, 0.0);  // only for τ == 0, where S carries no A·Cᵀ
@@ -321,7 +359,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& rows, const at::Tensor& 
   const T* fwd_tile_max = tile_max.numel() > 0 ? tile_max.data_ptr<T>() : nullptr;
   const FilterBounds filter = filter_bounds(gw.row_lse, gw.col_lse,
                                             col_mass_lb.numel() > 0 ? col_mass_lb.data_ptr<double>() : nullptr,
-                                            gw.bias, gw.g_col, M, K, Kq, br, bc, eps);
+                                            gw.bias, gw.g_col, M, cols, Kq, br, eps);
   ColumnDeposits deposits(parts.count, n_cb);
   parts.run([&](int64_t part) {
     try {
@@ -334,7 +372,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& rows, const at::Tensor& 
       for (int64_t cb = 0; cb < n_cb; ++cb) {
         bool col_grad_live = false;  // whether col_grad_buffer holds this column block's sum yet
         for (int64_t rb = parts.begin(part); rb < parts.end(part); ++rb) {
-          const Tile t = make_tile(rb, cb, M, K, Kq, br, bc);
+          const Tile t = make_tile(rb, cb, M, cols, Kq, br);
           // With the forward's tile max a skipped tile costs no product at all; without it, the logits product.
           if (fwd_tile_max && filter.skippable(t, rb, cb, fwd_tile_max[rb * n_cb + cb])) {
             skipped.fetch_add(1, std::memory_order_relaxed);
@@ -352,7 +390,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& rows, const at::Tensor& 
           scale_dot[part] += tile_grad_logits(gw, t, S, shift, u, v, G_tile.data_ptr<T>(), &n_exact);
 
           const at::Tensor row_tile = rows.narrow(0, t.r0, t.nr);
-          const at::Tensor col_tile = cols.narrow(0, t.c0, t.nc);
+          const at::Tensor col_tile = cols.block_rows(cb);
           if (need_scale && scale == 0)
             scale_dot_raw[part] += (G_tile * at::mm(row_tile, col_tile.t())).sum().item<double>();
           if (need_rows) grad_rows.narrow(0, t.r0, t.nr).addmm_(G_tile, col_tile, /*beta=*/1, /*alpha=*/scale);
@@ -364,8 +402,8 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& rows, const at::Tensor& 
         }
         if (need_cols) {
           deposits.deposit(part, cb, col_grad_live, [&] {
-            const int64_t c0 = cb * bc, nc = std::min(bc, K - c0);
-            grad_cols.narrow(0, c0, nc).add_(col_grad_buffer.narrow(0, 0, nc));
+            const Columns::ColTile& ct = cols.tiles[cb];
+            grad_cols[ct.block].narrow(0, ct.local0, ct.nc).add_(col_grad_buffer.narrow(0, 0, ct.nc));
           });
         }
       }
@@ -383,42 +421,50 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& rows, const at::Tensor& 
   stats[0] = n_rb * n_cb;
   stats[1] = skipped.load();
   stats[2] = exact_lines.load();
-  return {grad_rows, grad_cols, at::scalar_tensor(grad_scale, opts), stats};
+  return result(at::scalar_tensor(grad_scale, opts), stats);
 }
 
-void check_inputs(const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& col_bias, int64_t Kq,
+void check_inputs(const at::Tensor& rows, const std::vector<at::Tensor>& cols, const at::Tensor& col_bias, int64_t Kq,
                   int64_t br, int64_t bc) {
-  TORCH_CHECK(rows.device().is_cpu() && cols.device().is_cpu(), "semclip_kernels._C runs on CPU tensors");
-  TORCH_CHECK(rows.dim() == 2 && cols.dim() == 2 && rows.size(1) == cols.size(1), "rows [M, d], cols [K, d]");
-  TORCH_CHECK(rows.scalar_type() == cols.scalar_type() && rows.scalar_type() == col_bias.scalar_type(),
-              "rows, cols and col_bias must share one dtype");
+  TORCH_CHECK(rows.device().is_cpu() && rows.dim() == 2, "semclip_kernels._C: rows must be a [M, d] CPU tensor");
   TORCH_CHECK(rows.scalar_type() == at::kFloat || rows.scalar_type() == at::kDouble,
               "semclip_kernels._C computes in float32 or float64 (upcast half precision first)");
-  TORCH_CHECK(rows.is_contiguous() && cols.is_contiguous() && col_bias.is_contiguous(), "inputs must be contiguous");
-  TORCH_CHECK(col_bias.dim() == 1 && col_bias.size(0) == cols.size(0), "col_bias must be [K]");
-  TORCH_CHECK(0 <= Kq && Kq <= cols.size(0), "need 0 <= n_query_cols <= K");
+  TORCH_CHECK(rows.scalar_type() == col_bias.scalar_type(), "rows and col_bias must share one dtype");
+  TORCH_CHECK(rows.is_contiguous() && col_bias.is_contiguous(), "inputs must be contiguous");
+  int64_t K = 0;
+  for (const at::Tensor& block : cols) {
+    TORCH_CHECK(block.device().is_cpu() && block.dim() == 2 && block.size(1) == rows.size(1),
+                "every column block must be a [K_j, d] CPU tensor with the rows' d");
+    TORCH_CHECK(block.scalar_type() == rows.scalar_type() && block.is_contiguous(),
+                "column blocks must be contiguous, of the rows' dtype");
+    K += block.size(0);
+  }
+  TORCH_CHECK(col_bias.dim() == 1 && col_bias.size(0) == K, "col_bias must be [K]");
+  TORCH_CHECK(0 <= Kq && Kq <= K, "need 0 <= n_query_cols <= K");
   TORCH_CHECK(br >= 1 && bc >= 1, "block sizes must be positive");
 }
 
 }  // namespace
 
-std::vector<at::Tensor> forward(const at::Tensor& rows, const at::Tensor& cols, double scale,
+std::vector<at::Tensor> forward(const at::Tensor& rows, const std::vector<at::Tensor>& col_blocks, double scale,
                                 const at::Tensor& col_bias, int64_t n_query_cols, int64_t block_rows,
                                 int64_t block_cols) {
-  check_inputs(rows, cols, col_bias, n_query_cols, block_rows, block_cols);
+  check_inputs(rows, col_blocks, col_bias, n_query_cols, block_rows, block_cols);
   at::NoGradGuard no_grad;
+  const Columns cols(col_blocks, block_cols);
   if (rows.scalar_type() == at::kDouble)
     return forward_impl<double>(rows, cols, scale, col_bias, n_query_cols, block_rows, block_cols);
   return forward_impl<float>(rows, cols, scale, col_bias, n_query_cols, block_rows, block_cols);
 }
 
-std::vector<at::Tensor> backward(const at::Tensor& rows, const at::Tensor& cols, double scale,
+std::vector<at::Tensor> backward(const at::Tensor& rows, const std::vector<at::Tensor>& col_blocks, double scale,
                                  const at::Tensor& col_bias, int64_t n_query_cols, const at::Tensor& row_lse,
                                  const at::Tensor& col_lse, const at::Tensor& col_mass_lb, const at::Tensor& tile_max,
                                  const at::Tensor& grad_row_lse, const at::Tensor& grad_col_lse, bool need_rows,
                                  bool need_cols, bool need_scale, int64_t block_rows, int64_t block_cols,
                                  double grad_filter_eps) {
-  check_inputs(rows, cols, col_bias, n_query_cols, block_rows, block_cols);
+  check_inputs(rows, col_blocks, col_bias, n_query_cols, block_rows, block_cols);
+  const Columns cols(col_blocks, block_cols);
   for (const at::Tensor* t : {&grad_row_lse, &grad_col_lse})
     TORCH_CHECK(t->scalar_type() == rows.scalar_type() && t->is_contiguous() && t->dim() == 1,
                 "grad_row_lse and grad_col_lse must be contiguous 1-d tensors of the inputs' dtype");
@@ -428,11 +474,11 @@ std::vector<at::Tensor> backward(const at::Tensor& rows, const at::Tensor& cols,
   TORCH_CHECK(row_lse.size(0) == rows.size(0) && grad_row_lse.size(0) == rows.size(0), "row statistics must be [M]");
   TORCH_CHECK(col_lse.size(0) == n_query_cols && grad_col_lse.size(0) == n_query_cols,
               "column statistics must be [n_query_cols]");
-  TORCH_CHECK(col_mass_lb.numel() == 0 || col_mass_lb.size(0) == cols.size(0),
+  TORCH_CHECK(col_mass_lb.numel() == 0 || col_mass_lb.size(0) == cols.K,
               "col_mass_lb must be empty or [K] lower bounds of every column's log row-softmax mass");
   TORCH_CHECK(tile_max.numel() == 0 ||
                   (tile_max.scalar_type() == rows.scalar_type() && tile_max.is_contiguous() &&
-                   tile_max.numel() == ceil_div(rows.size(0), block_rows) * ceil_div(cols.size(0), block_cols)),
+                   tile_max.numel() == ceil_div(rows.size(0), block_rows) * cols.n_tiles()),
               "tile_max must be empty or the forward's [row blocks, column blocks] tensor for these block sizes");
   at::NoGradGuard no_grad;
   if (rows.scalar_type() == at::kDouble)
@@ -457,11 +503,13 @@ bool has_avx2() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused CPU kernel of the SemCLIP partitions (row and query-column log-sum-exps of tau*A*C^T)";
   m.def("forward", &semclip::forward, "(rows, cols, scale, col_bias, n_query_cols, block_rows, block_cols) -> "
-        "[row_lse [M] (float64), col_lse [K] (float64, every column), tile_max (each tile's max logit)]");
+        "[row_lse [M] (float64), col_lse [K] (float64, every column), tile_max (each tile's max logit)]; cols is a "
+        "list of [K_j, d] blocks, tiled block by block");
   m.def("backward", &semclip::backward,
         "(rows, cols, scale, col_bias, n_query_cols, row_lse [M] f64, col_lse [Kq] f64, col_mass_lb [K] f64 or "
         "empty, tile_max or empty, grad_row_lse, grad_col_lse, need_rows, "
-        "need_cols, need_scale, block_rows, block_cols, grad_filter_eps) -> [grad_rows, grad_cols, grad_scale, "
+        "need_cols, need_scale, block_rows, block_cols, grad_filter_eps) -> [grad_rows, grad_scale, stats, *grad_cols "
+        "(one per block)] with "
         "stats = (tiles, skipped tiles, exactly recomputed rows+columns)]");
   m.def("has_avx2", &semclip::has_avx2, "whether the vectorized exp was compiled in");
   m.def("sigmoid_pairs", &semclip::sigmoid_pairs,

@@ -122,8 +122,8 @@ def text_views(features: Any, batch: int, n_paraphrases: int, n_negations: int) 
     """`(captions [B, d], paraphrases [B, Pn, d] or None, negations [B, Mn, d] or None)`: views of a text-tower
     output `[B·(1 + Pn + Mn), d]` laid out as `batch_texts` orders the texts.
 
-    The three are adjacent views of one buffer, which lets the loss use that buffer itself as its `[T; P; N]`
-    columns (`semclip_kernels.column_views.adjacent_view_columns`): no copy.
+    The three are adjacent views of one buffer, already in the loss's `[T; P; N]` column order: the loss
+    reads them in place as its column blocks, no copy (docs/backends.md).
     """
     expected = batch * (1 + n_paraphrases + n_negations)
     if features.dim() != 2 or features.shape[0] != expected:

@@ -171,17 +171,12 @@ def test_filtering_is_exact_and_skips_most_tiles_when_trained():
 
 
 def test_filter_threshold_is_honoured():
-    # A threshold above every weight skips every tile that holds no positive logit (the positives' gradients
-    # are folded into dS, docs/backends.md, so their tiles are always kept). B = 20, K = 60, 16×16 tiles:
-    # captions on the diagonal of columns 0..19, paraphrase i in column 20 + i.
+    # A threshold above every weight skips every tile: only the positive terms' gradients remain.
     case = on_device(make_case(20, 16, 1, 1, tau=1.0, seed=9, normalize=True))
     _, grads = run(case, "triton", grad_filter_eps=0.5, **TILES)
     stats = last_backward_stats("triton", DEVICE)
-    positive_tiles = {(i // 16, c // 16) for i in range(20) for c in (i, 20 + i)}
-    assert stats.tiles == 2 * 4 and stats.skipped_tiles == stats.tiles - len(positive_tiles) > 1
-    # Negations enter the loss only through the partitions: zero gradient outside the kept tiles (columns
-    # 40..47 share the kept column block 32..47 with paraphrases 12..15 and 16..19).
-    assert torch.count_nonzero(grads[3].reshape(20, -1)[8:]) == 0 < torch.count_nonzero(grads[3].reshape(20, -1)[:8])
+    assert stats.skipped_tiles == stats.tiles > 1
+    assert torch.count_nonzero(grads[3]) == 0  # negations enter the loss only through the partitions
     _, ref_grads = run_oracle(case)
     assert max_norm_rel_err(grads[0].cpu(), ref_grads[0]) > 0.1
     # Random features at τ = 1: no weight is small enough for the default threshold.

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .options import PartitionOptions, default_grad_filter_eps
-from .values import Grads, Needs, Problem, StatGrads, Stats, add_positive_terms, column_mass_bounds, split_cols
+from .values import Grads, Needs, Problem, StatGrads, Stats, add_positive_terms, column_mass_bounds
 
 try:
     from semclip_kernels import _C
@@ -57,12 +57,19 @@ def _check_available(rows: torch.Tensor) -> None:
         raise RuntimeError(f"backend='cpp' cannot run: {reason}")
 
 
-def _kernel_inputs(problem: Problem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`rows`, `cols`, `col_bias` in the kernel's dtype (float32, or float64 for float64), contiguous."""
+def _kernel_inputs(problem: Problem) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """`rows`, the column blocks and `col_bias` in the kernel's dtype (float32, or float64 for float64),
+    contiguous: the caller's tensors themselves when they already are (the kernel tiles each block in place,
+    no `[K, d]` concatenation)."""
     dtype = problem.stat_dtype
     rows = problem.rows.detach().to(dtype).contiguous()
-    cols = problem.joined_cols().detach().to(dtype).contiguous()
+    cols = [block.detach().to(dtype).contiguous() for block in problem.cols]
     return rows, cols, problem.col_bias.detach().to(dtype).contiguous()
+
+
+def _n_col_tiles(problem: Problem, block_cols: int) -> int:
+    """Column tiles of the kernel: each block is tiled on its own (a tile never straddles two blocks)."""
+    return sum(_n_blocks(block.shape[0], block_cols) for block in problem.cols)
 
 
 def forward(problem: Problem) -> Stats:
@@ -79,7 +86,7 @@ def forward(problem: Problem) -> Stats:
 def stats_like(problem: Problem) -> Stats:
     block_rows, block_cols = _blocks(problem.options)
     new = problem.rows.new_empty
-    tile_max = new((_n_blocks(problem.n_rows, block_rows), _n_blocks(problem.n_cols, block_cols)),
+    tile_max = new((_n_blocks(problem.n_rows, block_rows), _n_col_tiles(problem, block_cols)),
                    dtype=problem.stat_dtype)  # fmt: skip
     return Stats(new((problem.n_rows,), dtype=torch.float64), new((problem.n_query_cols,), dtype=torch.float64),
                  new((problem.n_cols,), dtype=torch.float64), (tile_max,))  # fmt: skip
@@ -107,7 +114,7 @@ def backward(problem: Problem, stats: Stats, grads: StatGrads, needs: Needs) -> 
     if eps is None:  # resolved here, on concrete sizes (never a symbolic one under torch.compile)
         eps = default_grad_filter_eps(problem.n_rows, problem.n_cols, problem.rows.dtype)
     tile_max = stats.aux[0] if stats.aux else rows.new_empty(0)
-    grad_rows, grad_cols, grad_scale, counts = _C.backward(
+    grad_rows, grad_scale, counts, *grad_cols = _C.backward(
         rows, cols, float(problem.scale), bias, problem.n_query_cols,
         stats.row_lse.detach().double().contiguous(), stats.query_lse.detach().double().contiguous(),
         stats.col_mass_lb.detach().double().contiguous(), tile_max.detach().contiguous(),
@@ -115,7 +122,8 @@ def backward(problem: Problem, stats: Stats, grads: StatGrads, needs: Needs) -> 
         needs.rows, needs.cols, needs.scale, block_rows, block_cols, float(eps),
     )  # fmt: skip
     result = Grads(
-        grad_rows if needs.rows else None, split_cols(grad_cols, problem) if needs.cols else None,
+        grad_rows if needs.rows else None, tuple(g.view(b.shape) for g, b in zip(grad_cols, problem.cols))
+        if needs.cols else None,
         grad_scale if needs.scale else None, counts,
     )  # fmt: skip
     return add_positive_terms(problem, grads.positives, result, needs)

@@ -26,7 +26,7 @@ from ..triton_kernels.config import dot_precision, gemm_config
 from ..triton_kernels.lse_forward import lse_forward
 from ..triton_kernels.tuning import select_tile
 from .options import default_grad_filter_eps
-from .values import Grads, Needs, Problem, StatGrads, Stats, column_mass_bounds, split_cols
+from .values import Grads, Needs, Problem, StatGrads, Stats, add_positive_terms, column_mass_bounds, split_cols
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -63,8 +63,7 @@ def _check(rows: torch.Tensor, cols: torch.Tensor) -> None:
 
 
 def _tile(problem: Problem):
-    """One tile for the forward and the backward's dS panel (the recompute stays bitwise): pinned, cached or
-    tuned on first use (triton_kernels/tuning.py)."""
+    """The tile of the forward and of the dS panel: the same for both (bitwise recompute); tuned per GPU."""
     return select_tile(problem.rows.shape[1], problem.rows.dtype, problem.rows.device, problem.options.block_rows,
                        problem.options.block_cols)  # fmt: skip
 
@@ -110,7 +109,10 @@ def backward(problem: Problem, stats: Stats, grads: StatGrads, needs: Needs) -> 
     def stat_vector(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.detach().to(stat).contiguous()
 
-    bands = tuple((band.first_col, band.per_row, band.grad) for band in grads.positives)
+    # 16-bit panels: the bands are folded into dS before its cast (docs/backends.md). A float32/float64 panel
+    # loses nothing: the bands are added to the float32 gradients, and the kernel keeps its registers.
+    fold = rows.dtype.itemsize == 2
+    bands = tuple((band.first_col, band.per_row, band.grad) for band in grads.positives) if fold else ()
     with _on_device(rows):
         result = _launch_backward(
             rows, cols, problem.scale.detach().to(stat).reshape(1).contiguous(),
@@ -122,9 +124,10 @@ def backward(problem: Problem, stats: Stats, grads: StatGrads, needs: Needs) -> 
     tiles = triton.cdiv(n_rows, tile.block_m) * triton.cdiv(n_cols, tile.block_n)
     skipped = tiles - result.kept_tiles
     counts = torch.stack([torch.full_like(skipped, tiles), skipped, torch.zeros_like(skipped)])
-    return Grads(
+    result_grads = Grads(
         result.grad_rows if needs.rows else None,
         split_cols(result.grad_cols, problem) if needs.cols else None,
         result.grad_scale.reshape(()) if needs.scale else None,
         counts,
     )
+    return result_grads if fold else add_positive_terms(problem, grads.positives, result_grads, needs)

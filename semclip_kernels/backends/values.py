@@ -223,6 +223,9 @@ def split_cols(grad_cols: torch.Tensor, problem: Problem) -> tuple[torch.Tensor,
     return tuple(part.view(block.shape) for part, block in zip(torch.split(grad_cols, sizes), problem.cols))
 
 
+_POSITIVE_CHUNK = 1024  # rows per chunk of `add_positive_terms`
+
+
 def band_block(problem: Problem, band: PositiveBand) -> tuple[int, int]:
     """`(block index, first row in that block)` of the column block that holds all of `band`'s columns."""
     start = 0
@@ -247,22 +250,27 @@ def add_positive_terms(problem: Problem, positives: Sequence[PositiveBand], grad
     """
     stat = problem.stat_dtype
     grad_scale = grads.scale
+    dim = problem.rows.shape[1]
+    tau = problem.scale.detach().to(stat)
     for band in positives:
         block, local_first = band_block(problem, band)
-        n_rows, per_row = problem.n_rows, band.per_row
-        partners = problem.cols[block].detach().reshape(-1, problem.rows.shape[1])
-        partners = partners[local_first : local_first + n_rows * per_row].to(stat).view(n_rows, per_row, -1)
-        rows = problem.rows.detach().to(stat)
-        g = band.grad.detach().to(stat).reshape(n_rows, per_row)
-        tau = problem.scale.detach().to(stat)
-        if needs.rows and grads.rows is not None:
-            grads.rows.add_(tau * torch.einsum("mn,mnd->md", g, partners))
-        if needs.cols and grads.cols is not None:
-            target = grads.cols[block].view(-1, problem.rows.shape[1])[local_first : local_first + n_rows * per_row]
-            target.add_((tau * g[:, :, None] * rows[:, None, :]).reshape(-1, rows.shape[1]))
-        if needs.scale and grad_scale is not None:
-            dots = torch.einsum("md,mnd->mn", rows.double(), partners.double())
-            grad_scale = grad_scale + (g.double() * dots).sum().to(grad_scale.dtype)
+        per_row = band.per_row
+        partners_all = problem.cols[block].detach().reshape(-1, dim)
+        grad_block = grads.cols[block].view(-1, dim) if needs.cols and grads.cols is not None else None
+        # In chunks of rows: temporaries of a fixed size, never a feature-sized one (docs/contract.md §3).
+        for start in range(0, problem.n_rows, _POSITIVE_CHUNK):
+            stop = min(start + _POSITIVE_CHUNK, problem.n_rows)
+            cols = slice(local_first + start * per_row, local_first + stop * per_row)
+            partners = partners_all[cols].to(stat).view(stop - start, per_row, dim)
+            rows = problem.rows.detach()[start:stop].to(stat)
+            g = band.grad.detach()[start:stop].to(stat).reshape(stop - start, per_row)
+            if needs.rows and grads.rows is not None:
+                grads.rows[start:stop].add_(torch.einsum("mn,mnd->md", g, partners).mul_(tau))
+            if grad_block is not None:
+                grad_block[cols].add_((g[:, :, None] * rows[:, None, :]).reshape(-1, dim).mul_(tau))
+            if needs.scale and grad_scale is not None:
+                dots = torch.einsum("md,mnd->mn", rows.double(), partners.double())
+                grad_scale = grad_scale + (g.double() * dots).sum().to(grad_scale.dtype)
     return dataclasses.replace(grads, scale=grad_scale)
 
 

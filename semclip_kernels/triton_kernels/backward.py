@@ -128,8 +128,23 @@ def ds_panel_kernel(
 
     # Each weight tile is folded into dS and the filter's maximum as soon as it exists, so at
     # most dots, logits, dS and one weight tile are live (registers: see config.py).
+    # Positive bands first (while no weight tile is live: registers): dS[i, first + i·per_row + p] += g[i, p].
+    # Offsets in int32: a band has M·per_row < 2^31 entries.
     grad_logits = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    band_entries = 0
+    if N_BANDS >= 1:
+        slot = offs_n[None, :] - band0_first - offs_m[:, None] * band0_per_row
+        in_band = row_in[:, None] & col_in[None, :] & (slot >= 0) & (slot < band0_per_row)
+        grad_logits += tl.load(band0_ptr + (offs_m[:, None] * band0_per_row + slot), mask=in_band, other=0.0)
+        band_entries += tl.sum(in_band.to(tl.int32))
+    if N_BANDS >= 2:
+        slot = offs_n[None, :] - band1_first - offs_m[:, None] * band1_per_row
+        in_band = row_in[:, None] & col_in[None, :] & (slot >= 0) & (slot < band1_per_row)
+        grad_logits += tl.load(band1_ptr + (offs_m[:, None] * band1_per_row + slot), mask=in_band, other=0.0)
+        band_entries += tl.sum(in_band.to(tl.int32))
     max_weight = tl.zeros((), dtype=ACC_DTYPE)
+    if FILTER:
+        mass_lb = tl.load(col_mass_lb_ptr + offs_n, mask=col_in, other=0.0).to(ACC_DTYPE)
     if HAS_ROW_GRAD:
         col_bias = tl.load(col_bias_ptr + offs_n, mask=col_in, other=0.0).to(ACC_DTYPE)
         row_lse = tl.load(row_lse_ptr + offs_m, mask=row_in, other=0.0).to(ACC_DTYPE)
@@ -140,7 +155,6 @@ def ds_panel_kernel(
         if FILTER:
             # Relative to a lower bound of column c's row-softmax mass, exp(col_mass_lb):
             # the factor is clamped at e^80 so that the product stays finite.
-            mass_lb = tl.load(col_mass_lb_ptr + offs_n, mask=col_in, other=0.0).to(ACC_DTYPE)
             inv_mass = tl.exp(tl.minimum(-mass_lb, 80.0))
             max_weight = tl.maximum(max_weight, tl.max(row_softmax * tl.maximum(inv_mass, 1.0)[None, :]))
         else:
@@ -153,29 +167,15 @@ def ds_panel_kernel(
         col_softmax = tl.where(row_in[:, None] & is_query[None, :], col_softmax, 0.0)
         grad_logits += g_col[None, :] * col_softmax
         max_weight = tl.maximum(max_weight, tl.max(col_softmax))
-    band_entries = 0
-    if N_BANDS >= 1:
-        in_band = row_in[:, None] & col_in[None, :]
-        slot = offs_n[None, :] - band0_first - offs_m[:, None] * band0_per_row
-        in_band = in_band & (slot >= 0) & (slot < band0_per_row)
-        band_ptrs = band0_ptr + offs_m[:, None].to(tl.int64) * band0_per_row + slot
-        grad_logits += tl.load(band_ptrs, mask=in_band, other=0.0).to(ACC_DTYPE)
-        band_entries += tl.sum(in_band.to(tl.int32))
-    if N_BANDS >= 2:
-        in_band = row_in[:, None] & col_in[None, :]
-        slot = offs_n[None, :] - band1_first - offs_m[:, None] * band1_per_row
-        in_band = in_band & (slot >= 0) & (slot < band1_per_row)
-        band_ptrs = band1_ptr + offs_m[:, None].to(tl.int64) * band1_per_row + slot
-        grad_logits += tl.load(band_ptrs, mask=in_band, other=0.0).to(ACC_DTYPE)
-        band_entries += tl.sum(in_band.to(tl.int32))
-
     tile = row_block * panel_blocks + panel_block
     if NEED_GRAD_SCALE:  # every tile, kept or not: grad_τ never depends on the filter
         tl.store(grad_scale_parts_ptr + tile, tl.sum(grad_logits * dots))
     # (The caller sets FILTER only with HAS_ROW_GRAD, which defines row_softmax and col_bias.)
     skip = False
     if FILTER:
-        skip = (max_weight < filter_eps) & (band_entries == 0)
+        skip = max_weight < filter_eps
+        if N_BANDS >= 1:
+            skip = skip & (band_entries == 0)
     if skip:
         tl.store(keep_ptr + tile, 0)
     else:
