@@ -46,6 +46,18 @@ def test_scales_biases_and_weights(tau, bias, w, beta):
     assert_matches(case, bias_of(bias), "triton", w=w, beta=beta, loss_tol=1e-6, grad_tol=1e-5, **TILES)
 
 
+def test_confident_pairs_keep_their_loss():
+    """Every pair far on its side (x < −17): softplus(x) ≈ e^x is below float32's resolution of 1 + e^x, so
+    a `log(1 + e)` would sum to 0; the kernel's log1p keeps each pair's loss. (Filter off: every gradient
+    here is below the default threshold, which is exact against O(1) gradients only.)"""
+    gen = torch.Generator().manual_seed(1)
+    base = torch.nn.functional.normalize(torch.randn(20, 64, generator=gen), dim=1)
+    case = make_case(20, 64, None, None, tau=1.0)
+    case.image, case.text = base.clone().requires_grad_(), base.clone().requires_grad_()
+    case.logit_scale = torch.tensor(60.0, requires_grad=True)
+    assert_matches(case, bias_of(-30.0), "triton", loss_tol=1e-5, grad_tol=1e-5, grad_filter_eps=0.0, **TILES)
+
+
 def test_default_tiles_and_frozen_inputs():
     case = make_case(150, 48, 1, 1, tau=20.0, seed=5, extra_as_2d=True)
     assert_matches(case, bias_of(-8.0), "triton", loss_tol=1e-6, grad_tol=2e-6)

@@ -27,12 +27,26 @@ def test_triton_can_target_cuda():
 def test_default_configurations_fit(tmp_path):
     out = tmp_path / "resources.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "benchmarks.kernel_resources", "--defaults-only", "--dims", "512",
-           "--arch", "80", "90", "--dtypes", "bfloat16", "float32", "--json", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.kernel_resources",
+        "--defaults-only",
+        "--dims",
+        "512",
+        "--arch",
+        "80",
+        "90",
+        "--dtypes",
+        "bfloat16",
+        "float32",
+        "--json",
+        str(out),
+    ]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     rows = json.loads(out.read_text())
     compiled = {(r["kernel"], r["dtype"], r["arch"]) for r in rows}
-    kernels = ("lse_forward", "ds_panel", "grad_rows", "grad_cols")
+    kernels = ("lse_forward", "ds_panel", "grad_rows", "grad_cols", "sigmoid_rows", "sigmoid_cols")
     dtypes, archs = ("bfloat16", "float32"), (80, 90)
     assert compiled == {(k, t, a) for k in kernels for t in dtypes for a in archs}
     for r in rows:

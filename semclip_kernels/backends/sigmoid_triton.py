@@ -4,7 +4,7 @@
 One row-block kernel (loss, `grad_A`, per-row partials of `grad_τ`, `grad_b`) and, when `grad_C` is asked,
 one column-block kernel recomputing the logits: no atomics, identical inputs give identical bits. The
 per-row partials are summed here in float64, in order. Tiles come from `triton_kernels.config` (the softmax
-kernels' tiles; `block_rows`/`block_cols` override them).
+kernels' tiles but float32's, `config.sigmoid_tile_config`; `block_rows`/`block_cols` override them).
 
 On CUDA tensors the kernels run compiled; on CPU tensors through Triton's interpreter, which must be
 switched on (`TRITON_INTERPRET=1`) before this module is first imported (as `triton_fused`).
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..triton_kernels.config import dot_precision, tile_config
+from ..triton_kernels.config import dot_precision, sigmoid_tile_config
 from ..triton_kernels.sigmoid_forward import sigmoid_pairs
 from .dtypes import stat_dtype
 from .options import PartitionOptions, default_grad_filter_eps
@@ -59,7 +59,7 @@ def pair_sum(
     need_rows, need_cols, need_scale, need_bias = needs
     stat = stat_dtype(rows.dtype)
     scale_bias = torch.stack([scale.detach().reshape(()), bias.detach().reshape(())]).to(stat).contiguous()
-    tile = tile_config(rows.shape[1], rows.dtype, block_rows, block_cols)
+    tile = sigmoid_tile_config(rows.shape[1], rows.dtype, block_rows, block_cols)
     with _on_device(rows):
         row_loss, grad_rows, grad_cols, row_dscale, row_dbias, tiles = sigmoid_pairs(
             rows.detach(), cols.detach(), scale_bias, col_weight.detach().to(stat).contiguous(),

@@ -16,6 +16,10 @@ Why these entries (registers measured with `python -m benchmarks.kernel_resource
   (BLOCK_M + BLOCK_N)·BLOCK_D·2 = 16 KB, 4 stages fit sm_80 (163 KB) and sm_90 (227 KB).
 - float32 tiles: 128×64: at 128×128 the full-float32 dot needs 255 registers and spills.
 - float64 (gradcheck, tests): 64×64×16, 4 warps.
+- The sigmoid kernels (`sigmoid_forward.py`): their row-block kernel also holds the gradient tile and
+  three per-row partials, and spills at the tiles above (16-bit on sm_90: 112 bytes; float32: ~490 bytes).
+  16-bit: 128×32×64, 8 warps, 3 stages; float32: 64×64×16, 8 warps, 2 stages: no spills on sm_80 or
+  sm_90 (`python -m benchmarks.kernel_resources`).
 - Gradient GEMMs (`grad_gemm.py`): an output tile of BLOCK_M (or BLOCK_N) feature rows ×
   BLOCK_OUT_D features, reducing over the panel's tiles one dS tile at a time.
 - Small d shrinks BLOCK_D to d rounded up (at least 16): no work on padding.
@@ -60,6 +64,11 @@ _TILES: dict[int, TileConfig] = {
     4: TileConfig(block_m=128, block_n=64, block_d=32, num_warps=8, num_stages=2),
     8: TileConfig(block_m=64, block_n=64, block_d=16, num_warps=4, num_stages=2),
 }
+_SIGMOID_TILES: dict[int, TileConfig] = {
+    **_TILES,
+    2: TileConfig(block_m=128, block_n=32, block_d=64, num_warps=8, num_stages=3),
+    4: TileConfig(block_m=64, block_n=64, block_d=16, num_warps=8, num_stages=2),
+}
 _GEMMS: dict[int, GemmConfig] = {
     2: GemmConfig(block_out_d=128, num_warps=8, num_stages=3),
     4: GemmConfig(block_out_d=64, num_warps=8, num_stages=2, block_k=16),
@@ -95,7 +104,20 @@ def tile_config(
     dim: int, dtype: torch.dtype, block_rows: int | None = None, block_cols: int | None = None
 ) -> TileConfig:
     """The tile of the forward and of the dS panel for features of size `dim` and `dtype`."""
-    config = _TILES[dtype.itemsize]
+    return _tile_from(_TILES, dim, dtype, block_rows, block_cols)
+
+
+def sigmoid_tile_config(
+    dim: int, dtype: torch.dtype, block_rows: int | None = None, block_cols: int | None = None
+) -> TileConfig:
+    """The tile of both sigmoid kernels (the same tile: the column kernel recomputes the row kernel's logits)."""
+    return _tile_from(_SIGMOID_TILES, dim, dtype, block_rows, block_cols)
+
+
+def _tile_from(
+    table: dict[int, TileConfig], dim: int, dtype: torch.dtype, block_rows: int | None, block_cols: int | None
+) -> TileConfig:
+    config = table[dtype.itemsize]
     config = replace(config, block_d=_block_d(config.block_d, dim))
     if block_rows is not None:
         config = replace(config, block_m=_block_from_option(block_rows))
