@@ -12,7 +12,8 @@ import math
 
 import pytest
 import torch
-from oracle import make_case
+from oracle import make_case, max_norm_rel_err
+from sigmoid_oracle import semsiglip_loss_float64
 from test_siglip import NAMES, assert_matches, bias_of, leaves_of, run_backend
 
 import semclip_kernels as sk
@@ -120,3 +121,18 @@ def test_auto_picks_triton_on_cuda_only():
     case = make_case(4, 8, None, None, tau=10.0)
     loss = sk.semsiglip_loss(case.image, case.text, case.logit_scale, -1.0, backend="triton")
     assert loss.dtype == torch.float32 and math.isfinite(float(loss))
+
+
+def test_float64_features():
+    """float64 features accumulate in float64 (the gradcheck dtype): errors at float64 rounding."""
+    case = make_case(21, 24, 1, 2, tau=10.0, dtype=torch.float64, seed=3)
+    case.logit_scale = torch.tensor(10.0, dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor(-3.0, dtype=torch.float64, requires_grad=True)
+    loss, grads = run_backend(case, bias, "triton", 0.7, 1.3, **TILES)
+    copies = [t.detach().clone().requires_grad_() for t in leaves_of(case, bias)]
+    expected = semsiglip_loss_float64(*copies[:2], copies[4], copies[5], copies[2], copies[3], 0.7, 1.3)
+    expected.backward()
+    assert loss.dtype == torch.float64 and abs(float(loss - expected)) <= 1e-13 * abs(float(expected))
+    for name, grad, copy in zip(NAMES, grads, copies):
+        assert grad.dtype == torch.float64, name
+        assert max_norm_rel_err(grad, copy.grad) <= 1e-12, name
