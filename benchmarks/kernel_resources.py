@@ -3,9 +3,10 @@
 No GPU needed: `triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))` builds
 the cubin; the `cuobjdump` shipped in Triton's wheel reads its resource usage and its
 SASS. Every launch the backend can make is compiled from the launchers' own `Launch`
-builders (`forward_launch`, `ds_panel_launch`, `gemm_launch`: no second copy of the
-constexprs): the forward, the dS panel kernel (filter on / off, feature gradients
-wanted or grad_τ only), the two gradient GEMMs (sparse over kept tiles / dense), for
+builders (`forward_launch`, `ds_panel_launch`, `gemm_launch`, `rows_launch`, `cols_launch`:
+no second copy of the constexprs): the forward, the dS panel kernel (filter on / off, feature
+gradients wanted or grad_τ only), the two gradient GEMMs (sparse over kept tiles / dense),
+the sigmoid loss's row-block and column-block kernels (filter on / off), for
 d in {256, 512, 768, 1024} and each dtype, full-float32 and TF32 dots for float32.
 Configurations that compile to the same kernel are compiled once.
 
@@ -45,11 +46,18 @@ from semclip_kernels.triton_kernels.config import (
     TileConfig,
     gemm_config,
     gemm_launch,
+    sigmoid_tile_config,
     tile_candidates,
     tile_config,
 )
 from semclip_kernels.triton_kernels.grad_gemm import grad_cols_kernel, grad_rows_kernel
 from semclip_kernels.triton_kernels.lse_forward import forward_launch, lse_forward_kernel
+from semclip_kernels.triton_kernels.sigmoid_forward import (
+    cols_launch,
+    rows_launch,
+    sigmoid_cols_kernel,
+    sigmoid_rows_kernel,
+)
 
 DIMS = (256, 512, 768, 1024)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -60,7 +68,8 @@ SHARED_LIMIT_BYTES = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 10
 _POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 # Pointers to features or to tensors in the features' dtype; pointers to int32 tensors.
 _FEATURE_POINTERS = ("rows_ptr", "cols_ptr", "panel_ptr")  # gradients are written in float32 (float64)
-_INT_POINTERS = ("keep_ptr", "kept_ptr", "kept_count_ptr")
+_INT_POINTERS = ("keep_ptr", "kept_ptr", "kept_count_ptr", "skipped_ptr")
+_INT64_POINTERS = ("owner_ptr",)
 # SASS opcodes counted (the mnemonic before the first dot).
 _ATOMIC_OPCODES = ("ATOM", "ATOMG", "ATOMS", "RED", "REDG", "REDAS")
 _TENSOR_CORE_OPCODES = ("HGMMA", "HMMA")
@@ -124,9 +133,11 @@ def _signature(kernel, dtype: torch.dtype, constexprs: dict[str, object]) -> tup
             signature[name] = _POINTER_TYPES[dtype]
         elif name in _INT_POINTERS:
             signature[name] = "*i32"
+        elif name in _INT64_POINTERS:
+            signature[name] = "*i64"
         elif name.endswith("_ptr"):
             signature[name] = "*fp32"
-        elif name == "filter_eps":
+        elif name in ("filter_eps", "op_scale"):
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
@@ -191,6 +202,8 @@ def kernel_variants(dtype: torch.dtype, dim: int, defaults_only: bool = False, t
     precisions = ["ieee", "tf32"] if dtype == torch.float32 and not defaults_only else ["ieee"]
     tile, gemm = tile or tile_config(dim, dtype), gemm_config(dim, dtype)
     tile_shape = (tile.block_m, tile.block_n, tile.block_d)
+    sigmoid_tile = sigmoid_tile_config(dim, dtype)
+    sigmoid_shape = (sigmoid_tile.block_m, sigmoid_tile.block_n, sigmoid_tile.block_d)
     for precision in precisions:
         tag = "+tf32" if precision == "tf32" else ""
         yield "lse_forward", "default" + tag, lse_forward_kernel, forward_launch(tile, dtype, precision), tile_shape
@@ -209,6 +222,15 @@ def kernel_variants(dtype: torch.dtype, dim: int, defaults_only: bool = False, t
             launch = gemm_launch(tile, gemm, dtype, precision, SPARSE=sparse)
             for kernel_name, kernel in (("grad_rows", grad_rows_kernel), ("grad_cols", grad_cols_kernel)):
                 yield kernel_name, name, kernel, launch, (tile.block_m, tile.block_n, gemm.block_out_d)
+        # The sigmoid loss (docs/siglip.md): loss + grad_A + dτ/db partials per row block; grad_C per column block.
+        for filtering in (True, False):
+            if defaults_only and not filtering:
+                continue
+            name = ("default" if filtering else "nofilter") + tag
+            launch = rows_launch(sigmoid_tile, dtype, precision, need_rows=True, need_scale=True, filter_=filtering)
+            yield "sigmoid_rows", name, sigmoid_rows_kernel, launch, sigmoid_shape
+            launch = cols_launch(sigmoid_tile, dtype, precision, filtering)
+            yield "sigmoid_cols", name, sigmoid_cols_kernel, launch, sigmoid_shape
 
 
 def sweep(

@@ -249,9 +249,9 @@ def test_bad_arguments_name_what_they_expected(backend):
 
 
 def test_triton_request_explains_and_auto_never_fails():
-    case = make_case(4, 8, None, None, tau=10.0)
-    with pytest.raises(RuntimeError, match="cannot run the sigmoid loss|cannot run on"):
-        sk.semsiglip_loss(case.image, case.text, case.logit_scale, -1.0, backend="triton")
+    """backend="triton" itself is tested in tests/test_siglip_triton.py (CPU tensors: the interpreter)."""
+    ok, reason = sigmoid_backend_status("triton", torch.device("meta"))
+    assert not ok and "meta" in reason
     assert sigmoid_dispatch.resolve_sigmoid_backend("auto", torch.device("cpu")) in FUSED
 
 

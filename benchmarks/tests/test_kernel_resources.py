@@ -41,7 +41,15 @@ def test_candidate_configurations_fit(tmp_path):
     tiles = {
         name: [(t.block_m, t.block_n) for t in config.tile_candidates(512, dtype)] for name, dtype in dtypes.items()
     }
-    assert compiled == {(k, t, a, *tile) for k in kernels for t in dtypes for a in archs for tile in tiles[t]}
+    sigmoid_tiles = {name: config.sigmoid_tile_config(512, dtype) for name, dtype in dtypes.items()}
+    expected = {(k, t, a, *tile) for k in kernels for t in dtypes for a in archs for tile in tiles[t]}
+    expected |= {
+        (k, t, a, sigmoid_tiles[t].block_m, sigmoid_tiles[t].block_n)
+        for k in ("sigmoid_rows", "sigmoid_cols")
+        for t in dtypes
+        for a in archs
+    }
+    assert compiled == expected
     for r in rows:
         assert r["stack_bytes"] == 0 and r["local_bytes"] == 0, r  # no register spills
         assert 0 < r["shared_bytes"] <= r["shared_limit_bytes"], r

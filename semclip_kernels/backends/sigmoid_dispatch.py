@@ -35,9 +35,11 @@ _MODULES = {
     "torch": "semclip_kernels.backends.sigmoid_torch",
     "cpp": "semclip_kernels.backends.sigmoid_cpp",
     "reference": "semclip_kernels.backends.sigmoid_reference",
+    "triton": "semclip_kernels.backends.sigmoid_triton",
 }
 # Whether the forward computes the gradients too (see above); measured in docs/siglip.md.
-GRADIENTS_IN_FORWARD = {"torch": True, "cpp": True, "reference": False}
+# triton: as the fused CPU kernel (its forward runs the gradient products in the same pass; not yet timed).
+GRADIENTS_IN_FORWARD = {"torch": True, "cpp": True, "reference": False, "triton": True}
 _resolved: dict[tuple[str, str], str] = {}
 
 
@@ -53,8 +55,6 @@ def _load(name: str) -> tuple[ModuleType | None, str]:
 
 def sigmoid_backend_status(name: str, device: torch.device) -> tuple[bool, str]:
     """Whether the sigmoid kernels of concrete backend `name` run on `device`, and if not, why."""
-    if name == "triton":
-        return False, "the sigmoid loss has no Triton kernels yet (docs/siglip.md); use backend='torch' on GPUs"
     module, reason = _load(name)
     if module is None:
         return False, reason

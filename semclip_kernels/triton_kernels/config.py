@@ -25,6 +25,10 @@ first of each is the default; on a GPU `tuning.select_tile` times the candidates
   panel under Triton 3.9 on sm_90; at 128×128 the full-float32 dot needs 255 registers and spills.
   Other: 64×64×32, 8 warps, 2 stages.
 - float64 (gradcheck, tests): 64×64×16, 4 warps; one candidate, never timed.
+- The sigmoid kernels (`sigmoid_forward.py`): their row-block kernel also holds the gradient tile and
+  three per-row partials, and spills at the tiles above (16-bit on sm_90: 112 bytes; float32: ~490 bytes).
+  16-bit: 128×32×64, 8 warps, 3 stages; float32: 64×64×16, 8 warps, 2 stages: no spills on sm_80 or
+  sm_90 (`python -m benchmarks.kernel_resources`).
 - Gradient GEMMs (`grad_gemm.py`): an output tile of BLOCK_M (or BLOCK_N) feature rows ×
   BLOCK_OUT_D features, reducing over the panel's tiles one dS tile at a time.
 - Small d shrinks BLOCK_D to d rounded up (at least 16): no work on padding.
@@ -76,6 +80,11 @@ TILE_CANDIDATES: dict[int, tuple[TileConfig, ...]] = {
     ),
     8: (TileConfig(block_m=64, block_n=64, block_d=16, num_warps=4, num_stages=2),),
 }
+_SIGMOID_TILES: dict[int, TileConfig] = {
+    8: TILE_CANDIDATES[8][0],
+    2: TileConfig(block_m=128, block_n=32, block_d=64, num_warps=8, num_stages=3),
+    4: TileConfig(block_m=64, block_n=64, block_d=16, num_warps=8, num_stages=2),
+}
 _GEMMS: dict[int, GemmConfig] = {
     2: GemmConfig(block_out_d=128, num_warps=8, num_stages=3),
     4: GemmConfig(block_out_d=64, num_warps=8, num_stages=2, block_k=16),
@@ -115,7 +124,18 @@ def tile_config(
     `block_rows` / `block_cols` (PartitionOptions) replace its sides. The backend asks
     `tuning.select_tile`, which starts from this tile or from a timed candidate.
     """
-    config = sized_tile(TILE_CANDIDATES[dtype.itemsize][0], dim)
+    return _tile_from(TILE_CANDIDATES[dtype.itemsize][0], dim, block_rows, block_cols)
+
+
+def sigmoid_tile_config(
+    dim: int, dtype: torch.dtype, block_rows: int | None = None, block_cols: int | None = None
+) -> TileConfig:
+    """The tile of both sigmoid kernels (the same tile: the column kernel recomputes the row kernel's logits)."""
+    return _tile_from(_SIGMOID_TILES[dtype.itemsize], dim, block_rows, block_cols)
+
+
+def _tile_from(config: TileConfig, dim: int, block_rows: int | None, block_cols: int | None) -> TileConfig:
+    config = sized_tile(config, dim)
     if block_rows is not None:
         config = replace(config, block_m=_block_from_option(block_rows))
     if block_cols is not None:
