@@ -18,7 +18,8 @@ first of each is the default; on a GPU `tuning.select_tile` times the candidates
 - 16-bit: 128×64, BLOCK_D 32, 8 warps, 3 stages (default): a float32 [128, 64] accumulator is
   32 registers per thread, leaving room for the dS panel's softmax weights; shared memory per stage
   (BLOCK_M + BLOCK_N)·BLOCK_D·2 = 12 KB. BLOCK_D 64 spills in the dS panel under Triton 3.6 (sm_80,
-  capped at 128 registers). Others: 64×128×64 with 8 warps / 3 stages and with 4 warps / 2 stages.
+  capped at 128 registers). Other: 64×128×64 with 8 warps / 3 stages (with 4 warps / 2 stages the dS panel
+  needs 255 registers and spills once it folds the positives into dS).
   No 128×128 tile fits the forward on sm_90 (it spills 8-72 bytes with 8 warps, 2 or 3 stages, and
   with 16 warps under Triton 3.6).
 - float32: 128×64, BLOCK_D 16, 8 warps, 2 stages (default): BLOCK_D 32 spills 8 bytes in the dS
@@ -27,8 +28,9 @@ first of each is the default; on a GPU `tuning.select_tile` times the candidates
 - float64 (gradcheck, tests): 64×64×16, 4 warps; one candidate, never timed.
 - The sigmoid kernels (`sigmoid_forward.py`): their row-block kernel also holds the gradient tile and
   three per-row partials, and spills at the tiles above (16-bit on sm_90: 112 bytes; float32: ~490 bytes).
-  16-bit: 128×32×64, 8 warps, 3 stages; float32: 64×64×16, 8 warps, 2 stages: no spills on sm_80 or
-  sm_90 (`python -m benchmarks.kernel_resources`).
+  16-bit: 128×32×64, 8 warps, 3 stages; float32: 32×64×16, 4 warps, 2 stages (64×64×16 with 8 warps
+  spills 16 bytes in the column kernel under Triton 3.6, sm_80; 64×32×16 spills under Triton 3.9, sm_90):
+  no spills on sm_80 or sm_90 with Triton 3.6, 3.8 and 3.9 (`python -m benchmarks.kernel_resources`).
 - Gradient GEMMs (`grad_gemm.py`): an output tile of BLOCK_M (or BLOCK_N) feature rows ×
   BLOCK_OUT_D features, reducing over the panel's tiles one dS tile at a time.
 - Small d shrinks BLOCK_D to d rounded up (at least 16): no work on padding.
@@ -72,7 +74,6 @@ TILE_CANDIDATES: dict[int, tuple[TileConfig, ...]] = {
     2: (
         TileConfig(block_m=128, block_n=64, block_d=32, num_warps=8, num_stages=3),
         TileConfig(block_m=64, block_n=128, block_d=64, num_warps=8, num_stages=3),
-        TileConfig(block_m=64, block_n=128, block_d=64, num_warps=4, num_stages=2),
     ),
     4: (
         TileConfig(block_m=128, block_n=64, block_d=16, num_warps=8, num_stages=2),
@@ -83,7 +84,7 @@ TILE_CANDIDATES: dict[int, tuple[TileConfig, ...]] = {
 _SIGMOID_TILES: dict[int, TileConfig] = {
     8: TILE_CANDIDATES[8][0],
     2: TileConfig(block_m=128, block_n=32, block_d=64, num_warps=8, num_stages=3),
-    4: TileConfig(block_m=64, block_n=64, block_d=16, num_warps=8, num_stages=2),
+    4: TileConfig(block_m=32, block_n=64, block_d=16, num_warps=4, num_stages=2),
 }
 _GEMMS: dict[int, GemmConfig] = {
     2: GemmConfig(block_out_d=128, num_warps=8, num_stages=3),
