@@ -66,12 +66,13 @@ def float64_grads(features, tau: float):
 def test_16bit_gradients_near_convergence(backend, dtype, tau, closeness, extras):
     # Issue 20: B = d = 64, τ = 10, captions close to their images: every backend's image gradient was
     # 0.44 (bfloat16) off the float64 evaluation of the same values; at τ = 15 up to 19.
+    tolerance = 2e-2
     if backend == "triton" and extras and closeness < 0.1 and dtype == torch.bfloat16:
         # Triton's dS panel is 16-bit (tensor cores): a paraphrase at cosine > 0.998 to its caption makes the
         # image gradient a small difference of O(1) weights of different columns, and bfloat16's rounding of
-        # those weights shows (measured 0.023, docs/backends.md "Limits"); the positives' own cancellation is
-        # folded into dS before the cast, which the cases above check.
-        pytest.skip("bfloat16 dS panel: see docs/backends.md, Limits")
+        # those weights shows (measured 0.023, docs/backends.md "Limits", docs/contract.md §4); the positives'
+        # own cancellation is folded into dS before the cast, which the cases above check at 2e-2.
+        tolerance = 3e-2
     features = converged_case(64, 64, closeness, dtype)
     if not extras:  # CLIP: the loss itself is near 0
         features = features[:2]
@@ -84,7 +85,7 @@ def test_16bit_gradients_near_convergence(backend, dtype, tau, closeness, extras
     for name, grad, want in zip(names, grads, expected):
         assert grad.dtype == (dtype if name != "logit_scale" else torch.float32)
         err = max_norm_rel_err(grad, want)
-        assert err <= 2e-2, f"{backend} {dtype} τ={tau}: {name} gradient off by {err:.3g}"
+        assert err <= tolerance, f"{backend} {dtype} τ={tau}: {name} gradient off by {err:.3g}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
