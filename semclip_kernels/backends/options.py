@@ -60,3 +60,21 @@ def default_grad_filter_eps(n_rows: int, n_cols: int, dtype: torch.dtype) -> flo
     """
     unit_roundoff = torch.finfo(stat_dtype(dtype)).eps / 2
     return unit_roundoff / max(n_rows, n_cols, 1)
+
+
+def resolve_options(
+    options: PartitionOptions,
+    n_rows: int,
+    n_cols: int,
+    dtype: torch.dtype,
+    default_block_rows: int | None,
+    default_block_cols: int | None,
+) -> tuple[int | None, int | None, float]:
+    """`(block_rows, block_cols, grad_filter_eps)`: `options` with a backend's defaults where it says None
+    (a None default tile stays None: the kernel's launch configuration decides)."""
+    eps = options.grad_filter_eps
+    return (
+        options.block_rows or default_block_rows,
+        options.block_cols or default_block_cols,
+        default_grad_filter_eps(n_rows, n_cols, dtype) if eps is None else eps,
+    )

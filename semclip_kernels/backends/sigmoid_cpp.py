@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 from .dtypes import stat_dtype
-from .options import PartitionOptions, default_grad_filter_eps
 
 try:
     from semclip_kernels import _C
@@ -37,16 +36,6 @@ def is_available(device: torch.device) -> tuple[bool, str]:
     if not hasattr(_C, "sigmoid_pairs"):
         return False, "the C++ extension semclip_kernels._C predates the sigmoid kernel: rebuild it"
     return True, ""
-
-
-def resolve_options(options: PartitionOptions, n_rows: int, n_cols: int, dtype: torch.dtype) -> tuple[int, int, float]:
-    """`(block_rows, block_cols, grad_filter_eps)`, the backend's defaults where `options` says None."""
-    eps = options.grad_filter_eps
-    return (
-        options.block_rows or DEFAULT_BLOCK_ROWS,
-        options.block_cols or DEFAULT_BLOCK_COLS,
-        default_grad_filter_eps(n_rows, n_cols, dtype) if eps is None else eps,
-    )
 
 
 def pair_sum(

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from .dtypes import stat_dtype
-from .options import PartitionOptions, default_grad_filter_eps
 
 DEFAULT_BLOCK_ROWS = 512
 DEFAULT_BLOCK_COLS = 1024
@@ -29,16 +28,6 @@ def is_available(device: torch.device) -> tuple[bool, str]:
 
 def _tiles(n: int, block: int) -> list[slice]:
     return [slice(start, min(start + block, n)) for start in range(0, n, block)]
-
-
-def resolve_options(options: PartitionOptions, n_rows: int, n_cols: int, dtype: torch.dtype) -> tuple[int, int, float]:
-    """`(block_rows, block_cols, grad_filter_eps)`, the backend's defaults where `options` says None."""
-    eps = options.grad_filter_eps
-    return (
-        options.block_rows or DEFAULT_BLOCK_ROWS,
-        options.block_cols or DEFAULT_BLOCK_COLS,
-        default_grad_filter_eps(n_rows, n_cols, dtype) if eps is None else eps,
-    )
 
 
 def pair_sum(

@@ -17,22 +17,16 @@ import torch
 from ..triton_kernels.config import dot_precision, sigmoid_tile_config
 from ..triton_kernels.sigmoid_forward import sigmoid_pairs
 from .dtypes import stat_dtype
-from .options import PartitionOptions, default_grad_filter_eps
 from .triton_fused import _SUPPORTED_DTYPES, _on_device
 from .triton_fused import is_available as _triton_available
+
+# No default tile here: `config.sigmoid_tile_config` decides (sized to d and dtype).
+DEFAULT_BLOCK_ROWS: int | None = None
+DEFAULT_BLOCK_COLS: int | None = None
 
 
 def is_available(device: torch.device) -> tuple[bool, str]:
     return _triton_available(device)
-
-
-def resolve_options(
-    options: PartitionOptions, n_rows: int, n_cols: int, dtype: torch.dtype
-) -> tuple[int | None, int | None, float]:
-    """`(block_rows, block_cols, grad_filter_eps)`; None tiles: `config.tile_config`'s defaults."""
-    eps = options.grad_filter_eps
-    eps = default_grad_filter_eps(n_rows, n_cols, dtype) if eps is None else eps
-    return options.block_rows, options.block_cols, eps
 
 
 def pair_sum(

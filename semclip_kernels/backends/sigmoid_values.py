@@ -23,7 +23,7 @@ from types import ModuleType
 import torch
 
 from .dtypes import stat_dtype
-from .options import PartitionOptions
+from .options import PartitionOptions, resolve_options
 from .values import Grads, Needs, split_cols
 
 _DEFAULT = -1  # an option left to the backend (block sizes and eps are never negative)
@@ -67,7 +67,7 @@ class SigmoidStatGrads:
 class SigmoidKernels:
     """The layer's `Kernels` for a pure sigmoid kernel module (`sigmoid_torch`, `sigmoid_cpp`), whose one
     function `pair_sum(rows, cols, scale, bias, col_weight, col_owner, needs4, block_rows, block_cols, eps)`
-    returns the sum and the gradients asked for."""
+    returns the sum and the gradients asked for; `DEFAULT_BLOCK_ROWS/COLS` are its default tile."""
 
     differentiable = False
 
@@ -79,9 +79,10 @@ class SigmoidKernels:
 
     def _pass(self, problem: SigmoidProblem, needs: Needs):
         cols = problem.joined_cols()
-        block_rows, block_cols, eps = self.module.resolve_options(
-            problem.options, problem.rows.shape[0], cols.shape[0], problem.rows.dtype
-        )
+        block_rows, block_cols, eps = resolve_options(
+            problem.options, problem.rows.shape[0], cols.shape[0], problem.rows.dtype,
+            self.module.DEFAULT_BLOCK_ROWS, self.module.DEFAULT_BLOCK_COLS,
+        )  # fmt: skip
         scale, bias = problem.scale_bias[0], problem.scale_bias[1]
         return self.module.pair_sum(
             problem.rows, cols, scale, bias, problem.col_weight, problem.col_owner,
