@@ -96,7 +96,7 @@ class SigmoidKernels:
         return SigmoidStats(
             total.to(stat),
             empty if grad_rows is None else grad_rows.to(stat),
-            no_cols if grad_cols is None else split_cols(grad_cols.to(stat), problem),
+            no_cols if grad_cols is None else _own_blocks(split_cols(grad_cols.to(stat), problem)),
             empty.clone() if grad_scale is None else torch.stack([grad_scale, grad_bias]).to(stat),
             _counts(tiles),
         )  # fmt: skip
@@ -122,6 +122,14 @@ class SigmoidKernels:
             grad_scale_bias * g if needs.scale else None,
             counts.clone(),
         )
+
+
+def _own_blocks(blocks: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Column-gradient blocks that are outputs of a custom op may not alias each other: each its own copy.
+
+    (`ops._distinct` copies views too, but under functionalization, as in AOT autograd, the split blocks
+    need not report themselves as views.)"""
+    return blocks if len(blocks) == 1 else tuple(block.clone() for block in blocks)
 
 
 def _counts(tiles: tuple[int, int]) -> torch.Tensor:
