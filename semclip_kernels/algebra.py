@@ -6,9 +6,10 @@ The backends compute only the log-partitions of `S = τ·I·Cᵀ` against the te
     row_lse[i]   = Z_i    = log Σ_c exp(S_ic + bias_c),  bias = log β on negations
     query_lse[q] = Y(C_q) = log Σ_i exp(S_iq),           for captions and paraphrases
 
-This module lays out the columns, computes the O(B·d) positive logits and turns the
-partitions into the loss. It knows nothing of backends or ranks (`loss_node.py` is the
-single-process loss as one autograd node over it).
+This module lays out the columns (`Columns`: one layout for both losses, the loss node and the
+distributed layer), computes the O(B·d) positive logits and turns the partitions into the loss.
+It knows nothing of backends or ranks (`loss_node.py` is the single-process loss as one
+autograd node over it; `sigmoid_algebra.py` the sigmoid loss's algebra).
 """
 
 from __future__ import annotations
@@ -20,18 +21,46 @@ import torch
 
 from .validation import SemCLIPInputs
 
+NO_OWNER = -1  # the owner of a column that is no image's positive (a negation)
+
 
 @dataclass(frozen=True)
 class Columns:
-    """The text columns of one batch, query columns first: `[T; P; N]`, as blocks (never joined here)."""
+    """The text columns of one batch, query columns first: `[T; P; N]`, as blocks (never joined here).
+
+    Paraphrase `p` of image `j` is column `B + j·Pn + p`. The softmax loss reads `col_bias` and
+    `n_query_cols`; the sigmoid loss each column's weight and owner (`col_weight`, `col_owner`).
+    """
 
     blocks: tuple[torch.Tensor, ...]  # [B, d] captions, then [B·Pn, d] paraphrases, [B·Mn, d] negations
-    col_bias: torch.Tensor  # [K]: 0 on captions and paraphrases, log β on negations
+    col_bias: torch.Tensor  # [K], statistics dtype: 0 on captions and paraphrases, log β on negations
     n_query_cols: int  # captions and paraphrases: the queries of the text → image direction
+    paraphrase_weight: float = 1.0  # w, β: the weights of the blocks kept (an extra of weight 0 is left out)
+    hard_negative_weight: float = 1.0
 
     @property
     def n_cols(self) -> int:
         return self.col_bias.shape[0]
+
+    @property
+    def batch(self) -> int:
+        return self.blocks[0].shape[0]
+
+    def col_weight(self) -> torch.Tensor:
+        """`[K]`, statistics dtype: 1 on captions, `w` on paraphrases, `β` on negations."""
+        weight = torch.ones_like(self.col_bias)
+        weight[self.batch : self.n_query_cols] = self.paraphrase_weight
+        weight[self.n_query_cols :] = self.hard_negative_weight
+        return weight
+
+    def col_owner(self) -> torch.Tensor:
+        """`[K]` int64: the image whose positive each column is (`NO_OWNER` for negations)."""
+        owner = torch.full((self.n_cols,), NO_OWNER, dtype=torch.long, device=self.col_bias.device)
+        per_image = self.n_query_cols // self.batch  # 1 + Pn
+        rows = torch.arange(self.batch, device=owner.device)
+        owner[: self.batch] = rows
+        owner[self.batch : self.n_query_cols] = rows.repeat_interleave(per_image - 1)
+        return owner
 
     def joined(self) -> torch.Tensor:
         """`[T; P; N]` as one `[K, d]` tensor (a copy when there are several blocks)."""
@@ -39,10 +68,10 @@ class Columns:
 
 
 def build_columns(inputs: SemCLIPInputs, paraphrase_weight: float, hard_negative_weight: float) -> Columns:
-    """Lay out the text columns `[T; P; N]`, query columns first.
+    """Lay out the text columns `[T; P; N]`, query columns first; negations carry the bias `log β`.
 
-    Paraphrase `p` of image `j` is column `B + j·Pn + p`; negations carry the bias `log β`.
-    Extras whose weight is 0 are left out entirely (docs/contract.md §1: "w = 0 removes paraphrases").
+    Extras whose weight is 0 are left out entirely (docs/contract.md §1: "w = 0 removes paraphrases"; in the
+    sigmoid loss every pair is weighted, so leaving them out and weighting them 0 are the same loss, §8).
     """
     dim = inputs.image.shape[1]
     blocks = [inputs.text]
@@ -55,7 +84,7 @@ def build_columns(inputs: SemCLIPInputs, paraphrase_weight: float, hard_negative
     col_bias = torch.zeros(n_cols, dtype=inputs.logit_scale.dtype, device=inputs.image.device)
     if n_cols > n_query_cols:
         col_bias[n_query_cols:] = math.log(hard_negative_weight)
-    return Columns(tuple(blocks), col_bias, n_query_cols)
+    return Columns(tuple(blocks), col_bias, n_query_cols, paraphrase_weight, hard_negative_weight)
 
 
 def positive_logits(inputs: SemCLIPInputs, paraphrase_weight: float) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -18,7 +18,6 @@ PyTorch recommends (and open_clip's trainer does), call `backward()` outside the
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import torch
@@ -27,11 +26,10 @@ from torch import nn
 from .algebra import build_columns, combine_partitions, positive_logits
 from .backends import backend_module, resolve_backend
 from .backends import forward as backend_forward
-from .backends.options import PartitionOptions
 from .backends.values import Problem
 from .distributed import RankGroup, distributed_loss
 from .loss_node import node_loss
-from .validation import LossConfig, SemCLIPInputs, check_inputs
+from .validation import LossConfig, SemCLIPInputs, autocast_off, check_inputs
 
 
 def semclip_loss(
@@ -61,9 +59,7 @@ def semclip_loss(
         backend: one of `"auto"`, `"triton"`, `"cpp"`, `"torch"`, `"reference"`.
         block_rows, block_cols, grad_filter_eps: tiling options (see `PartitionOptions`).
     """
-    config = LossConfig(
-        paraphrase_weight, hard_negative_weight, backend, PartitionOptions(block_rows, block_cols, grad_filter_eps)
-    )
+    config = LossConfig.of(paraphrase_weight, hard_negative_weight, backend, block_rows, block_cols, grad_filter_eps)
     return _loss(config, None, image_features, text_features, logit_scale, paraphrase_features, negation_features)
 
 
@@ -96,9 +92,8 @@ class SemCLIPLoss(nn.Module):
         super().__init__()
         if use_horovod:
             raise ValueError("use_horovod is not supported: SemCLIPLoss runs on torch.distributed")
-        self.config = LossConfig(
-            paraphrase_weight, hard_negative_weight, backend, PartitionOptions(block_rows, block_cols, grad_filter_eps)
-        )
+        self.config = LossConfig.of(paraphrase_weight, hard_negative_weight, backend, block_rows, block_cols,
+                                    grad_filter_eps)  # fmt: skip
         # group_size: ranks per all-gather group of distributed_mode="hierarchical" (default: LOCAL_WORLD_SIZE).
         group = RankGroup(rank, world_size, local_loss, gather_with_grad, distributed_mode, group_size)
         self.group = group if world_size > 1 else None
@@ -137,19 +132,11 @@ def _loss(
 ) -> torch.Tensor:
     """The pipeline: validate, lay out the columns, partitions (one process or many), combine."""
     inputs = check_inputs(image_features, text_features, logit_scale, paraphrase_features, negation_features)
-    with _autocast_off(inputs.image.device):
+    with autocast_off(inputs.image.device):
         if group is None:
             return _single_process_loss(inputs, config)
         columns = build_columns(inputs, config.paraphrase_weight, config.hard_negative_weight)
         return distributed_loss(inputs, columns, config, group)
-
-
-def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast disabled on `device` (a no-op where autocast does not exist, e.g. meta tensors)."""
-    # Dynamo before torch 2.13 refuses to trace is_autocast_available; compiled code runs on real devices.
-    if not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(device.type):
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, enabled=False)
 
 
 def _single_process_loss(inputs: SemCLIPInputs, config: LossConfig) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The single-process SemCLIP loss as ONE autograd node (docs/backends.md, issue 20 item 3).
+"""The single-process SemCLIP loss as ONE autograd node (docs/backends.md).
 
     forward:  the partitions of `S = τ·I·[T; P; N]ᵀ` (the columns passed as the blocks T, P, N: never
               joined by this layer), the positive logits, and `algebra.combine_partitions`
@@ -13,11 +13,9 @@ plain autograd). Autograd adds no buffer of its own: each input receives one gra
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .algebra import combine_partitions, positive_logits
+from .algebra import build_columns, combine_partitions, positive_logits
 from .backends import backward as backend_backward
 from .backends import forward as backend_forward
 from .backends.options import PartitionOptions
@@ -25,24 +23,12 @@ from .backends.values import Needs, PositiveBand, Problem, StatGrads, Stats
 from .validation import SemCLIPInputs
 
 
-def _blocks(
-    text: torch.Tensor, paraphrase: torch.Tensor | None, negation: torch.Tensor | None
-) -> tuple[torch.Tensor, ...]:
-    """The column blocks `[T], [P], [N]` as `[n, d]` (views where the layout allows; absent blocks left out)."""
-    dim = text.shape[1]
-    blocks = [text]
-    for extra in (paraphrase, negation):
-        if extra is not None:
-            blocks.append(extra.reshape(-1, dim))
-    return tuple(blocks)
-
-
-def _col_bias(batch: int, n_para: int, n_neg: int, beta: float, like: torch.Tensor) -> torch.Tensor:
-    n_query = batch * (1 + n_para)
-    col_bias = torch.zeros(n_query + batch * n_neg, dtype=like.dtype, device=like.device)
-    if n_neg:
-        col_bias[n_query:] = math.log(beta)
-    return col_bias
+def _problem(image, text, paraphrase, negation, scale, paraphrase_weight: float, hard_negative_weight: float,
+             options: PartitionOptions) -> Problem:  # fmt: skip
+    """The partitions problem of the batch: the columns laid out by `algebra.build_columns`, as blocks."""
+    inputs = SemCLIPInputs(image, text, paraphrase, negation, scale)
+    columns = build_columns(inputs, paraphrase_weight, hard_negative_weight)
+    return Problem(image, columns.blocks, scale, columns.col_bias, columns.n_query_cols, options)
 
 
 class SemCLIPNode(torch.autograd.Function):
@@ -61,12 +47,8 @@ class SemCLIPNode(torch.autograd.Function):
         options: PartitionOptions,
         backend: str,
     ) -> torch.Tensor:
-        batch = image.shape[0]
         n_para = 0 if paraphrase is None else paraphrase.shape[1]
-        n_neg = 0 if negation is None else negation.shape[1]
-        problem = Problem(image, _blocks(text, paraphrase, negation), scale,
-                          _col_bias(batch, n_para, n_neg, hard_negative_weight, scale), batch * (1 + n_para),
-                          options)  # fmt: skip
+        problem = _problem(image, text, paraphrase, negation, scale, paraphrase_weight, hard_negative_weight, options)
         stats = backend_forward(problem, backend)
         inputs = SemCLIPInputs(image, text, paraphrase, negation, scale)
         text_pos, para_pos = positive_logits(inputs, paraphrase_weight)
@@ -91,10 +73,7 @@ class SemCLIPNode(torch.autograd.Function):
         scale, row_lse, query_lse, col_mass_lb, *aux = saved[2:]
         stats = Stats(row_lse, query_lse, col_mass_lb, tuple(aux))
         batch = image.shape[0]
-        n_neg = 0 if negation is None else negation.shape[1]
-        problem = Problem(image, _blocks(text, paraphrase, negation), scale,
-                          _col_bias(batch, n_para, n_neg, hard_negative_weight, scale), batch * (1 + n_para),
-                          options)  # fmt: skip
+        problem = _problem(image, text, paraphrase, negation, scale, paraphrase_weight, hard_negative_weight, options)
 
         # L = (mean_i i2t_i + mean_j t2i_j) / (2n), n = 1 + w·Pn (algebra.combine_partitions): per unit of L,
         # dZ_i = n/(2nB), dY(T_j) = 1/(2nB), dY(P_jp) = w/(2nB), d s(I_i,T_i) = −2/(2nB), d s(I_i,P_ip) = −2w/(2nB).

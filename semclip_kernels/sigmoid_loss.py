@@ -4,7 +4,7 @@ positives and negations as hard negatives (docs/contract.md §8, docs/siglip.md)
 One pipeline for every backend and process layout, as the softmax loss's (loss.py):
 
     validate the arguments   (validation.py: the softmax loss's checks, and logit_bias as logit_scale)
-    lay out the columns      (sigmoid_algebra.build_sigmoid_columns: [T; P; N] with weights and owners)
+    lay out the columns      (algebra.build_columns: [T; P; N], each column's weight and owner)
     pair sum                 single process: one primitive call (backends/sigmoid_dispatch.py);
                              distributed: gathered or ring-passed column blocks (distributed/sigmoid_global.py)
     normalise                (sigmoid_algebra.sigmoid_loss_from_pair_sum: / B)
@@ -15,12 +15,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .backends.options import PartitionOptions
+from .algebra import build_columns
 from .backends.sigmoid_dispatch import sigmoid_pair_sum
-from .distributed.sigmoid_global import SIGMOID_MODES, SigmoidRankGroup, distributed_sigmoid_loss
-from .loss import _autocast_off
-from .sigmoid_algebra import build_sigmoid_columns, sigmoid_loss_from_pair_sum
-from .validation import LossConfig, check_inputs, check_logit_bias
+from .distributed import RankGroup
+from .distributed.sigmoid_global import SIGMOID_MODES, distributed_sigmoid_loss
+from .sigmoid_algebra import sigmoid_loss_from_pair_sum
+from .validation import LossConfig, autocast_off, check_inputs, check_logit_bias
 
 # open_clip's SigLipLoss(dist_impl=...) names, mapped onto our distributed modes (docs/contract.md §8).
 DIST_IMPL_MODES = {"gather": "gather", "reduce": "gather", "bidir": "ring", "shift": "ring"}
@@ -52,13 +52,10 @@ def semsiglip_loss(
         negation_features: `[B, d]` or `[B, Mn, d]`: negatives of every image.
         paraphrase_weight: `w ≥ 0`, the weight of every paraphrase pair.
         hard_negative_weight: `β ≥ 0`, the weight of every negation pair.
-        backend: one of `"auto"`, `"triton"`, `"cpp"`, `"torch"`, `"reference"` (`"triton"` has no sigmoid
-            kernels yet: `"auto"` picks `"torch"` on GPUs).
+        backend: one of `"auto"`, `"triton"`, `"cpp"`, `"torch"`, `"reference"` (or a registered backend).
         block_rows, block_cols, grad_filter_eps: tiling options (see `PartitionOptions`).
     """
-    config = LossConfig(
-        paraphrase_weight, hard_negative_weight, backend, PartitionOptions(block_rows, block_cols, grad_filter_eps)
-    )
+    config = LossConfig.of(paraphrase_weight, hard_negative_weight, backend, block_rows, block_cols, grad_filter_eps)
     return _sigmoid_loss(
         config, None, image_features, text_features, logit_scale, logit_bias, paraphrase_features, negation_features
     )
@@ -90,11 +87,11 @@ class SemSigLipLoss(nn.Module):
         distributed_mode: str | None = None,
     ) -> None:
         super().__init__()
-        self.config = LossConfig(
-            paraphrase_weight, hard_negative_weight, backend, PartitionOptions(block_rows, block_cols, grad_filter_eps)
-        )
+        self.config = LossConfig.of(paraphrase_weight, hard_negative_weight, backend, block_rows, block_cols,
+                                    grad_filter_eps)  # fmt: skip
         mode = _distributed_mode(dist_impl, distributed_mode)
-        self.group = SigmoidRankGroup(rank, world_size, mode) if world_size > 1 else None
+        group = RankGroup(rank, world_size, mode=mode)  # validates rank and world_size, as SemCLIPLoss does
+        self.group = group if world_size > 1 else None
         # open_clip's attribute names, for code that reads them.
         self.cache_labels = cache_labels  # accepted for compatibility: there are no labels to cache
         self.rank, self.world_size = rank, world_size
@@ -135,7 +132,7 @@ def _distributed_mode(dist_impl: str | None, distributed_mode: str | None) -> st
 
 def _sigmoid_loss(
     config: LossConfig,
-    group: SigmoidRankGroup | None,
+    group: RankGroup | None,
     image_features: torch.Tensor,
     text_features: torch.Tensor,
     logit_scale: float | torch.Tensor,
@@ -146,12 +143,13 @@ def _sigmoid_loss(
     """The pipeline: validate, lay out the columns, pair sum (one process or many), normalise."""
     inputs = check_inputs(image_features, text_features, logit_scale, paraphrase_features, negation_features)
     bias = check_logit_bias(logit_bias, inputs.image)
-    with _autocast_off(inputs.image.device):
-        columns = build_sigmoid_columns(inputs, config.paraphrase_weight, config.hard_negative_weight)
+    with autocast_off(inputs.image.device):
+        columns = build_columns(inputs, config.paraphrase_weight, config.hard_negative_weight)
         if group is not None:
             return distributed_sigmoid_loss(inputs, bias, columns, config, group)
+        # One [K, d] copy when there are extras (O(K·d), within docs/contract.md §3's budget).
         pair_sum = sigmoid_pair_sum(
-            inputs.image, columns.cols, inputs.logit_scale, bias, columns.col_weight, columns.col_owner,
+            inputs.image, columns.joined(), inputs.logit_scale, bias, columns.col_weight(), columns.col_owner(),
             backend=config.backend, options=config.options,
         )  # fmt: skip
         return sigmoid_loss_from_pair_sum(pair_sum, inputs.batch)

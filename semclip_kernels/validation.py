@@ -1,7 +1,9 @@
 """The user's arguments turned into validated values, once, at the top of the loss (docs/contract.md §2).
 
 `check_inputs` validates the tensors of one call; `LossConfig` the settings of a loss
-(weights, backend, tiling), checked when it is made. Everything below the API layer
+(weights, backend, tiling), checked when it is made; `check_rank_and_world_size` where a
+process sits in a job. Both losses (functions and modules) go through these, so the same
+bad argument gets the same error in either. Everything below the API layer
 receives these and checks nothing again. Every error names the argument and the
 shape or value it expected, so a user who wires the loss into a training loop sees
 what is wrong without reading our code.
@@ -9,6 +11,7 @@ what is wrong without reading our code.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -165,6 +168,39 @@ class LossConfig:
             self, "hard_negative_weight", check_weight("hard_negative_weight", self.hard_negative_weight)
         )
         check_backend_name(self.backend)
+
+    @staticmethod
+    def of(
+        paraphrase_weight: object,
+        hard_negative_weight: object,
+        backend: object,
+        block_rows: object,
+        block_cols: object,
+        grad_filter_eps: object,
+    ) -> LossConfig:
+        """From the keyword arguments every loss takes (the one place they are read)."""
+        options = PartitionOptions(block_rows, block_cols, grad_filter_eps)
+        return LossConfig(paraphrase_weight, hard_negative_weight, backend, options)
+
+
+def check_rank_and_world_size(rank: object, world_size: object) -> None:
+    """`world_size` an int >= 1 and `rank` an int in `[0, world_size)` (a bool or a float is a TypeError)."""
+    for name, value in (("world_size", world_size), ("rank", rank)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size) = [0, {world_size}), got rank={rank}")
+
+
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast disabled on `device` (a no-op where autocast does not exist, e.g. meta tensors): inside
+    `torch.autocast` a loss computes exactly what it computes outside (its statistics are float32 by contract)."""
+    # Dynamo before torch 2.13 refuses to trace is_autocast_available; compiled code runs on real devices.
+    if not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
 
 
 def check_inputs(

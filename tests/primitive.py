@@ -41,13 +41,12 @@ def opcheck_forward_and_backward(backend: str, rows, cols, scale, col_bias, n_qu
                                  options: PartitionOptions, needs_list, bands=()) -> None:  # fmt: skip
     """`torch.library.opcheck` of the backend's registered forward and backward ops (schema, fake
     implementation, autograd registration) on the flat form of this problem."""
-    from semclip_kernels.backends import ops
+    from semclip_kernels.backends.flat import flatten
     from semclip_kernels.backends.values import PositiveBand
 
     backends.resolve_backend(backend, rows.device)  # loads and registers the backend
-    codec = ops.PARTITIONS
     p = problem(rows, cols, scale, col_bias, n_query_cols, options)
-    tensors, ints, floats = codec.encode_problem(p)
+    tensors, ints, floats = flatten(p)
     forward_op = getattr(torch.ops.semclip, f"partitions_{backend}_forward")
     backward_op = getattr(torch.ops.semclip, f"partitions_{backend}_backward")
     torch.library.opcheck(forward_op.default, (tensors, ints, floats))
@@ -57,7 +56,8 @@ def opcheck_forward_and_backward(backend: str, rows, cols, scale, col_bias, n_qu
     g_query = torch.rand(n_query_cols, device=rows.device)
     positives = tuple(PositiveBand(first, per_row, torch.rand(rows.shape[0], per_row, device=rows.device))
                       for first, per_row in bands)  # fmt: skip
-    grad_tensors, grad_ints = codec.encode_stat_grads(StatGrads(g_row, g_query, positives))
+    grad_tensors, grad_ints, _ = flatten(StatGrads(g_row, g_query, positives))
+    grad_ints = flatten(Stats(stats[0], stats[1], stats[2], tuple(stats[3:])))[1] + grad_ints  # stats, then grads
     detached = [t.detach() for t in tensors]
     for needs in needs_list:
         torch.library.opcheck(backward_op.default, (detached, ints, floats, stats, grad_tensors, grad_ints,

@@ -208,7 +208,7 @@ def test_tile_loop_never_materializes_logits():
     weight, owner = torch.ones(3 * batch), torch.arange(3 * batch) % batch
     blocks = (sigmoid_torch.DEFAULT_BLOCK_ROWS, sigmoid_torch.DEFAULT_BLOCK_COLS)
     with LargestAllocation() as recorder:
-        sigmoid_torch.pair_sum(rows, cols, torch.tensor(10.0), torch.tensor(-5.0), weight, owner,
+        sigmoid_torch.tiled_pair_sum(rows, cols, torch.tensor(10.0), torch.tensor(-5.0), weight, owner,
                                (True, True, True, True), *blocks, 0.0)  # fmt: skip
     assert recorder.largest < batch * 3 * batch / 4, recorder.largest_op
     assert recorder.largest >= blocks[0] * blocks[1]  # the probe sees the tiles: the test can fail
@@ -297,7 +297,8 @@ def test_sigmoid_pairs_operators_pass_opcheck(backend):
     Outputs left empty (a forward without gradients) are not opchecked: empty tensors share the null storage,
     which opcheck's aliasing comparison reads as aliasing (they hold no data to alias)."""
     from semclip_kernels.backends import ops
-    from semclip_kernels.backends.sigmoid_values import SigmoidProblem, SigmoidStatGrads
+    from semclip_kernels.backends.flat import flatten
+    from semclip_kernels.backends.sigmoid_values import SigmoidProblem, SigmoidStatGrads, SigmoidStats
     from semclip_kernels.backends.values import Needs
 
     sigmoid_dispatch.resolve_sigmoid_backend(backend, torch.device("cpu"))  # registers it
@@ -311,12 +312,14 @@ def test_sigmoid_pairs_operators_pass_opcheck(backend):
             rows.clone().requires_grad_(), (cols[:20].clone().requires_grad_(), cols[20:].clone().requires_grad_()),
             torch.tensor([5.0, -2.0], requires_grad=True), weight, owner, sk.PartitionOptions(8, 16), forward_needs,
         )  # fmt: skip
-        tensors, ints, floats = sigmoid_dispatch.SIGMOID.encode_problem(problem)
+        tensors, ints, floats = flatten(problem)
         # test_faketensor of the forward reports an aliasing mismatch not yet understood (docs/siglip.md, open).
         forward_checks = ("test_schema", "test_autograd_registration", "test_aot_dispatch_dynamic")
         torch.library.opcheck(forward_op, (tensors, ints, floats), test_utils=forward_checks)
         stats = forward_op([t.detach() for t in tensors], ints, floats)
-        grad_tensors, grad_ints = sigmoid_dispatch.SIGMOID.encode_stat_grads(SigmoidStatGrads(torch.tensor(0.5)))
+        grad_tensors, grad_ints, _ = flatten(SigmoidStatGrads(torch.tensor(0.5)))
+        two_blocks = SigmoidStats(stats[0], stats[1], tuple(stats[2:4]), stats[4], stats[5])
+        grad_ints = flatten(two_blocks)[1] + grad_ints  # the statistics' structure, then the gradients'
         args = ([t.detach() for t in tensors], ints, floats, list(stats), grad_tensors, grad_ints, [True] * 3)
         torch.library.opcheck(backward_op, args)
     assert ops  # the one registration module

@@ -83,10 +83,10 @@ def test_explicit_unavailable_backend_raises_clearly_and_auto_never_fails(monkey
 
     real_load = dispatch._load
 
-    def load_without_compiled(name):  # as on a machine where neither Triton nor the extension exist
+    def load_without_compiled(name, *primitive):  # as on a machine where neither Triton nor the extension exist
         if name in ("triton", "cpp"):
             return None, f"ImportError: {name} is not installed"
-        return real_load(name)
+        return real_load(name, *primitive)
 
     monkeypatch.setattr(dispatch, "_load", load_without_compiled)
     monkeypatch.setattr(dispatch, "_warned_fallbacks", set())

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 
-from .options import PartitionOptions, default_grad_filter_eps
 from .values import Grads, Needs, Problem, StatGrads, Stats, add_positive_terms, column_mass_bounds
 
 try:
@@ -43,8 +42,14 @@ def is_available(device: torch.device) -> tuple[bool, str]:
     return True, ""
 
 
-def _blocks(options: PartitionOptions) -> tuple[int, int]:
-    return options.block_rows or DEFAULT_BLOCK_ROWS, options.block_cols or DEFAULT_BLOCK_COLS
+def extension():
+    """The compiled extension module (`semclip_kernels._C`), or None where it is not built."""
+    return _C
+
+
+def _blocks(problem: Problem) -> tuple[int, int]:
+    """The tile (the layer resolved the options: `options.resolved`)."""
+    return problem.options.block_rows, problem.options.block_cols
 
 
 def _n_blocks(n: int, block: int) -> int:
@@ -77,14 +82,14 @@ def forward(problem: Problem) -> Stats:
     _check_available(problem.rows)
     rows, cols, bias = _kernel_inputs(problem)
     row_lse, col_lse, tile_max = _C.forward(
-        rows, cols, float(problem.scale), bias, problem.n_query_cols, *_blocks(problem.options)
+        rows, cols, float(problem.scale), bias, problem.n_query_cols, *_blocks(problem)
     )
     bounds = column_mass_bounds(problem.col_bias.detach().double(), col_lse, row_lse)
     return Stats(row_lse, col_lse[: problem.n_query_cols].clone(), bounds, (tile_max,))
 
 
 def stats_like(problem: Problem) -> Stats:
-    block_rows, block_cols = _blocks(problem.options)
+    block_rows, block_cols = _blocks(problem)
     new = problem.rows.new_empty
     tile_max = new((_n_blocks(problem.n_rows, block_rows), _n_col_tiles(problem, block_cols)),
                    dtype=problem.stat_dtype)  # fmt: skip
@@ -109,10 +114,8 @@ def backward(problem: Problem, stats: Stats, grads: StatGrads, needs: Needs) -> 
     _check_available(problem.rows)
     rows, cols, bias = _kernel_inputs(problem)
     dtype = rows.dtype
-    block_rows, block_cols = _blocks(problem.options)
+    block_rows, block_cols = _blocks(problem)
     eps = problem.options.grad_filter_eps
-    if eps is None:  # resolved here, on concrete sizes (never a symbolic one under torch.compile)
-        eps = default_grad_filter_eps(problem.n_rows, problem.n_cols, problem.rows.dtype)
     tile_max = stats.aux[0] if stats.aux else rows.new_empty(0)
     grad_rows, grad_scale, counts, *grad_cols = _C.backward(
         rows, cols, float(problem.scale), bias, problem.n_query_cols,

@@ -1,7 +1,6 @@
-"""The one autograd layer over every backend (docs/backends.md).
+"""The one autograd layer over every backend and every primitive (docs/backends.md).
 
-For each backend whose kernels are not plain differentiable torch ops, `register_primitive` registers,
-from the primitive's codec (how its values travel as flat tensor/int/float lists):
+For each backend whose kernels are not plain differentiable torch ops, `register_primitive` registers
 
     semclip::<primitive>_<backend>_forward(Tensor[] problem, SymInt[] ints, float[] floats) -> Tensor[]
     semclip::<primitive>_<backend>_backward(Tensor[] problem, SymInt[] ints, float[] floats,
@@ -10,11 +9,12 @@ from the primitive's codec (how its values travel as flat tensor/int/float lists
 
 their fake implementations (torch.compile), autograd on the forward (its backward calls the backward op
 and casts each gradient to its input's dtype), and the same double-backward refusal for every backend.
-The backward statistics of every backward call (through autograd or `backward` directly) are recorded
-here, in eager mode, for `last_backward_stats`.
+The values travel in their flat form (`flat.py`); the options are resolved (`options.resolved`) just
+before a kernel sees the problem. The backward statistics of every backward call (through autograd or
+`backward` directly) are recorded here, in eager mode, for `last_backward_stats`.
 
-Nothing here knows the partitions primitive beyond its codec (`PARTITIONS`, from
-`values.PARTITIONS_FLAT_FORM`): a second primitive registers its own codec and kernels the same way.
+Nothing here knows a primitive beyond its `Primitive` record and its values' class attributes
+(`GRADIENT_FIELDS` of the problem, `STAT_GRAD_FIELDS` of the statistics).
 """
 
 from __future__ import annotations
@@ -22,49 +22,38 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import torch
 
-from .values import PARTITIONS_FLAT_FORM, BackwardStats, Needs
+from .flat import flatten, leaves, rebuild, tensor_fields, unflatten, unflatten_many
+from .options import resolved
+from .values import BackwardStats, Grads, Needs
 
 _LIBRARY = torch.library.Library("semclip", "FRAGMENT")  # noqa: TOR901 (the one owner of semclip:: ops)
 
 
 @dataclass(frozen=True)
-class Codec:
-    """How one primitive's values travel through custom ops (flat lists of tensors, ints and floats).
+class Primitive:
+    """One primitive of the layer: what its operators are called and how a backend module becomes its kernels.
 
-    encode_problem(problem) -> (tensors, ints, floats); decode_problem(tensors, ints, floats) -> problem
-    encode_stats(stats) -> tensors; decode_stats(tensors) -> stats
-    encode_stat_grads(stat_grads) -> (tensors, ints); decode_stat_grads(tensors, ints) -> stat_grads
-    stat_grads_of_outputs(output_grads) -> stat_grads   (the gradient arriving at the forward's outputs)
-    encode_grads(grads, problem, needs) -> tensors; decode_grads(tensors, problem, needs) -> grads
-    grads_like(problem, needs) -> tensors                (fake backward outputs)
-    tensor_grads(grads, problem) -> gradient of every problem tensor, in its dtype (None where none)
-    needs_of(flags, problem) -> Needs                    (from autograd's needs_input_grad of the tensors)
-    stats_of_grads(grads) -> BackwardStats               (what the backward did)
+    name: the operators' prefix (`semclip::<name>_<backend>_forward`).
+    loss: the loss that needs it, for error messages ("the sigmoid loss").
+    stat_grads: the class of the gradient arriving at its statistics.
+    kernels_of: a backend module -> the kernels `register_primitive` registers (the module itself, or an
+        adapter around a pure function).
     """
 
     name: str
-    encode_problem: Callable[[Any], tuple[list[torch.Tensor], list[int], list[float]]]
-    decode_problem: Callable[[list[torch.Tensor], list[int], list[float]], Any]
-    encode_stats: Callable[[Any], list[torch.Tensor]]
-    decode_stats: Callable[[list[torch.Tensor]], Any]
-    encode_stat_grads: Callable[[Any], tuple[list[torch.Tensor], list[int]]]
-    decode_stat_grads: Callable[[list[torch.Tensor], list[int]], Any]
-    stat_grads_of_outputs: Callable[[list[torch.Tensor | None]], Any]
-    encode_grads: Callable[[Any, Any, Needs], list[torch.Tensor]]
-    decode_grads: Callable[[list[torch.Tensor], Any, Needs], Any]
-    grads_like: Callable[[Any, Needs], list[torch.Tensor]]
-    tensor_grads: Callable[[Any, Any], list[torch.Tensor | None]]
-    needs_of: Callable[[list[bool], Any], Needs]
+    loss: str
+    stat_grads: type
+    kernels_of: Callable[[ModuleType], Any] = lambda module: module
 
 
 @dataclass(frozen=True)
 class _Registered:
     kernels: Any
-    codec: Codec
     forward: Any  # the forward op (OpOverloadPacket), None for a differentiable backend
     backward: Any
 
@@ -84,15 +73,15 @@ def _no_double_backward(name: str) -> Callable[..., Any]:
     return refuse
 
 
-def register_primitive(codec: Codec, name: str, kernels: Any) -> None:
-    """Register backend `name`'s kernels of the primitive `codec.name` (once; later calls are no-ops)."""
-    key = (codec.name, name)
+def register_primitive(primitive: Primitive, name: str, kernels: Any) -> None:
+    """Register backend `name`'s kernels of `primitive` (once; later calls are no-ops)."""
+    key = (primitive.name, name)
     if key in _registered:
         return
     if kernels.differentiable:
-        _registered[key] = _Registered(kernels, codec, None, None)
+        _registered[key] = _Registered(kernels, None, None)
         return
-    op = f"{codec.name}_{name}"
+    op = f"{primitive.name}_{name}"
     _LIBRARY.define(f"{op}_forward(Tensor[] problem, SymInt[] ints, float[] floats) -> Tensor[]")
     _LIBRARY.define(
         f"{op}_backward(Tensor[] problem, SymInt[] ints, float[] floats, Tensor[] stats, Tensor[] stat_grads, "
@@ -101,24 +90,23 @@ def register_primitive(codec: Codec, name: str, kernels: Any) -> None:
 
     def forward_impl(tensors, ints, floats):
         with torch.no_grad():
-            stats = kernels.forward(codec.decode_problem(list(tensors), list(ints), list(floats)))
-        return _distinct(codec.encode_stats(stats))
+            stats = kernels.forward(resolved(unflatten(tensors, ints, floats), kernels))
+        return _distinct(leaves(stats))
 
     def forward_fake(tensors, ints, floats):
-        return codec.encode_stats(kernels.stats_like(codec.decode_problem(list(tensors), list(ints), list(floats))))
+        return leaves(kernels.stats_like(resolved(unflatten(tensors, ints, floats), kernels, with_eps=False)))
 
     def backward_impl(tensors, ints, floats, stats, stat_grads, grad_ints, needs):
-        problem = codec.decode_problem(list(tensors), list(ints), list(floats))
+        problem = unflatten(tensors, ints, floats)
+        stats, stat_grads = unflatten_many([stats, stat_grads], grad_ints)
         needs = Needs(*needs)
         with torch.no_grad():
-            grads = kernels.backward(
-                problem, codec.decode_stats(list(stats)), codec.decode_stat_grads(list(stat_grads), list(grad_ints)),
-                needs,
-            )  # fmt: skip
-        return _distinct(codec.encode_grads(grads, problem, needs))
+            grads = kernels.backward(resolved(problem, kernels), stats, stat_grads, needs)
+        return _distinct(leaves(Grads.like(problem, needs), grads, like=problem.rows))
 
     def backward_fake(tensors, ints, floats, stats, stat_grads, grad_ints, needs):
-        return codec.grads_like(codec.decode_problem(list(tensors), list(ints), list(floats)), Needs(*needs))
+        problem = unflatten(tensors, ints, floats)
+        return leaves(Grads.like(problem, Needs(*needs)), like=problem.rows)
 
     for suffix, impl, fake in (("forward", forward_impl, forward_fake), ("backward", backward_impl, backward_fake)):
         _LIBRARY.impl(f"{op}_{suffix}", impl, "CompositeExplicitAutograd")
@@ -134,27 +122,63 @@ def register_primitive(codec: Codec, name: str, kernels: Any) -> None:
 
     def forward_backward(ctx, output_grads):
         saved = ctx.saved_tensors
-        tensors, stats = list(saved[: ctx.n_tensors]), list(saved[ctx.n_tensors :])
-        problem = codec.decode_problem(tensors, ctx.ints, ctx.floats)
+        tensors, outputs = list(saved[: ctx.n_tensors]), list(saved[ctx.n_tensors :])
+        problem = unflatten(tensors, ctx.ints, ctx.floats)
+        stats = rebuild(kernels.stats_like(resolved(problem, kernels, with_eps=False)), outputs)
         flags = ctx.needs_input_grad[0]  # the Tensor[] input's flags, one per tensor
         flags = list(flags) if isinstance(flags, (list, tuple)) else list(ctx.needs_input_grad[: ctx.n_tensors])
-        needs = codec.needs_of([bool(flag) for flag in flags], problem)
-        stat_grads = codec.stat_grads_of_outputs(list(output_grads))
-        grad_tensors, grad_ints = codec.encode_stat_grads(stat_grads)
-        flat = backward_op(tensors, ctx.ints, ctx.floats, stats, grad_tensors, grad_ints, _needs_list(needs))
-        grads = codec.decode_grads(list(flat), problem, needs)
+        needs = _needs_of(problem, [bool(flag) for flag in flags])
+        grads = _call_backward(primitive, backward_op, problem, stats, _stat_grads_of(primitive, stats, output_grads),
+                               needs)  # fmt: skip
         _record(name, grads)
-        return codec.tensor_grads(grads, problem), None, None
+        # torch reads an empty list input as a list of tensors: its gradient is an empty list, not None.
+        return _tensor_grads(problem, grads), None, (None if ctx.floats else [])
 
     torch.library.register_autograd(f"semclip::{op}_backward", _no_double_backward(name), lib=_LIBRARY)
     torch.library.register_autograd(
         f"semclip::{op}_forward", forward_backward, setup_context=setup_context, lib=_LIBRARY
     )
-    _registered[key] = _Registered(kernels, codec, forward_op, backward_op)
+    _registered[key] = _Registered(kernels, forward_op, backward_op)
 
 
-def _needs_list(needs: Needs) -> list[bool]:
-    return [needs.rows, needs.cols, needs.scale]
+def _call_backward(primitive: Primitive, backward_op: Any, problem: Any, stats: Any, stat_grads: Any,
+                   needs: Needs) -> Grads:  # fmt: skip
+    tensors, ints, floats = flatten(problem)
+    stat_tensors, stat_ints, _ = flatten(stats)
+    grad_tensors, grad_ints, _ = flatten(stat_grads)
+    flat = backward_op(tensors, ints, floats, stat_tensors, grad_tensors, stat_ints + grad_ints,
+                       [needs.rows, needs.cols, needs.scale])  # fmt: skip
+    return rebuild(Grads.like(problem, needs), list(flat))
+
+
+def _stat_grads_of(primitive: Primitive, stats: Any, output_grads: Any) -> Any:
+    """The gradient arriving at the forward's outputs, as the primitive's `StatGrads` (gradients arriving at
+    statistics that are not differentiable, e.g. `col_mass_lb`, are ignored)."""
+    arriving = rebuild(stats, list(output_grads))
+    return primitive.stat_grads(
+        **{grad: getattr(arriving, stat) for stat, grad in type(stats).STAT_GRAD_FIELDS.items()}
+    )
+
+
+def _needs_of(problem: Any, flags: list[bool]) -> Needs:
+    """`Needs` from autograd's flags, one per tensor of the flattened problem."""
+    wanted = dict.fromkeys(type(problem).GRADIENT_FIELDS.values(), False)
+    for (field, _), flag in zip(tensor_fields(problem), flags):
+        if field in type(problem).GRADIENT_FIELDS:
+            wanted[type(problem).GRADIENT_FIELDS[field]] |= flag
+    return Needs(**wanted)
+
+
+def _tensor_grads(problem: Any, grads: Grads) -> list[torch.Tensor | None]:
+    """The gradient of every tensor of the flattened problem, in its dtype and shape (None where none)."""
+    out = []
+    tensors = flatten(problem)[0]
+    for tensor, (field, index) in zip(tensors, tensor_fields(problem)):
+        grad = getattr(grads, type(problem).GRADIENT_FIELDS[field]) if field in type(problem).GRADIENT_FIELDS else None
+        if isinstance(grad, tuple):
+            grad = grad[index]
+        out.append(None if grad is None else grad.reshape(tensor.shape).to(tensor.dtype))
+    return out
 
 
 def _distinct(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -169,36 +193,24 @@ def _distinct(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-# The partitions primitive's codec (docs/contract.md §7): the default of every entry point.
-PARTITIONS = Codec("partitions", *PARTITIONS_FLAT_FORM)
-
-
-def _entry(name: str, codec: Codec = PARTITIONS) -> _Registered:
-    return _registered[(codec.name, name)]
-
-
-def forward(problem: Any, name: str, codec: Codec = PARTITIONS) -> Any:
+def forward(problem: Any, name: str, primitive: Primitive) -> Any:
     """The statistics of `problem` by backend `name`, differentiable in the problem's tensors."""
-    entry = _entry(name, codec)
+    entry = _registered[(primitive.name, name)]
     if entry.forward is None:
-        return entry.kernels.forward(problem)
-    tensors, ints, floats = codec.encode_problem(problem)
-    return codec.decode_stats(list(entry.forward(tensors, ints, floats)))
+        return entry.kernels.forward(resolved(problem, entry.kernels))
+    tensors, ints, floats = flatten(problem)
+    template = entry.kernels.stats_like(resolved(problem, entry.kernels, with_eps=False))
+    return rebuild(template, list(entry.forward(tensors, ints, floats)))
 
 
-def backward(problem: Any, stats: Any, stat_grads: Any, needs: Needs, name: str, codec: Codec = PARTITIONS) -> Any:
+def backward(problem: Any, stats: Any, stat_grads: Any, needs: Needs, name: str, primitive: Primitive) -> Any:
     """The backward alone: gradients (statistics dtype) of the problem's tensors given statistics computed
     elsewhere (`Stats.rebased`) and the gradient arriving at them."""
-    entry = _entry(name, codec)
+    entry = _registered[(primitive.name, name)]
     if entry.backward is None:
-        grads = entry.kernels.backward(problem, stats, stat_grads, needs)
+        grads = entry.kernels.backward(resolved(problem, entry.kernels), stats, stat_grads, needs)
     else:
-        tensors, ints, floats = codec.encode_problem(problem)
-        grad_tensors, grad_ints = codec.encode_stat_grads(stat_grads)
-        flat = entry.backward(
-            tensors, ints, floats, codec.encode_stats(stats), grad_tensors, grad_ints, _needs_list(needs)
-        )
-        grads = codec.decode_grads(list(flat), problem, needs)
+        grads = _call_backward(primitive, entry.backward, problem, stats, stat_grads, needs)
     _record(name, grads)
     return grads
 

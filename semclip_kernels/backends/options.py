@@ -1,15 +1,20 @@
-"""Tiling and filtering options understood by the chunked backends."""
+"""Tiling and filtering options understood by the chunked backends, and their one resolution: a kernel sees
+concrete values (`resolved`), whatever the primitive or backend."""
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from .dtypes import stat_dtype
+from .flat import flat_value
 
 
+@flat_value
 @dataclass(frozen=True)
 class PartitionOptions:
     """Knobs of the tiled partition kernels.
@@ -62,19 +67,23 @@ def default_grad_filter_eps(n_rows: int, n_cols: int, dtype: torch.dtype) -> flo
     return unit_roundoff / max(n_rows, n_cols, 1)
 
 
-def resolve_options(
-    options: PartitionOptions,
-    n_rows: int,
-    n_cols: int,
-    dtype: torch.dtype,
-    default_block_rows: int | None,
-    default_block_cols: int | None,
-) -> tuple[int | None, int | None, float]:
-    """`(block_rows, block_cols, grad_filter_eps)`: `options` with a backend's defaults where it says None
-    (a None default tile stays None: the kernel's launch configuration decides)."""
-    eps = options.grad_filter_eps
-    return (
-        options.block_rows or default_block_rows,
-        options.block_cols or default_block_cols,
-        default_grad_filter_eps(n_rows, n_cols, dtype) if eps is None else eps,
+def resolved(problem: Any, kernels: Any, *, with_eps: bool = True) -> Any:
+    """`problem` with its options resolved for `kernels`, the one place where this happens:
+
+    - a tile the caller gave is clamped to the problem (`block_rows = 10**9` never allocates a 10**9-row tile);
+    - a tile left `None` becomes the kernels' `DEFAULT_BLOCK_ROWS`/`DEFAULT_BLOCK_COLS` (a `None` default
+      stays `None`: the kernel's launch configuration decides, as Triton's does);
+    - `grad_filter_eps=None` becomes `default_grad_filter_eps` of the problem's sizes (`with_eps`: on concrete
+      sizes only, never symbolic ones under torch.compile; a kernel's `stats_like` does not need it).
+    """
+    options = problem.options
+    n_rows, n_cols = problem.rows.shape[0], sum(block.shape[0] for block in problem.cols)
+    given = (options.block_rows, options.block_cols)
+    defaults = (getattr(kernels, "DEFAULT_BLOCK_ROWS", None), getattr(kernels, "DEFAULT_BLOCK_COLS", None))
+    block_rows, block_cols = (
+        default if tile is None else min(tile, max(n, 1)) for tile, default, n in zip(given, defaults, (n_rows, n_cols))
     )
+    eps = options.grad_filter_eps
+    if eps is None and with_eps:
+        eps = default_grad_filter_eps(n_rows, n_cols, problem.rows.dtype)
+    return dataclasses.replace(problem, options=PartitionOptions(block_rows, block_cols, eps))

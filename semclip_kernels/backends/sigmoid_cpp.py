@@ -1,6 +1,6 @@
 """The compiled, fused CPU kernel of the sigmoid pair sum (csrc/sigmoid_cpu.cpp, in `semclip_kernels._C`).
 
-A pure kernel: no autograd, no operator registration (`sigmoid_dispatch.py` wires it in). One pass over
+A pure kernel: no autograd, no operator registration (the layer's dispatch table lists it). One pass over
 cache-sized tiles of `S = τ·A·Cᵀ` computes the pair sum and, for the inputs asked for, its gradients
 (docs/siglip.md). Computes in float32 (float64 for float64 inputs); float16/bfloat16 features are upcast
 to float32 once (an `O((M + K)·d)` copy) and their gradients cast back.
@@ -10,60 +10,34 @@ from __future__ import annotations
 
 import torch
 
-from .dtypes import stat_dtype
-
-try:
-    from semclip_kernels import _C
-except ImportError as error:  # not built: `auto` falls back, `cpp` explains how to build
-    _C = None
-    _IMPORT_ERROR = f"{type(error).__name__}: {error}"
-else:
-    _IMPORT_ERROR = ""
+from . import cpp
+from .sigmoid_values import PairSums, SigmoidProblem
+from .values import Needs
 
 # The softmax kernel's tile (docs/cpu_kernel.md): 256 × 512 float32 logits and their gradients fit a core's L2.
-DEFAULT_BLOCK_ROWS = 256
-DEFAULT_BLOCK_COLS = 512
+DEFAULT_BLOCK_ROWS = cpp.DEFAULT_BLOCK_ROWS
+DEFAULT_BLOCK_COLS = cpp.DEFAULT_BLOCK_COLS
+gradients_in_forward = True  # measured in docs/siglip.md
 
 
 def is_available(device: torch.device) -> tuple[bool, str]:
-    if device.type != "cpu":
-        return False, f"the cpp backend runs on CPU tensors only, got {device.type}"
-    if _C is None:
-        return False, (
-            f"the C++ extension semclip_kernels._C is not built ({_IMPORT_ERROR}); build it with "
-            "`pip install --no-build-isolation -e .` from the repository root"
-        )
-    if not hasattr(_C, "sigmoid_pairs"):
+    ok, reason = cpp.is_available(device)
+    if ok and not hasattr(cpp.extension(), "sigmoid_pairs"):
         return False, "the C++ extension semclip_kernels._C predates the sigmoid kernel: rebuild it"
-    return True, ""
+    return ok, reason
 
 
-def pair_sum(
-    rows: torch.Tensor,
-    cols: torch.Tensor,
-    scale: torch.Tensor,
-    bias: torch.Tensor,
-    col_weight: torch.Tensor,
-    col_owner: torch.Tensor,
-    needs: tuple[bool, bool, bool, bool],
-    block_rows: int,
-    block_cols: int,
-    grad_filter_eps: float,
-) -> tuple:
-    """`(pair_sum, grad_rows, grad_cols, grad_scale, grad_bias, (tiles, skipped_tiles))` (see
-    `sigmoid_torch.pair_sum`)."""
-    compute = stat_dtype(rows.dtype)
-    outputs = _C.sigmoid_pairs(
-        rows.detach().to(compute).contiguous(), cols.detach().to(compute).contiguous(), float(scale), float(bias),
-        col_weight.detach().to(compute).contiguous(), col_owner.contiguous(), *needs,
-        block_rows, block_cols, grad_filter_eps,
+def pair_sum(problem: SigmoidProblem, needs: Needs) -> PairSums:
+    """`base.SigmoidPairKernels.pair_sum` on the compiled kernel."""
+    rows, cols, options = problem.rows, problem.joined_cols(), problem.options
+    compute, wanted = problem.stat_dtype, (needs.rows, needs.cols, needs.scale, needs.scale)
+    outputs = cpp.extension().sigmoid_pairs(
+        rows.detach().to(compute).contiguous(), cols.detach().to(compute).contiguous(), float(problem.scale),
+        float(problem.bias), problem.col_weight.detach().to(compute).contiguous(), problem.col_owner.contiguous(),
+        *wanted, options.block_rows, options.block_cols, options.grad_filter_eps,
     )  # fmt: skip
     total, grad_rows, grad_cols, grad_scale, grad_bias, stats = outputs
-    return (
-        total.to(stat_dtype(scale.dtype)),
-        grad_rows.to(rows.dtype) if needs[0] else None,
-        grad_cols.to(cols.dtype) if needs[1] else None,
-        grad_scale.to(scale.dtype) if needs[2] else None,
-        grad_bias.to(bias.dtype) if needs[3] else None,
-        (int(stats[0]), int(stats[1])),
-    )
+    return PairSums(
+        total, grad_rows.to(rows.dtype) if needs.rows else None, grad_cols.to(cols.dtype) if needs.cols else None,
+        grad_scale if needs.scale else None, grad_bias if needs.scale else None, (int(stats[0]), int(stats[1])),
+    )  # fmt: skip

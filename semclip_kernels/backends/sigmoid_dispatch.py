@@ -1,85 +1,50 @@
-"""The sigmoid loss's primitive: which backend runs it, and its registration with the one autograd layer
-(`ops`, docs/backends.md) — docs/contract.md §8.
+"""The sigmoid loss's primitive through the one dispatch point (`backends/__init__.py`) — docs/contract.md §8.
 
     pair_sum(rows A [M, d], cols C [K, d], scale τ, bias b, col_weight a [K], col_owner o [K])
         = Σ_i Σ_c a_c · softplus(s_ic·(τ·<A_i, C_c> + b)),   s_ic = −1 if o_c = i, else +1
 
-differentiable in `A`, `C`, `τ` and `b`. The kernels (`sigmoid_torch`, `sigmoid_cpp`) are pure functions
-that return the sum and, for the inputs asked for, its gradients in one pass; `sigmoid_values.SigmoidKernels`
-adapts them to the layer's `Kernels`, and `ops.register_primitive` registers them (custom operators, fakes,
-autograd, the double-backward refusal) exactly as it registers the partitions primitive. `sigmoid_reference`
-materializes the logits and differentiates with autograd (second derivatives).
+differentiable in `A`, `C`, `τ` and `b`. The kernels (`sigmoid_torch`, `sigmoid_cpp`, `sigmoid_triton`) are
+pure functions (`base.SigmoidPairKernels`) that return the sum and, for the inputs asked for, its gradients in
+one pass; `sigmoid_reference` materializes the logits and differentiates with autograd (second derivatives).
 
-Gradients in the forward (`GRADIENTS_IN_FORWARD`): each pair's gradient is local, so the forward's one pass
-over the tiles can run the two gradient products as well (three products in all, nothing recomputed); the
-backward then multiplies the saved gradients by the incoming scalar. Otherwise the forward computes the sum
-alone (one product) and the backward runs the pass again with gradients (three more). The default is what
-docs/siglip.md measured faster.
+Gradients in the forward (`GRADIENTS_IN_FORWARD`, from each kernel's `gradients_in_forward`): each pair's
+gradient is local, so the forward's one pass over the tiles can run the two gradient products as well (three
+products in all, nothing recomputed); the backward then multiplies the saved gradients by the incoming
+scalar. Otherwise the forward computes the sum alone (one product) and the backward runs the pass again with
+gradients (three more).
 """
 
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
-
 import torch
 
-from . import ops, resolve_backend
+from . import SIGMOID_PAIRS, backend_module, backend_status, last_backward_stats, ops, resolve_backend
 from .dtypes import stat_dtype
 from .options import PartitionOptions
-from .sigmoid_values import SIGMOID_FLAT_FORM, SigmoidKernels, SigmoidProblem
-from .values import Needs
+from .sigmoid_values import SigmoidProblem
+from .values import BackwardStats, Needs
 
-SIGMOID = ops.Codec("sigmoid_pairs", *SIGMOID_FLAT_FORM)
-_MODULES = {
-    "torch": "semclip_kernels.backends.sigmoid_torch",
-    "cpp": "semclip_kernels.backends.sigmoid_cpp",
-    "reference": "semclip_kernels.backends.sigmoid_reference",
-    "triton": "semclip_kernels.backends.sigmoid_triton",
-}
-# Whether the forward computes the gradients too (see above); measured in docs/siglip.md.
-# triton: as the fused CPU kernel (its forward runs the gradient products in the same pass; not yet timed).
-GRADIENTS_IN_FORWARD = {"torch": True, "cpp": True, "reference": False, "triton": True}
-_resolved: dict[tuple[str, str], str] = {}
-
-
-def _load(name: str) -> tuple[ModuleType | None, str]:
-    try:
-        module = importlib.import_module(_MODULES[name])
-    except ImportError as error:
-        return None, f"{type(error).__name__}: {error}"
-    differentiable = getattr(module, "differentiable", False)  # only the reference says so
-    ops.register_primitive(SIGMOID, name, module if differentiable else SigmoidKernels(module))
-    return module, ""
+# Per concrete backend: whether its forward computes the gradients too (filled from the kernels when a backend
+# is first resolved; set an entry to override, as the benchmark does).
+GRADIENTS_IN_FORWARD: dict[str, bool] = {}
 
 
 def sigmoid_backend_status(name: str, device: torch.device) -> tuple[bool, str]:
-    """Whether the sigmoid kernels of concrete backend `name` run on `device`, and if not, why."""
-    module, reason = _load(name)
-    if module is None:
-        return False, reason
-    return module.is_available(device)
-
-
-@torch.compiler.assume_constant_result
-def _resolved_name(name: str, device_type: str, device_index: int | None) -> str:
-    key = (name, f"{device_type}:{device_index}")
-    if key not in _resolved:
-        device = torch.device(device_type, device_index)
-        concrete = resolve_backend(name, device)  # the softmax loss's choice and its errors
-        ok, reason = sigmoid_backend_status(concrete, device)
-        if not ok:
-            if name != "auto":
-                raise RuntimeError(f"backend={name!r} cannot run the sigmoid loss on {device}: {reason}")
-            concrete = "torch"  # "auto" never fails for lack of a backend
-            sigmoid_backend_status(concrete, device)  # registers it
-        _resolved[key] = concrete
-    return _resolved[key]
+    """Whether the sigmoid kernels of backend `name` run on `device`, and if not, why."""
+    return backend_status(name, device, SIGMOID_PAIRS)
 
 
 def resolve_sigmoid_backend(name: str, device: torch.device) -> str:
     """The concrete backend that runs the sigmoid loss for `name` on `device` ("auto": the fastest there)."""
-    return _resolved_name(name, device.type, device.index)
+    concrete = resolve_backend(name, device, SIGMOID_PAIRS)
+    if concrete not in GRADIENTS_IN_FORWARD and not torch.compiler.is_compiling():
+        GRADIENTS_IN_FORWARD[concrete] = _kernels_compute_gradients_in_forward(concrete, device)
+    return concrete
+
+
+def _kernels_compute_gradients_in_forward(name: str, device: torch.device) -> bool:
+    kernels = backend_module(name, device, SIGMOID_PAIRS)
+    return bool(getattr(getattr(kernels, "module", kernels), "gradients_in_forward", False))
 
 
 def sigmoid_pair_sum(
@@ -100,7 +65,10 @@ def sigmoid_pair_sum(
     wants = Needs(
         grad_on and rows.requires_grad, grad_on and cols.requires_grad, grad_on and scale_bias.requires_grad
     )  # fmt: skip
-    forward_needs = wants if GRADIENTS_IN_FORWARD[name] else Needs(False, False, False)
+    in_forward = GRADIENTS_IN_FORWARD.get(name)
+    if in_forward is None:
+        in_forward = _kernels_compute_gradients_in_forward(name, rows.device)
+    forward_needs = wants if in_forward else Needs(False, False, False)
     problem = SigmoidProblem(
         rows,
         (cols,),
@@ -110,9 +78,9 @@ def sigmoid_pair_sum(
         options or PartitionOptions(),
         forward_needs,
     )
-    return ops.forward(problem, name, SIGMOID).pair_sum
+    return ops.forward(problem, name, SIGMOID_PAIRS).pair_sum
 
 
-def last_sigmoid_backward_stats(backend: str, device: torch.device | str = "cpu"):
+def last_sigmoid_backward_stats(backend: str, device: torch.device | str = "cpu") -> BackwardStats:
     """What the most recent gradient pass of the sigmoid primitive on `backend` did (tiles, skipped tiles)."""
-    return ops.last_backward_stats(resolve_sigmoid_backend(backend, torch.device(device)))
+    return last_backward_stats(backend, device, SIGMOID_PAIRS)

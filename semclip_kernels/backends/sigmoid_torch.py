@@ -1,6 +1,6 @@
 """Portable tiled sigmoid pair sum (docs/contract.md §8): plain PyTorch ops over tiles of the logits.
 
-A pure kernel: no autograd, no operator registration (`sigmoid_dispatch.py` wires it in). One pass over
+A pure kernel: no autograd, no operator registration (the layer's dispatch table lists it). One pass over
 `block_rows × block_cols` tiles of `l = τ·A·Cᵀ + b` computes the pair sum and, for the inputs asked for,
 its gradients: each pair's gradient is local, `dS_ic = a_c·s_ic·σ(s_ic·l_ic)`, so no statistic of a row or
 column is needed and the tile's gradient products follow at once:
@@ -17,9 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from .dtypes import stat_dtype
+from .sigmoid_values import PairSums, SigmoidProblem
+from .values import Needs
 
 DEFAULT_BLOCK_ROWS = 512
 DEFAULT_BLOCK_COLS = 1024
+# The forward's one pass computes the gradients as well (docs/siglip.md measured it faster).
+gradients_in_forward = True
 
 
 def is_available(device: torch.device) -> tuple[bool, str]:
@@ -30,7 +34,17 @@ def _tiles(n: int, block: int) -> list[slice]:
     return [slice(start, min(start + block, n)) for start in range(0, n, block)]
 
 
-def pair_sum(
+def pair_sum(problem: SigmoidProblem, needs: Needs) -> PairSums:
+    """`base.SigmoidPairKernels.pair_sum`: the tile loop below on the problem's resolved options."""
+    options = problem.options
+    return PairSums(*tiled_pair_sum(
+        problem.rows, problem.joined_cols(), problem.scale, problem.bias, problem.col_weight, problem.col_owner,
+        (needs.rows, needs.cols, needs.scale, needs.scale), options.block_rows, options.block_cols,
+        options.grad_filter_eps,
+    ))  # fmt: skip
+
+
+def tiled_pair_sum(
     rows: torch.Tensor,
     cols: torch.Tensor,
     scale: torch.Tensor,

@@ -33,7 +33,6 @@ import math
 import torch
 
 from .dtypes import stat_dtype
-from .options import PartitionOptions
 from .values import Grads, Needs, PositiveBand, Problem, StatGrads, Stats, counts, split_cols
 
 DEFAULT_BLOCK_ROWS = 512
@@ -283,15 +282,16 @@ def _backward_tiles(rows, cols, scale, col_bias, row_lse, col_lse, g_row, g_col,
     return grad_rows, grad_cols, grad_scale.to(dtype) if need_scale else None
 
 
-def _blocks(options: PartitionOptions) -> tuple[int, int]:
-    return options.block_rows or DEFAULT_BLOCK_ROWS, options.block_cols or DEFAULT_BLOCK_COLS
+def _blocks(problem: Problem) -> tuple[int, int]:
+    """The tile (the layer resolved the options: `options.resolved`)."""
+    return problem.options.block_rows, problem.options.block_cols
 
 
 def forward(problem: Problem) -> Stats:
     """Row and query-column log-partitions (float64, see `_PRECISE`), tile by tile. This backend does not
     filter gradients: no column-mass bounds."""
     row_lse, query_lse = _forward_tiles(problem.rows, problem.joined_cols(), problem.scale, problem.col_bias,
-                                        problem.n_query_cols, *_blocks(problem.options))  # fmt: skip
+                                        problem.n_query_cols, *_blocks(problem))  # fmt: skip
     return Stats(row_lse, query_lse, row_lse.new_empty((0,)))
 
 
@@ -308,7 +308,7 @@ def backward(problem: Problem, stats: Stats, grads: StatGrads, needs: Needs) -> 
     g_row = torch.zeros_like(row_lse, dtype=dtype) if grads.row is None else grads.row.to(dtype)
     g_col = torch.zeros_like(query_lse, dtype=dtype) if grads.query is None else grads.query.to(dtype)
     cols = problem.joined_cols()
-    block_rows, block_cols = _blocks(problem.options)
+    block_rows, block_cols = _blocks(problem)
     grad_rows, grad_cols, grad_scale = _backward_tiles(
         problem.rows, cols, problem.scale, problem.col_bias.to(dtype), row_lse, query_lse, g_row, g_col,
         (needs.rows, needs.cols, needs.scale), block_rows, block_cols, _eager_fast_path(problem.rows),

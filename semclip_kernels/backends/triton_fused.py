@@ -25,10 +25,9 @@ from ..triton_kernels.backward import partitions_backward as _launch_backward
 from ..triton_kernels.config import dot_precision, gemm_config
 from ..triton_kernels.lse_forward import lse_forward
 from ..triton_kernels.tuning import select_tile
-from .options import default_grad_filter_eps
 from .values import Grads, Needs, Problem, StatGrads, Stats, add_positive_terms, column_mass_bounds, split_cols
 
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 differentiable = False
 
@@ -47,15 +46,16 @@ def is_available(device: torch.device) -> tuple[bool, str]:
     return False, f"Triton kernels do not run on {device.type} tensors"
 
 
-def _on_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+def on_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
     """Triton launches on the current CUDA device: make it the tensors' device."""
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
-def _check(rows: torch.Tensor, cols: torch.Tensor) -> None:
-    if rows.dtype not in _SUPPORTED_DTYPES or cols.dtype != rows.dtype:
+def check_operands(rows: torch.Tensor, cols: torch.Tensor) -> None:
+    """The kernels' operands: one supported dtype, one device (TypeError/ValueError naming them)."""
+    if rows.dtype not in SUPPORTED_DTYPES or cols.dtype != rows.dtype:
         raise TypeError(
-            f"backend='triton' needs rows and cols of one dtype among {_SUPPORTED_DTYPES}, "
+            f"backend='triton' needs rows and cols of one dtype among {SUPPORTED_DTYPES}, "
             f"got {rows.dtype} and {cols.dtype}"
         )
     if rows.device != cols.device:
@@ -75,11 +75,11 @@ def forward(problem: Problem) -> Stats:
     setting of the same process, so the backward recomputes the forward's logits bitwise.
     """
     cols = problem.joined_cols()
-    _check(problem.rows, cols)
+    check_operands(problem.rows, cols)
     stat = problem.stat_dtype
     scale = problem.scale.detach().to(stat).reshape(1).contiguous()
     bias = problem.col_bias.detach().to(stat).contiguous()
-    with _on_device(problem.rows):
+    with on_device(problem.rows):
         row_lse, col_lse = lse_forward(problem.rows.detach(), cols.detach(), scale, bias, _tile(problem),
                                        dot_precision(problem.rows.dtype))  # fmt: skip
     bounds = column_mass_bounds(bias, col_lse, row_lse)
@@ -97,13 +97,11 @@ def backward(problem: Problem, stats: Stats, grads: StatGrads, needs: Needs) -> 
     """Gradients in the statistics dtype; the positive bands in dS; filtered where the bounds allow."""
     cols = problem.joined_cols().detach()
     rows = problem.rows.detach()
-    _check(rows, cols)
+    check_operands(rows, cols)
     stat = problem.stat_dtype
     n_rows, dim = rows.shape
     n_cols = cols.shape[0]
     eps = problem.options.grad_filter_eps
-    if eps is None:
-        eps = default_grad_filter_eps(n_rows, n_cols, rows.dtype)
     tile = _tile(problem)
 
     def stat_vector(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -113,7 +111,7 @@ def backward(problem: Problem, stats: Stats, grads: StatGrads, needs: Needs) -> 
     # loses nothing: the bands are added to the float32 gradients, and the kernel keeps its registers.
     fold = rows.dtype.itemsize == 2
     bands = tuple((band.first_col, band.per_row, band.grad) for band in grads.positives) if fold else ()
-    with _on_device(rows):
+    with on_device(rows):
         result = _launch_backward(
             rows, cols, problem.scale.detach().to(stat).reshape(1).contiguous(),
             problem.col_bias.detach().to(stat).contiguous(), problem.n_query_cols, stat_vector(stats.row_lse),

@@ -14,10 +14,12 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from .dtypes import stat_dtype
+from .flat import flat_value
 from .options import PartitionOptions
 
 
@@ -50,6 +52,7 @@ class BackwardStats:
         )
 
 
+@flat_value
 @dataclass(frozen=True)
 class Problem:
     """The log-partitions of `S = scale·rows·colsᵀ` (docs/contract.md §7).
@@ -58,6 +61,8 @@ class Problem:
     order (the layer never joins them; `joined_cols` does, for a kernel that needs one matrix).
     scale: 0-dim, statistics dtype. col_bias: `[K]`, statistics dtype (added in the row direction only).
     n_query_cols: the first `Kq` columns, whose column partitions are wanted.
+    options: tiles and filter; `None` fields are resolved by the autograd layer (`options.resolved`) before a
+        kernel sees the problem.
     """
 
     rows: torch.Tensor
@@ -67,14 +72,8 @@ class Problem:
     n_query_cols: int
     options: PartitionOptions = dataclasses.field(default_factory=PartitionOptions)
 
-    def __post_init__(self) -> None:
-        # Tiles never larger than the problem: `block_rows = 10**9` must not allocate a 10**9-row tile.
-        options = self.options
-        block_rows = None if options.block_rows is None else min(options.block_rows, max(self.n_rows, 1))
-        block_cols = None if options.block_cols is None else min(options.block_cols, max(self.n_cols, 1))
-        if (block_rows, block_cols) != (options.block_rows, options.block_cols):
-            object.__setattr__(self, "options", dataclasses.replace(options, block_rows=block_rows,
-                                                                    block_cols=block_cols))  # fmt: skip
+    #: Which `Needs`/`Grads` field differentiates each differentiable field (the autograd layer reads this).
+    GRADIENT_FIELDS: ClassVar[dict[str, str]] = {"rows": "rows", "cols": "cols", "scale": "scale"}
 
     @property
     def n_rows(self) -> int:
@@ -116,6 +115,7 @@ def problem(
                    options or PartitionOptions())  # fmt: skip
 
 
+@flat_value
 @dataclass(frozen=True)
 class Stats:
     """What a forward computed: all its backward needs.
@@ -132,6 +132,9 @@ class Stats:
     query_lse: torch.Tensor
     col_mass_lb: torch.Tensor
     aux: tuple[torch.Tensor, ...] = ()
+
+    #: The `StatGrads` field that holds the gradient arriving at each differentiable statistic.
+    STAT_GRAD_FIELDS: ClassVar[dict[str, str]] = {"row_lse": "row", "query_lse": "query"}
 
     def rebased(self, row_lse: torch.Tensor, query_lse: torch.Tensor) -> Stats:
         """These statistics' block against the statistics of a larger (global) batch.
@@ -158,6 +161,7 @@ def column_mass_bounds(col_bias: torch.Tensor, col_lse: torch.Tensor, row_lse: t
     return torch.where(bound > 0, torch.zeros_like(bound), bound)  # NaN compares false: stays NaN
 
 
+@flat_value
 @dataclass(frozen=True)
 class PositiveBand:
     """Extra entries of `dS`: `dS[i, first_col + i·per_row + p] += grad[i, p]` (grad `[M, per_row]`).
@@ -176,6 +180,7 @@ class PositiveBand:
         return self.first_col + rows + torch.arange(self.per_row, device=device)[None, :]
 
 
+@flat_value
 @dataclass(frozen=True)
 class StatGrads:
     """The gradient arriving at the statistics: `row [M]`, `query [Kq]` (None: zero), and positive bands."""
@@ -185,6 +190,7 @@ class StatGrads:
     positives: tuple[PositiveBand, ...] = ()
 
 
+@flat_value
 @dataclass(frozen=True)
 class Needs:
     rows: bool = True
@@ -195,6 +201,7 @@ class Needs:
         return self.rows or self.cols or self.scale
 
 
+@flat_value
 @dataclass(frozen=True)
 class Grads:
     """A backward's result, each gradient in the statistics dtype (None where not needed).
@@ -208,6 +215,20 @@ class Grads:
     cols: tuple[torch.Tensor, ...] | None
     scale: torch.Tensor | None
     counts: torch.Tensor
+
+    @staticmethod
+    def like(problem, needs: Needs) -> Grads:
+        """Empty gradients shaped like `problem`'s differentiable fields (`GRADIENT_FIELDS`), statistics dtype."""
+        grads = {}
+        for field, grad_field in type(problem).GRADIENT_FIELDS.items():
+            value = getattr(problem, field)
+            if not getattr(needs, grad_field):
+                grads[grad_field] = None
+            elif isinstance(value, tuple):
+                grads[grad_field] = tuple(block.new_empty(block.shape, dtype=problem.stat_dtype) for block in value)
+            else:
+                grads[grad_field] = value.new_empty(value.shape, dtype=problem.stat_dtype)
+        return Grads(**grads, counts=torch.empty(3, dtype=torch.int64))
 
 
 def counts(tiles: int, skipped_tiles: int = 0, exact_lines: int = 0) -> torch.Tensor:
@@ -272,120 +293,3 @@ def add_positive_terms(problem: Problem, positives: Sequence[PositiveBand], grad
                 dots = torch.einsum("md,mnd->mn", rows.double(), partners.double())
                 grad_scale = grad_scale + (g.double() * dots).sum().to(grad_scale.dtype)
     return dataclasses.replace(grads, scale=grad_scale)
-
-
-# --------------------------------------------------------------------------- the flat form (custom ops)
-# One sentinel for an option left to the backend: -1 (block sizes and eps are never negative).
-_DEFAULT = -1
-
-
-def _encode_problem(p: Problem) -> tuple[list[torch.Tensor], list[int], list[float]]:
-    options = p.options
-    ints = [p.n_query_cols, _or_default(options.block_rows), _or_default(options.block_cols)]
-    return [p.rows, p.scale, p.col_bias, *p.cols], ints, [float(_or_default(options.grad_filter_eps))]
-
-
-def _or_default(value: int | float | None) -> int | float:
-    return _DEFAULT if value is None else value
-
-
-def _option(value: int | float) -> int | float | None:
-    return None if value == _DEFAULT else value
-
-
-def _decode_problem(tensors: list[torch.Tensor], ints: list[int], floats: list[float]) -> Problem:
-    rows, scale, col_bias, *cols = tensors
-    n_query_cols, block_rows, block_cols = ints
-    options = PartitionOptions(_option(block_rows), _option(block_cols), _option(floats[0]))
-    return Problem(rows, tuple(cols), scale, col_bias, n_query_cols, options)
-
-
-def _encode_stats(s: Stats) -> list[torch.Tensor]:
-    return [s.row_lse, s.query_lse, s.col_mass_lb, *s.aux]
-
-
-def _decode_stats(tensors: list[torch.Tensor]) -> Stats:
-    row_lse, query_lse, col_mass_lb, *aux = tensors
-    return Stats(row_lse, query_lse, col_mass_lb, tuple(aux))
-
-
-def _encode_stat_grads(g: StatGrads) -> tuple[list[torch.Tensor], list[int]]:
-    empty = _empty_like_any(g)
-    tensors = [empty if g.row is None else g.row, empty if g.query is None else g.query]
-    ints = [int(g.row is not None), int(g.query is not None)]
-    for band in g.positives:
-        tensors.append(band.grad)
-        ints += [band.first_col, band.per_row]
-    return tensors, ints
-
-
-def _empty_like_any(g: StatGrads) -> torch.Tensor:
-    for tensor in (g.row, g.query, *(band.grad for band in g.positives)):
-        if tensor is not None:
-            return tensor.new_empty((0,))
-    return torch.empty(0)
-
-
-def _decode_stat_grads(tensors: list[torch.Tensor], ints: list[int]) -> StatGrads:
-    row, query, *band_grads = tensors
-    bands = tuple(PositiveBand(ints[2 + 2 * k], ints[3 + 2 * k], grad) for k, grad in enumerate(band_grads))
-    return StatGrads(row if ints[0] else None, query if ints[1] else None, bands)
-
-
-def _stat_grads_of_outputs(output_grads: list[torch.Tensor | None]) -> StatGrads:
-    # Gradients arriving at col_mass_lb or aux (neither is differentiable) are ignored.
-    return StatGrads(output_grads[0], output_grads[1])
-
-
-def _encode_grads(g: Grads, p: Problem, needs: Needs) -> list[torch.Tensor]:
-    stat = p.stat_dtype
-
-    def empty() -> torch.Tensor:
-        return p.rows.new_empty((0,), dtype=stat)
-
-    cols = list(g.cols) if needs.cols and g.cols is not None else [empty() for _ in p.cols]
-    return [
-        g.rows if needs.rows and g.rows is not None else empty(),
-        g.scale.reshape(()) if needs.scale and g.scale is not None else empty(),
-        *cols,
-        g.counts.clone() if g.counts._is_view() else g.counts,
-    ]
-
-
-def _decode_grads(tensors: list[torch.Tensor], p: Problem, needs: Needs) -> Grads:
-    rows, scale, *rest = tensors
-    cols, counts = rest[:-1], rest[-1]
-    return Grads(
-        rows if needs.rows else None, tuple(cols) if needs.cols else None, scale if needs.scale else None,
-        counts,
-    )  # fmt: skip
-
-
-def _grads_like(p: Problem, needs: Needs) -> list[torch.Tensor]:
-    stat = p.stat_dtype
-    rows = p.rows.new_empty(p.rows.shape if needs.rows else (0,), dtype=stat)
-    scale = p.rows.new_empty(() if needs.scale else (0,), dtype=stat)
-    cols = [p.rows.new_empty(c.shape if needs.cols else (0,), dtype=stat) for c in p.cols]
-    return [rows, scale, *cols, torch.empty(3, dtype=torch.int64)]
-
-
-def _tensor_grads(g: Grads, p: Problem) -> list[torch.Tensor | None]:
-    """Gradients of [rows, scale, col_bias, *cols] in their dtypes (col_bias is never differentiated)."""
-    cols = [None] * len(p.cols) if g.cols is None else [grad.to(c.dtype) for grad, c in zip(g.cols, p.cols)]
-    return [
-        None if g.rows is None else g.rows.to(p.rows.dtype),
-        None if g.scale is None else g.scale.to(p.scale.dtype).reshape(p.scale.shape),
-        None,
-        *cols,
-    ]
-
-
-def _needs_of(flags: list[bool], p: Problem) -> Needs:
-    return Needs(rows=flags[0], cols=any(flags[3:]), scale=flags[1])
-
-
-# The flat form's functions, in the order of `ops.Codec`'s fields after its name.
-PARTITIONS_FLAT_FORM = (
-    _encode_problem, _decode_problem, _encode_stats, _decode_stats, _encode_stat_grads, _decode_stat_grads,
-    _stat_grads_of_outputs, _encode_grads, _decode_grads, _grads_like, _tensor_grads, _needs_of,
-)  # fmt: skip

@@ -105,6 +105,46 @@ def reduce_scatter(
     return out
 
 
+def post(ops: list[dist.P2POp]) -> list[dist.Work]:
+    """Post point-to-point sends and receives at once; their works, to `wait` on."""
+    with explain_peer_failure("posting the ring's sends and receives"):  # a closed peer can fail here already
+        return dist.batch_isend_irecv(ops) if ops else []
+
+
+def wait(works: list[dist.Work], what: str) -> None:
+    """Wait for posted works; a failure says `what` failed (`explain_peer_failure`)."""
+    # A Gloo work must be waited on exactly once: a second wait() on a receive blocks.
+    with explain_peer_failure(what):
+        for work in works:
+            work.wait()
+
+
+def exchange(tensor: torch.Tensor, send_to: int, receive_from: int, tag: int) -> tuple[torch.Tensor, list[dist.Work]]:
+    """Post the send of `tensor` to rank `send_to` and the receive of a tensor like it from rank
+    `receive_from`: the receiving tensor and the works to `wait` on."""
+    incoming = torch.empty_like(tensor)
+    send = dist.P2POp(dist.isend, tensor, send_to, tag=tag)
+    return incoming, post([send, dist.P2POp(dist.irecv, incoming, receive_from, tag=tag)])
+
+
+class RingShift(torch.autograd.Function):
+    """Send `tensor` to the next rank of the ring and receive the previous rank's; the backward sends the
+    received tensor's gradient back to the previous rank and receives ours from the next."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, next_rank: int, prev_rank: int, tag: int, what: str) -> torch.Tensor:
+        ctx.ranks, ctx.tag, ctx.what = (prev_rank, next_rank), tag + 1, what
+        incoming, works = exchange(tensor.contiguous(), next_rank, prev_rank, tag)
+        wait(works, f"the ring exchange of {what}")
+        return incoming
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        returned, works = exchange(grad.contiguous(), *ctx.ranks, ctx.tag)
+        wait(works, f"the ring exchange of {ctx.what}' gradients")
+        return returned, None, None, None, None
+
+
 class AllGather(torch.autograd.Function):
     """`gather(tensor)` over `group`; backward sums every member's gradient of our slice (as open_clip's)."""
 

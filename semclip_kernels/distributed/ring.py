@@ -39,7 +39,7 @@ from ..backends import forward as partitions
 from ..backends import summed_backward_stats
 from ..backends.options import PartitionOptions
 from ..backends.values import Needs, StatGrads, Stats, problem
-from .collectives import explain_peer_failure, gather, reduce_scatter
+from .collectives import exchange, explain_peer_failure, gather, post, reduce_scatter, wait
 
 _DATA_TAG, _GRAD_TAG = 7301, 7302  # distinct tags: feature blocks and gradient blocks never match each other
 
@@ -62,28 +62,9 @@ class RingConfig:
     keep_gathered: bool = False
 
 
-def _post(ops: list[dist.P2POp]) -> list[dist.Work]:
-    with explain_peer_failure("posting the ring's sends and receives"):  # a closed peer can fail here already
-        return dist.batch_isend_irecv(ops) if ops else []
-
-
-def _wait(works: list[dist.Work], what: str) -> None:
-    # A Gloo work must be waited on exactly once: a second wait() on a receive blocks.
-    with explain_peer_failure(what):
-        for work in works:
-            work.wait()
-
-
 def _exchange(block: torch.Tensor, config: RingConfig) -> tuple[torch.Tensor, list[dist.Work]]:
     """Post the send of `block` to the next rank and the receive of the next block from the previous one."""
-    incoming = torch.empty_like(block)
-    works = _post(
-        [
-            dist.P2POp(dist.isend, block, config.next_rank, tag=_DATA_TAG),
-            dist.P2POp(dist.irecv, incoming, config.prev_rank, tag=_DATA_TAG),
-        ]
-    )
-    return incoming, works
+    return exchange(block, config.next_rank, config.prev_rank, _DATA_TAG)
 
 
 def _zero_bias(n: int, like: torch.Tensor) -> torch.Tensor:
@@ -146,7 +127,7 @@ class RingPartitions(torch.autograd.Function):
             torch.logaddexp(row_lse, row_stats.row_lse.to(row_lse.dtype), out=row_lse)
             torch.logaddexp(query_lse, query_stats.row_lse.to(query_lse.dtype), out=query_lse)
             step_stats.append((row_stats, query_stats))
-            _wait(works, f"the ring's exchange of feature blocks (forward, step {step + 1} of {config.n_steps - 1})")
+            wait(works, f"the ring's exchange of feature blocks (forward, step {step + 1} of {config.n_steps - 1})")
             block = incoming
         ctx.save_for_backward(image, cols, scale, col_bias, row_lse, query_lse)
         ctx.config = config
@@ -189,7 +170,7 @@ def _backward(ctx, grad_row_lse: torch.Tensor | None, grad_query_lse: torch.Tens
         incoming, incoming_grad, grad_works, works = None, None, [], []
         if remote_grad and step > 0:
             incoming_grad = torch.empty(block.shape, dtype=stat_dtype, device=block.device)
-            grad_works = _post([dist.P2POp(dist.irecv, incoming_grad, config.prev_rank, tag=_GRAD_TAG)])
+            grad_works = post([dist.P2POp(dist.irecv, incoming_grad, config.prev_rank, tag=_GRAD_TAG)])
         if step < config.n_steps - 1:
             incoming, works = _exchange(block, config)
 
@@ -230,21 +211,21 @@ def _backward(ctx, grad_row_lse: torch.Tensor | None, grad_query_lse: torch.Tens
                 group_grad[:, n_cols:] = g_group_images.view(size, image.shape[0], -1)
             block_grad = _own_share(group_grad, config)
             if incoming_grad is not None:
-                _wait(grad_works, f"the ring's exchange of gradient blocks (backward, step {step + 1})")
+                wait(grad_works, f"the ring's exchange of gradient blocks (backward, step {step + 1})")
                 block_grad += incoming_grad  # this block's gradient from the ranks it visited before
-            _wait(outgoing_works, f"the ring's exchange of gradient blocks (backward, step {step})")
+            wait(outgoing_works, f"the ring's exchange of gradient blocks (backward, step {step})")
             if config.n_steps == 1:
                 home = block_grad  # a ring of one: the block never left
             else:
-                outgoing_works = _post([dist.P2POp(dist.isend, block_grad, config.next_rank, tag=_GRAD_TAG)])
-        _wait(works, f"the ring's exchange of feature blocks (backward, step {step + 1} of {config.n_steps - 1})")
+                outgoing_works = post([dist.P2POp(dist.isend, block_grad, config.next_rank, tag=_GRAD_TAG)])
+        wait(works, f"the ring's exchange of feature blocks (backward, step {step + 1} of {config.n_steps - 1})")
         block = incoming
 
     if remote_grad and home is None:  # our own block's gradient, after a full turn
         home = torch.empty((n_cols + image.shape[0], image.shape[1]), dtype=stat_dtype, device=image.device)
-        home_works = _post([dist.P2POp(dist.irecv, home, config.prev_rank, tag=_GRAD_TAG)])
-        _wait(home_works, "the ring's return of this rank's gradient block (end of the backward)")
-        _wait(outgoing_works, "the ring's exchange of gradient blocks (end of the backward)")
+        home_works = post([dist.P2POp(dist.irecv, home, config.prev_rank, tag=_GRAD_TAG)])
+        wait(home_works, "the ring's return of this rank's gradient block (end of the backward)")
+        wait(outgoing_works, "the ring's exchange of gradient blocks (end of the backward)")
     if home is not None:
         grad_cols += home[:n_cols]
         grad_image += home[n_cols:]
