@@ -1,4 +1,4 @@
-"""The gradient filter in every distributed mode, trained regime, 2 Gloo ranks (issue 20, item 2).
+"""The gradient filter in every distributed mode, trained regime, 2 Gloo ranks.
 
     python -m benchmarks.bench_distributed_filter                  # local B = 2048, d = 128, Pn = Mn = 1, cpp
     python -m benchmarks.bench_distributed_filter --batch 512 --repeats 3

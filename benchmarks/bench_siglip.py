@@ -1,4 +1,4 @@
-"""The sigmoid loss's performance expectation (issue 24), from one run.
+"""The sigmoid loss's performance expectation, from one run.
 
     nice python -m benchmarks.bench_siglip          # CPU, fp32, B=8192, d=512, Pn=Mn=1 (K=24576), weights 1
 
@@ -85,6 +85,7 @@ def run_method(method: str, inputs: dict[str, torch.Tensor]) -> float:
             )  # fmt: skip
             loss.backward()
         finally:
+            sigmoid_dispatch.GRADIENTS_IN_FORWARD.clear()  # back to what the kernels say, or the saved overrides
             sigmoid_dispatch.GRADIENTS_IN_FORWARD.update(saved)
         return float(loss.detach())
     loss.backward()

@@ -14,7 +14,7 @@
    and trained (aligned pairs, τ = 100) regimes. Methods: `triton` once per candidate tile
    (config.TILE_CANDIDATES, pinned through SEMCLIP_TRITON_TILE), `torch`, `reference` (until it runs out of
    memory), and one `B×d @ d×3B` product (cuBLAS on CUDA): times are also given in GEMM-equivalents.
-3. Goals at the largest batch (issue 22): triton ≤ 5 GEMM-equivalents, faster than reference, peak memory
+3. Goals at the largest batch: triton ≤ 5 GEMM-equivalents, faster than reference, peak memory
    ≤ 1/50 of reference's.
 
 Writes `first_light.md` and `first_light.json` to `--out` (default `$OUT`, else `first_light/`); the JSON is

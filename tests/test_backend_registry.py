@@ -96,7 +96,7 @@ def _sigmoid_module() -> types.ModuleType:
 
 @pytest.fixture
 def tiny_backends(monkeypatch):
-    """"tiny": both primitives; "halfway": the partitions only, first in "auto"'s order on CPU."""
+    """ "tiny": both primitives; "halfway": the partitions only, first in "auto"'s order on CPU."""
     table = {"halfway": backends.Backend({"partitions": _partitions_module()}, auto_on=("cpu",))}
     table.update(backends.BACKEND_TABLE)
     monkeypatch.setattr(backends, "BACKEND_TABLE", table)

@@ -15,6 +15,8 @@ from test_memory import LargestAllocation
 import semclip_kernels as sk
 from semclip_kernels.backends import sigmoid_dispatch, sigmoid_torch
 from semclip_kernels.backends.sigmoid_dispatch import sigmoid_backend_status
+from semclip_kernels.backends.sigmoid_values import SigmoidProblem
+from semclip_kernels.backends.values import Needs
 
 CPU_BACKENDS = [name for name in ("reference", "torch", "cpp") if sigmoid_backend_status(name, torch.device("cpu"))[0]]
 FUSED = [name for name in CPU_BACKENDS if name != "reference"]
@@ -207,9 +209,9 @@ def test_tile_loop_never_materializes_logits():
     rows, cols = torch.randn(batch, dim, generator=gen), torch.randn(3 * batch, dim, generator=gen)
     weight, owner = torch.ones(3 * batch), torch.arange(3 * batch) % batch
     blocks = (sigmoid_torch.DEFAULT_BLOCK_ROWS, sigmoid_torch.DEFAULT_BLOCK_COLS)
+    problem = SigmoidProblem(rows, (cols,), torch.tensor([10.0, -5.0]), weight, owner, sk.PartitionOptions(*blocks, 0))
     with LargestAllocation() as recorder:
-        sigmoid_torch.tiled_pair_sum(rows, cols, torch.tensor(10.0), torch.tensor(-5.0), weight, owner,
-                               (True, True, True, True), *blocks, 0.0)  # fmt: skip
+        sigmoid_torch.pair_sum(problem, Needs(True, True, True))
     assert recorder.largest < batch * 3 * batch / 4, recorder.largest_op
     assert recorder.largest >= blocks[0] * blocks[1]  # the probe sees the tiles: the test can fail
 

@@ -33,10 +33,7 @@ def forward(problem: Problem) -> Stats:
 
 
 def stats_like(problem: Problem) -> Stats:
-    stat = problem.stat_dtype
-    new = problem.rows.new_empty
-    return Stats(new((problem.n_rows,), dtype=stat), new((problem.n_query_cols,), dtype=stat),
-                 new((problem.n_cols,), dtype=stat))  # fmt: skip
+    return Stats.like(problem)
 
 
 def backward(problem: Problem, stats: Stats, grads: StatGrads, needs: Needs) -> Grads:

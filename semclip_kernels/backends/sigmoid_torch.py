@@ -35,30 +35,14 @@ def _tiles(n: int, block: int) -> list[slice]:
 
 
 def pair_sum(problem: SigmoidProblem, needs: Needs) -> PairSums:
-    """`base.SigmoidPairKernels.pair_sum`: the tile loop below on the problem's resolved options."""
-    options = problem.options
-    return PairSums(*tiled_pair_sum(
-        problem.rows, problem.joined_cols(), problem.scale, problem.bias, problem.col_weight, problem.col_owner,
-        (needs.rows, needs.cols, needs.scale, needs.scale), options.block_rows, options.block_cols,
-        options.grad_filter_eps,
-    ))  # fmt: skip
-
-
-def tiled_pair_sum(
-    rows: torch.Tensor,
-    cols: torch.Tensor,
-    scale: torch.Tensor,
-    bias: torch.Tensor,
-    col_weight: torch.Tensor,
-    col_owner: torch.Tensor,
-    needs: tuple[bool, bool, bool, bool],
-    block_rows: int,
-    block_cols: int,
-    grad_filter_eps: float,
-) -> tuple:
-    """`(pair_sum, grad_rows, grad_cols, grad_scale, grad_bias, (tiles, skipped_tiles))`: the sum and its
-    gradients (None where `needs = (rows, cols, scale, bias)` says no), sum and scalars in the statistics
-    dtype, feature gradients in the features' dtypes; the tiles the gradient pass visited and filtered."""
+    """The sum and its gradients (None where `needs` says no; `needs.scale` stands for τ and b), sum and scalars
+    in the statistics dtype, feature gradients in the features' dtypes; the tiles the gradient pass visited and
+    filtered."""
+    rows, cols, scale, bias = problem.rows, problem.joined_cols(), problem.scale, problem.bias
+    col_weight, col_owner = problem.col_weight, problem.col_owner
+    block_rows, block_cols, grad_filter_eps = (problem.options.block_rows, problem.options.block_cols,
+                                               problem.options.grad_filter_eps)  # fmt: skip
+    needs = (needs.rows, needs.cols, needs.scale, needs.scale)
     need_rows, need_cols, need_scale, need_bias = needs
     need_any = any(needs)
     dtype = stat_dtype(scale.dtype)
@@ -115,7 +99,7 @@ def tiled_pair_sum(
         for t in row_tiles if need_rows else col_tiles:  # float64 one tile at a time (§3's tile budget)
             grad_scale += torch.dot(grad[t].double().reshape(-1), feature[t].double().reshape(-1))
         grad_scale /= tau
-    return (
+    return PairSums(
         total.to(dtype),
         None if grad_rows is None else grad_rows.to(rows.dtype),
         None if grad_cols is None else grad_cols.to(cols.dtype),

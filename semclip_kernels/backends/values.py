@@ -136,6 +136,14 @@ class Stats:
     #: The `StatGrads` field that holds the gradient arriving at each differentiable statistic.
     STAT_GRAD_FIELDS: ClassVar[dict[str, str]] = {"row_lse": "row", "query_lse": "query"}
 
+    @staticmethod
+    def like(problem: Problem, dtype: torch.dtype | None = None, col_mass_lb: bool = True) -> Stats:
+        """Empty statistics of `problem` in `dtype` (default: the statistics dtype), no `aux`; `col_mass_lb`
+        `[K]`, or `[0]` for a backend without bounds (a kernel's `stats_like`)."""
+        dtype, new = dtype or problem.stat_dtype, problem.rows.new_empty
+        bounds = new((problem.n_cols if col_mass_lb else 0,), dtype=dtype)
+        return Stats(new((problem.n_rows,), dtype=dtype), new((problem.n_query_cols,), dtype=dtype), bounds)
+
     def rebased(self, row_lse: torch.Tensor, query_lse: torch.Tensor) -> Stats:
         """These statistics' block against the statistics of a larger (global) batch.
 

@@ -36,6 +36,7 @@ from .ring import RingConfig, RingPartitions
 
 __all__ = ["MODES", "RankGroup", "distributed_loss"]
 
+
 def distributed_loss(inputs: SemCLIPInputs, columns: Columns, config: LossConfig, group: RankGroup) -> torch.Tensor:
     """This rank's SemCLIP loss of the global batch, open_clip's semantics.
 

@@ -141,7 +141,8 @@ def check_layout_across_ranks(
         if column == 0:
             raise ValueError(
                 f"distributed {loss} needs the same local batch size on every rank, got {values} "
-                "(ranks 0..world_size-1); drop or pad the last incomplete batch (e.g. DataLoader(drop_last=True))"
+                "(local batch size B = image_features.shape[0] of ranks 0..world_size-1); "
+                "drop or pad the last incomplete batch (e.g. DataLoader(drop_last=True))"
             )
         if "bits" in name:
             values = torch.tensor(values, dtype=torch.int64).view(torch.float64).tolist()
