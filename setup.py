@@ -8,8 +8,11 @@
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 import os
 import platform
+import shutil
 import sys
 
 from setuptools import find_packages, setup
@@ -45,7 +48,70 @@ def extensions() -> tuple[list, dict]:
         extra_compile_args=extra_compile_args,
         extra_link_args=["-fopenmp"],
     )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=False)}
+    return [ext], {"build_ext": reusing_build_ext(BuildExtension.with_options(use_ninja=False))}
+
+
+def build_key(ext) -> str:
+    """What the compiled kernel depends on: every file in csrc/, the flags, torch, Python and the compiler."""
+    import torch
+
+    digest = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(HERE, "csrc", "*"))):
+        with open(path, "rb") as handle:
+            digest.update(os.path.basename(path).encode() + b"\0" + handle.read() + b"\0")
+    settings = {"sources": sorted(ext.sources), "compile": ext.extra_compile_args, "link": ext.extra_link_args,
+                "torch": torch.__version__, "torch_git": getattr(torch.version, "git_version", None),
+                "python": sys.version, "machine": platform.machine(),
+                "env": {name: os.environ.get(name) for name in ("CC", "CXX", "CFLAGS", "CXXFLAGS", "LDFLAGS")}}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def reusing_build_ext(base: type) -> type:
+    """`build_ext` that keeps an unchanged in-place kernel instead of compiling it again.
+
+    `pip install -e .` (and so every `pip install -e ".[extra]"` after the first) builds in fresh temporary
+    folders, where plain `build_ext` finds neither object files nor a library and recompiles everything
+    (minutes). When installing in place, the library already in semclip_kernels/ is reused if the key it was
+    built with (`build_key`, written beside it as `<library>.build-key`) is today's. `--force` or
+    SEMCLIP_REBUILD_CPP=1 always compiles.
+    """
+
+    class ReusingBuildExt(base):
+        def run(self) -> None:
+            self.written_keys = {}
+            self.reuse_in_place = bool(self.inplace) and not self.force and os.environ.get("SEMCLIP_REBUILD_CPP") != "1"
+            super().run()  # builds, then (in place) copies the libraries into semclip_kernels/
+            for in_place, key in self.written_keys.items():
+                with open(in_place + ".build-key", "w", encoding="utf-8") as handle:
+                    handle.write(key + "\n")
+
+        def build_extension(self, ext) -> None:
+            in_place = os.path.join(HERE, self.get_ext_filename(ext.name))
+            key = build_key(ext)
+            if self.reuse_in_place and os.path.exists(in_place) and read_key(in_place + ".build-key") == key:
+                print(f"semclip-kernels: {os.path.relpath(in_place, HERE)} is up to date (same csrc/, flags, torch, "
+                      "Python): not compiled again (SEMCLIP_REBUILD_CPP=1 forces it)", file=sys.stderr)
+                target = self.get_ext_fullpath(ext.name)  # where the in-place copy that follows takes it from
+                if os.path.abspath(target) != os.path.abspath(in_place):
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    shutil.copy2(in_place, target)
+                return
+            if self.reuse_in_place and os.path.exists(in_place + ".build-key"):
+                os.unlink(in_place + ".build-key")  # stale until the new library is in place
+            super().build_extension(ext)
+            if self.reuse_in_place:
+                self.written_keys[in_place] = key
+
+    return ReusingBuildExt
+
+
+def read_key(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read().strip()
+    except OSError:
+        return None
 
 
 ext_modules, cmdclass = extensions()
