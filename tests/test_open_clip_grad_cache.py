@@ -251,7 +251,7 @@ def test_amp_bf16_grad_checkpointing_and_resume(data_dir, tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("accum", [None, "1"])
-def test_flag_without_accum_freq_names_it(data_dir, tmp_path, monkeypatch, accum):
+def test_flag_without_accum_freq_names_it(data_dir, tmp_path, monkeypatch, capsys, accum):
     argv = trainer_argv(data_dir, str(tmp_path), "bad", "--semclip-grad-cache")
     index = argv.index("--accum-freq")
     if accum is None:
@@ -259,8 +259,12 @@ def test_flag_without_accum_freq_names_it(data_dir, tmp_path, monkeypatch, accum
     else:
         argv[index + 1] = accum
     monkeypatch.setattr(open_clip_main, "main", lambda *_: pytest.fail("the trainer must not start"))
-    with pytest.raises(ValueError, match=r"--semclip-grad-cache needs --accum-freq N with N >= 2.*got --accum-freq 1"):
+    with pytest.raises(SystemExit) as exit_info:
         command.main(argv)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert re.search(r"--semclip-grad-cache needs --accum-freq N with N >= 2.*got --accum-freq 1", lines[0])
 
 
 def test_torchrun_two_gloo_ranks_local_loss(data_dir, tmp_path):

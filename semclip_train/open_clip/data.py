@@ -119,6 +119,11 @@ def get_csv_triplet_data(args: Any, preprocess_fn: Callable, is_train: bool, epo
     return DataInfo(dataloader, sampler, shared_epoch)
 
 
+def is_csv_data(path: str, dataset_type: str) -> bool:
+    """Whether open_clip_train reads `path` as a CSV (`--dataset-type csv`, or `auto` and a .csv/.tsv name)."""
+    return dataset_type == "csv" or (dataset_type == "auto" and path.rsplit(".", 1)[-1] in ("csv", "tsv"))
+
+
 def get_data(args: Any, preprocess_fns: tuple, epoch: int = 0, tokenizer: Callable | None = None, *,
              options: SemCLIPOptions, fallback: Callable) -> dict[str, Any]:
     """open_clip_train's `get_data` with the training set read as a SemCLIP CSV.
@@ -130,9 +135,7 @@ def get_data(args: Any, preprocess_fns: tuple, epoch: int = 0, tokenizer: Callab
         return fallback(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
     if not args.train_data:
         raise ValueError("--csv-paraphrase-key / --csv-negation-key need --train-data (a CSV file)")
-    is_csv = args.dataset_type == "csv" or (
-        args.dataset_type == "auto" and args.train_data.rsplit(".", 1)[-1] in ("csv", "tsv"))
-    if not is_csv:
+    if not is_csv_data(args.train_data, args.dataset_type):
         raise ValueError(f"--csv-paraphrase-key / --csv-negation-key need a CSV --train-data "
                          f"(--dataset-type csv), got {args.train_data!r} with --dataset-type {args.dataset_type}")
     others = copy.copy(args)
