@@ -130,7 +130,7 @@ def one_step(
     from open_clip_train.train import train_one_epoch
 
     from semclip_kernels import SemCLIPLoss
-    from semclip_kernels.integrations.open_clip_grad_cache import grad_cache_train_one_epoch
+    from semclip_train.open_clip.grad_cache import grad_cache_train_one_epoch
 
     big = method == "big_batch"
     micro, accum = (point.global_batch, 1) if big else (point.micro, point.accum)

@@ -17,8 +17,9 @@
 3. Goals at the largest batch: triton ≤ 5 GEMM-equivalents, faster than reference, peak memory
    ≤ 1/50 of reference's.
 
-Writes `first_light.md` and `first_light.json` to `--out` (default `$OUT`, else `first_light/`); the JSON is
-rewritten after every measurement, so a run cut short still leaves what it measured.
+Writes `first_light.md` and `first_light.json` to `--out` (default `$OUT`, else `first_light/`; a `--dry-run`
+without either writes to a new temporary folder, so a test of the code path leaves nothing in the tree); the
+JSON is rewritten after every measurement, so a run cut short still leaves what it measured.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ import math
 import os
 import platform
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -301,9 +303,18 @@ def write(report: Report, out: str) -> None:
         handle.write(to_markdown(report))
 
 
+def output_folder(out: str | None, dry_run: bool, environ: Mapping[str, str] = os.environ) -> str:
+    """`--out`, else `$OUT`, else `first_light` (a real run) or a new temporary folder (a dry run)."""
+    if out:
+        return out
+    if environ.get("OUT"):
+        return environ["OUT"]
+    return tempfile.mkdtemp(prefix="first_light_dry_run_") if dry_run else "first_light"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=os.environ.get("OUT") or "first_light")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_first_light", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=None, help="default: $OUT, else first_light/ (--dry-run: a temporary folder)")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes (B 48, d 32): the code path, not figures")
     parser.add_argument("--batches", type=int, nargs="+", default=[8192, 32768])
@@ -312,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check-batch", type=int, default=256)
     parser.add_argument("--check-dim", type=int, default=96)
     args = parser.parse_args(argv)
+    args.out = output_folder(args.out, args.dry_run)
+    print(f"writing {os.path.join(args.out, 'first_light.md')} and first_light.json", file=sys.stderr)
     if args.dry_run:
         args.batches, args.dim, args.repeats, args.check_batch, args.check_dim = [48], 32, 1, 24, 16
     device = args.device

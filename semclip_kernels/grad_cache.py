@@ -12,7 +12,7 @@ Gao et al. 2021) computes exactly that gradient with one micro-batch's activatio
 
 Parameters receive the gradient of the global batch's loss, accumulated in `.grad` as `loss.backward()`
 would leave it; the optimizer step is the caller's. Nothing here depends on open_clip;
-`semclip_kernels.integrations.open_clip_grad_cache` uses it inside open_clip's trainer.
+`semclip_train.open_clip.grad_cache` uses it inside open_clip's trainer.
 
     from semclip_kernels import SemCLIPLoss
     from semclip_kernels.grad_cache import grad_cache_backward

@@ -1,4 +1,4 @@
-"""`--semclip-grad-cache` in `python -m semclip_kernels.open_clip_train` (open_clip's own trainer).
+"""`--semclip-grad-cache` in `python -m semclip_train.open_clip` (open_clip's own trainer).
 
 Runs open_clip_train for a few steps on a tiny model whose vision tower drops patches at random
 (`patch_dropout`, drawn from the CPU generator) and a CSV of generated images with paraphrases and
@@ -28,9 +28,9 @@ import torch
 from oracle import max_norm_rel_err, semclip_loss_float64
 from PIL import Image
 
+import semclip_train.open_clip.cli as command
+import semclip_train.open_clip.grad_cache as open_clip_grad_cache
 from semclip_kernels import SemCLIPLoss
-from semclip_kernels import open_clip_train as command
-from semclip_kernels.integrations import open_clip_grad_cache
 from semclip_kernels.integrations.open_clip import semclip_forward
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -251,7 +251,7 @@ def test_amp_bf16_grad_checkpointing_and_resume(data_dir, tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("accum", [None, "1"])
-def test_flag_without_accum_freq_names_it(data_dir, tmp_path, monkeypatch, accum):
+def test_flag_without_accum_freq_names_it(data_dir, tmp_path, monkeypatch, capsys, accum):
     argv = trainer_argv(data_dir, str(tmp_path), "bad", "--semclip-grad-cache")
     index = argv.index("--accum-freq")
     if accum is None:
@@ -259,8 +259,12 @@ def test_flag_without_accum_freq_names_it(data_dir, tmp_path, monkeypatch, accum
     else:
         argv[index + 1] = accum
     monkeypatch.setattr(open_clip_main, "main", lambda *_: pytest.fail("the trainer must not start"))
-    with pytest.raises(ValueError, match=r"--semclip-grad-cache needs --accum-freq N with N >= 2.*got --accum-freq 1"):
+    with pytest.raises(SystemExit) as exit_info:
         command.main(argv)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert re.search(r"--semclip-grad-cache needs --accum-freq N with N >= 2.*got --accum-freq 1", lines[0])
 
 
 def test_torchrun_two_gloo_ranks_local_loss(data_dir, tmp_path):

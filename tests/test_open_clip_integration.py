@@ -1,4 +1,4 @@
-"""`python -m semclip_kernels.open_clip_train` and `semclip_kernels.integrations.open_clip`.
+"""`python -m semclip_train.open_clip`, `semclip_train.open_clip` and `semclip_kernels.integrations.open_clip`.
 
 Runs open_clip's own trainer for a few steps on a tiny model config (tests/fixtures) and a CSV
 of generated images. Single-process runs happen in this process (the trainer's `main(argv)`),
@@ -26,14 +26,11 @@ import torch
 from oracle import semclip_loss_float64
 from PIL import Image
 
+import semclip_train.open_clip.cli as command
 from semclip_kernels import SemCLIPLoss
-from semclip_kernels import open_clip_train as command
-from semclip_kernels.integrations.open_clip import (
-    CpuFriendlyDDP,
-    SemCLIPOptions,
-    encode_text_groups,
-    read_csv_triplets,
-)
+from semclip_kernels.integrations.open_clip import SemCLIPOptions, encode_text_groups
+from semclip_train.open_clip.data import read_csv_triplets
+from semclip_train.open_clip.patches import CpuFriendlyDDP
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_CONFIG = os.path.join(ROOT, "tests", "fixtures", "semclip-oc-tiny.json")

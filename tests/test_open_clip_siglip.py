@@ -1,4 +1,4 @@
-"""`python -m semclip_kernels.open_clip_train --siglip`: open_clip's own trainer with SemSigLipLoss
+"""`python -m semclip_train.open_clip --siglip`: open_clip's own trainer with SemSigLipLoss
 (docs/siglip.md). Without the extra columns the logged losses equal `open_clip_train.main --siglip`'s
 (open_clip's SigLipLoss); with them, every step's loss is the float64 sigmoid oracle of what the loss got."""
 
@@ -23,8 +23,8 @@ from test_open_clip_integration import (  # noqa: F401 - fixtures used by name
     trainer_argv,
 )
 
+import semclip_train.open_clip.cli as command
 from semclip_kernels import SemSigLipLoss
-from semclip_kernels import open_clip_train as command
 
 
 class BiasRecorder(Recorder):

@@ -56,7 +56,7 @@ def _imports_of(path: str, package: str) -> set[str]:
     return found
 
 
-@pytest.mark.parametrize("package", ["semclip_kernels", "training"])
+@pytest.mark.parametrize("package", ["semclip_kernels", "semclip_train", "training"])
 def test_no_import_cycles(package):
     modules = {}
     for folder, _, files in os.walk(os.path.join(ROOT, package)):
@@ -87,6 +87,19 @@ def test_no_import_cycles(package):
 
     for key in sorted(graph):
         visit(key)
+
+
+def test_the_library_never_imports_its_applications():
+    # semclip_kernels is the library; semclip_train (open_clip's trainer), training/ and benchmarks/ use it.
+    applications = ("semclip_train", "training", "benchmarks")
+    offenders = []
+    for folder, _, files in os.walk(os.path.join(ROOT, "semclip_kernels")):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                for app in applications:
+                    offenders += [f"{os.path.relpath(path, ROOT)}: {m}" for m in sorted(_imports_of(path, app))]
+    assert not offenders, offenders
 
 
 def test_nothing_reads_outside_the_repository():

@@ -18,6 +18,9 @@ import os
 import sys
 import time
 
+from semclip_kernels import BACKENDS
+
+from .arguments import check_positive, fail
 from .atomic_files import atomic_write_text
 from .config import TrainConfig
 from .evaluate import format_table
@@ -38,7 +41,8 @@ def main(argv: list[str] | None = None) -> dict:
         return pretrained_main(rest)
     argv = rest
     defaults = TrainConfig()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m training.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--towers", choices=("tiny", "pretrained"), default="tiny",
                         help="tiny: the open_clip model below; pretrained: see training/pretrained_demo.py")
     parser.add_argument("--out", default="runs/demo")
@@ -51,10 +55,17 @@ def main(argv: list[str] | None = None) -> dict:
                         help="share of captions with a true 'and no <object>' clause")
     parser.add_argument("--partial-prob", type=float, default=defaults.partial_prob,
                         help="share of training captions that leave one object out")
-    parser.add_argument("--backend", default=defaults.backend)
+    parser.add_argument("--backend", default=defaults.backend, choices=BACKENDS)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
+    for name in ("steps", "batch_size", "train_size", "val_size"):
+        check_positive(parser, "--" + name.replace("_", "-"), getattr(args, name))
+    if args.train_size < args.batch_size:
+        fail(parser, f"--train-size {args.train_size} is smaller than one batch (--batch-size {args.batch_size}): "
+                     "raise --train-size or lower --batch-size")
+    if args.threads < 0:
+        fail(parser, f"--threads must be >= 0 (0: torch's default), got {args.threads}")
 
     results: dict[str, dict[str, float]] = {}
     seconds: dict[str, float] = {}

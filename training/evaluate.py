@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import defaultdict
 from contextlib import nullcontext
@@ -24,8 +25,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from .arguments import check_input_file, check_positive, fail
 from .checkpoint import load_checkpoint
 from .config import TrainConfig, build_datasets, build_model_for
+from .model import checkpoint_loaded_next
 
 
 def recall_at_k(scores: torch.Tensor, k: int) -> float:
@@ -127,7 +130,8 @@ def format_table(columns: dict[str, dict[str, float]], keys: list[str] | None = 
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a checkpoint.pt written by training.train")
     parser.add_argument("--data", choices=("synthetic", "csv"), default=None, help="default: the run's own")
     parser.add_argument("--csv", default=None, help="triplet CSV to evaluate on (with --data csv)")
@@ -135,15 +139,32 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--output", default=None, help="write the metrics to this JSON file")
     args = parser.parse_args(argv)
-
-    state = load_checkpoint(args.checkpoint)
-    config = TrainConfig(**state["config"])
+    check_positive(parser, "--batch-size", args.batch_size)
+    check_input_file(parser, "--checkpoint", args.checkpoint, what="checkpoint")
+    if args.csv is not None:
+        check_input_file(parser, "--csv", args.csv)
+    try:
+        state = load_checkpoint(args.checkpoint)
+        config = TrainConfig(**state["config"])
+        weights = state["model"]
+    except Exception as error:  # torch.load raises many types for a file that is not a checkpoint
+        fail(parser, f"--checkpoint {args.checkpoint}: not a checkpoint written by training.train "
+                     f"({type(error).__name__}: {str(error)[:120]})")
     if args.data is not None:
         config.data = args.data
     if args.csv is not None:
         config.val_csv = args.csv
-    bundle = build_model_for(config)
-    bundle.model.load_state_dict(state["model"])
+    if config.data == "csv":
+        if config.val_csv is None and config.csv is None:
+            fail(parser, "--data csv needs --csv FILE (the triplets to evaluate on)")
+        recorded = config.val_csv or config.csv
+        if args.csv is None and not os.path.isfile(recorded):
+            fail(parser, f"the run's validation CSV {recorded} is gone: pass --csv FILE")
+    with checkpoint_loaded_next():
+        bundle = build_model_for(config)
+    bundle.model.load_state_dict(weights)
+    print(f"{args.checkpoint}: step {state.get('step', '?')} of a --loss {config.loss} run, model {config.model}",
+          file=sys.stderr)
     _, val_set = build_datasets(config, bundle, need_train=False, bad_rows=args.bad_rows)
     metrics = evaluate(bundle.model, bundle.tokenizer, val_set, args.batch_size, config.precision)
     print(format_table({config.loss: metrics}))

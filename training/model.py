@@ -8,9 +8,12 @@ here downloads: pretrained weights must be a local file (or a `local-dir:` model
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,6 +91,22 @@ def build_model(
     image_size = image_size[0] if isinstance(image_size, (tuple, list)) else int(image_size)
     context_length = int(getattr(tokenizer, "context_length", getattr(model, "context_length", 77)))
     return ModelBundle(model, preprocess_train, preprocess_val, tokenizer, image_size, context_length)
+
+
+@contextlib.contextmanager
+def checkpoint_loaded_next() -> Iterator[None]:
+    """Within the block, open_clip's "No pretrained weights loaded ... Model initialized randomly" warning is
+    dropped: the caller loads a checkpoint into the model it builds here, so the warning would be untrue."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+    root = logging.getLogger()  # open_clip warns through the root logger
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

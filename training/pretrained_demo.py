@@ -49,6 +49,7 @@ from .evaluate import negation_accuracy, paraphrase_recall_at_1, recall_at_k
 from .paper_loss import PaperLoss
 from .pretrained import (
     FeatureCache,
+    MissingPretrainedPackages,
     PretrainedDualEncoder,
     TokenStates,
     bottom_states,
@@ -57,6 +58,7 @@ from .pretrained import (
     load_minilm,
     module_fingerprint,
     pretrained_sentence_embedding,
+    require_pretrained_packages,
     texts_fingerprint,
 )
 from .sugarcrepe import DEFAULT_PATH as SUGARCREPE_PATH
@@ -498,7 +500,13 @@ def parse_args(argv: list[str] | None = None) -> PretrainedDemoConfig:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    return run(parse_args(argv))
+    config = parse_args(argv)
+    try:
+        require_pretrained_packages()
+    except MissingPretrainedPackages as error:  # one line and exit status 2, before anything is built
+        print(f"python -m training.demo --towers pretrained: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return run(config)
 
 
 if __name__ == "__main__":

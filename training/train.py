@@ -38,6 +38,7 @@ from tqdm import tqdm
 from semclip_kernels import BACKENDS, SemCLIPLoss
 from semclip_kernels.triplets import BAD_ROWS, text_views
 
+from .arguments import check_input_file, check_model_name, check_positive, fail, usable_triplet_rows
 from .atomic_files import atomic_write_text, remove_orphaned_temporaries
 from .checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
 from .config import TrainConfig, build_datasets, build_model_for, run_shaping_settings
@@ -47,6 +48,8 @@ from .model import unwrap
 from .paper_loss import PaperLoss
 from .plots import plot_runs
 
+CHECKPOINT_NAME = "checkpoint.pt"  # in --out
+
 
 def flag(setting: str) -> str:
     """The command-line flag of a `TrainConfig` field."""
@@ -54,7 +57,8 @@ def flag(setting: str) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     choices = {"data": ("synthetic", "csv"), "bad_rows": BAD_ROWS, "loss": ("semclip", "clip", "paper"),
                "precision": ("fp32", "bf16"),
                "backend": BACKENDS}
@@ -74,7 +78,41 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Nam
                         help="exit after this many steps (as if pre-empted); resume later with --resume")
     args = parser.parse_args(argv)
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**values), args
+    config = TrainConfig(**values)
+    check_args(parser, config, args)
+    return config, args
+
+
+def check_args(parser: argparse.ArgumentParser, config: TrainConfig, args: argparse.Namespace) -> None:
+    """Flag mistakes end the run here, with one line naming the flag, before any model is built."""
+    for name in ("steps", "batch_size", "lr", "train_size", "val_size"):
+        check_positive(parser, flag(name), getattr(config, name))
+    if config.data == "csv":
+        if config.csv is None:
+            fail(parser, "--data csv needs --csv FILE (the training triplets; docs/triplets.md makes them)")
+        for name in ("csv", "val_csv"):
+            if getattr(config, name) is not None:
+                check_input_file(parser, flag(name), getattr(config, name))
+        rows = usable_triplet_rows(config.csv)
+        if rows is not None and rows < config.batch_size:
+            fail(parser, f"--csv {config.csv} has {rows} usable row(s), fewer than one batch (--batch-size "
+                         f"{config.batch_size}): lower --batch-size or add rows")
+    else:
+        for name in ("csv", "val_csv"):
+            if getattr(config, name) is not None:
+                fail(parser, f"{flag(name)} needs --data csv (the run trains on --data {config.data})")
+        if config.train_size < config.batch_size:
+            fail(parser, f"--train-size {config.train_size} is smaller than one batch (--batch-size "
+                         f"{config.batch_size}): raise --train-size or lower --batch-size")
+    for name in ("pretrained", "model_config"):
+        if getattr(config, name) is not None:
+            check_input_file(parser, flag(name), getattr(config, name))
+    check_model_name(parser, config.model, config.model_config)
+    if args.resume_override and args.resume is None:
+        fail(parser, "--resume-override goes with --resume")
+    checkpoint = os.path.join(config.out, CHECKPOINT_NAME)
+    if args.resume not in (None, "auto") and os.path.abspath(args.resume) != os.path.abspath(checkpoint):
+        check_input_file(parser, "--resume", args.resume, what="checkpoint")
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -204,7 +242,7 @@ class TrainingRun:
 
     @property
     def checkpoint_path(self) -> str:
-        return os.path.join(self.config.out, "checkpoint.pt")
+        return os.path.join(self.config.out, CHECKPOINT_NAME)
 
     @property
     def summary_path(self) -> str:
@@ -469,8 +507,6 @@ def train(config: TrainConfig, resume: str | None = None, stop_after: int | None
 def main(argv: list[str] | None = None) -> dict:
     config, args = parse_args(argv)
     override = [name.strip().replace("-", "_") for name in args.resume_override.split(",") if name.strip()]
-    if override and args.resume is None:
-        raise ValueError("--resume-override goes with --resume")
     final = train(config, resume=args.resume, stop_after=args.stop_after, resume_override=override)
     if final:
         print(format_table({config.loss: final}))

@@ -79,3 +79,23 @@ def test_goals_read_the_largest_batch():
 def test_first_light_script_is_valid_bash():
     done = subprocess.run(["bash", "-n", os.path.join(REPO, "benchmarks", "gpu_first_light.sh")], capture_output=True)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize(
+    "out, dry_run, environ, expected",
+    [
+        ("given", True, {"OUT": "env"}, "given"),  # --out wins
+        (None, True, {"OUT": "env"}, "env"),  # then $OUT (the device tool's folder)
+        (None, False, {}, "first_light"),  # a real run: the documented default
+    ],
+)
+def test_output_folder_order(out, dry_run, environ, expected):
+    assert fl.output_folder(out, dry_run, environ) == expected
+
+
+def test_dry_run_without_out_writes_outside_the_working_tree(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    folder = fl.output_folder(None, True, {})
+    assert os.path.isdir(folder) and not os.path.abspath(folder).startswith(str(tmp_path))
+    os.rmdir(folder)
+    assert not (tmp_path / "first_light").exists()

@@ -1,19 +1,17 @@
-"""SemCLIP inside open_clip's own trainer (`open_clip_train`), and the pieces for custom open_clip loops.
+"""SemCLIP in open_clip models: the pieces a custom open_clip loop uses, and open_clip's loss factory.
 
 Public pieces (docs/open_clip.md):
 
-- `SemCLIPOptions`: the SemCLIP flags of `python -m semclip_kernels.open_clip_train`.
-- `read_csv_triplets` / `CsvTripletTokens` / `get_csv_triplet_data`: a CSV dataset whose items are
-  `(image, tokens [1 + Pn + Mn, L])`: the caption, `Pn` paraphrases and `Mn` negations of one image
-  (several per cell separated by ` || `, docs/contract.md §6; cycled per epoch when a row has more).
+- `SemCLIPOptions`: the SemCLIP settings of an open_clip run (the flags `python -m semclip_train.open_clip` adds).
 - `encode_text_groups` / `install_semclip_forward`: the model-output hook. It encodes captions,
   paraphrases and negations in ONE text-tower pass, ordered `[captions; paraphrases; negations]`
   (image-major), so the tower's `[K, d]` output already is the loss's column layout `[T; P; N]`,
   and returns `paraphrase_features` / `negation_features` as views of that one buffer.
-- `create_loss`: open_clip's `create_loss(args)` returning `SemCLIPLoss`.
-- `CpuFriendlyDDP`: `DistributedDataParallel` that drops `device_ids` for CPU modules (open_clip_train
-  passes `device_ids=[cpu]`, which DDP rejects, so Gloo on CPU fails before the loss exists).
-- `patch_open_clip_train`: installs all of the above into `open_clip_train.main` for one run.
+- `create_loss`: open_clip's `create_loss(args)` returning `SemCLIPLoss` (or `SemSigLipLoss` with `--siglip`).
+
+open_clip's own trainer with these (the CSV triplet dataset, the patches of `open_clip_train.main`, the
+command line) is the application package `semclip_train.open_clip`, which depends on this module, never the
+reverse.
 
 Which hand-made monkeypatches work: `open_clip_train.main` imports `create_loss` by name, so only
 `open_clip_train.main.create_loss = ...` (or `open_clip.factory.ClipLoss = SemCLIPLoss`, the global
@@ -22,26 +20,20 @@ that open_clip's `create_loss` reads) reaches the trainer; `open_clip.loss.ClipL
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
 import functools
 import json
 import logging
-import os
-from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
 
 from ..backends import BACKENDS
 from ..distributed import MODES as DISTRIBUTED_MODES
 from ..loss import SemCLIPLoss
 from ..sigmoid_loss import SemSigLipLoss
-from ..triplets import MissingColumnsError, TripletColumns, TripletRow, batch_texts, read_triplet_csv, text_views
+from ..triplets import text_views
 from ..validation import check_weight
 
 logger = logging.getLogger(__name__)
@@ -49,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class SemCLIPOptions:
-    """What `python -m semclip_kernels.open_clip_train` adds to open_clip_train's flags."""
+    """The SemCLIP settings of an open_clip run (the flags `python -m semclip_train.open_clip` adds)."""
 
     paraphrase_key: str | None = None  # --csv-paraphrase-key
     negation_key: str | None = None  # --csv-negation-key
@@ -85,134 +77,6 @@ class SemCLIPOptions:
     @property
     def uses_extras(self) -> bool:
         return self.n_paraphrases + self.n_negations > 0
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Data: CSV rows -> (image, tokens [1 + Pn + Mn, L])
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def read_csv_triplets(
-    path: str,
-    img_key: str,
-    caption_key: str,
-    paraphrase_key: str | None,
-    negation_key: str | None,
-    sep: str = "\t",
-) -> list[TripletRow]:
-    """Read an open_clip-style CSV with extra paraphrase/negation columns (`semclip_kernels.triplets`).
-
-    Columns are chosen by the open_clip flags (`--csv-img-key`, `--csv-caption-key`, `--csv-separator`) plus
-    ours; a key of None leaves that column unread. Every row that cannot be used is reported with the file and
-    line, all at once, before training starts (`BadRowsError`); a missing column names its flag.
-    """
-    if len(sep) != 1:
-        raise ValueError(f"--csv-separator must be one character for a SemCLIP CSV, got {sep!r}")
-    columns = TripletColumns(img_key, caption_key, paraphrase_key, negation_key)
-    try:
-        return read_triplet_csv(path, columns, delimiter=sep, bad_rows="error")
-    except MissingColumnsError as error:
-        flags = {"filepath": "--csv-img-key", "caption": "--csv-caption-key", "paraphrase": "--csv-paraphrase-key",
-                 "negation": "--csv-negation-key"}
-        raise ValueError(f"{error} (see {', '.join(flags[role] for role in error.missing)})") from error
-
-
-class CsvTripletTokens(Dataset):
-    """Items `(image [3, H, W], tokens [1 + Pn + Mn, L])`: caption, paraphrases, negations of one image.
-
-    Args:
-        rows: from `read_csv_triplets` (or `semclip_kernels.triplets.read_triplet_csv`).
-        transform: open_clip's image transform (applied to the PIL image as open_clip's CsvDataset does).
-        tokenizer: open_clip's tokenizer (`open_clip.get_tokenizer(model)`).
-        n_paraphrases, n_negations: texts per image of each kind in a batch (`Pn`, `Mn`).
-        epoch: anything with `get_value() -> int` (open_clip_train's `SharedEpoch`, which reaches
-            DataLoader workers) or None for epoch 0; it picks which texts a row shows (`pick`).
-    """
-
-    def __init__(
-        self,
-        rows: Sequence[TripletRow],
-        transform: Callable[[Any], torch.Tensor],
-        tokenizer: Callable[[list[str]], torch.Tensor],
-        n_paraphrases: int,
-        n_negations: int,
-        epoch: Any = None,
-    ) -> None:
-        self.rows = list(rows)
-        self.transform = transform
-        self.tokenizer = tokenizer
-        self.n_paraphrases = n_paraphrases
-        self.n_negations = n_negations
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def texts(self, index: int, epoch: int) -> list[str]:
-        """`[caption, paraphrases…, negations…]` of row `index` in epoch `epoch`."""
-        row = self.rows[index]
-        return batch_texts([row.caption], [row.paraphrases], [row.negations], self.n_paraphrases, self.n_negations,
-                           epoch)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        from PIL import Image
-
-        epoch = 0 if self.epoch is None else int(self.epoch.get_value())
-        with Image.open(self.rows[index].image_path) as image:
-            pixels = self.transform(image)
-        return pixels, self.tokenizer(self.texts(index, epoch))
-
-
-def get_csv_triplet_data(args: Any, preprocess_fn: Callable, is_train: bool, epoch: int = 0,
-                         tokenizer: Callable | None = None, *, options: SemCLIPOptions) -> Any:
-    """open_clip_train's `get_csv_dataset` for a SemCLIP CSV: the same sampler, loader and DataInfo."""
-    from open_clip_train.data import DataInfo, SharedEpoch
-    from torch.utils.data.distributed import DistributedSampler
-
-    path = args.train_data if is_train else args.val_data
-    # A column whose count per image is 0 is not read at all (its cells may then be empty).
-    rows = read_csv_triplets(path, args.csv_img_key, args.csv_caption_key,
-                             options.paraphrase_key if options.n_paraphrases else None,
-                             options.negation_key if options.n_negations else None, args.csv_separator)
-    shared_epoch = SharedEpoch(epoch=epoch)
-    dataset = CsvTripletTokens(rows, preprocess_fn, tokenizer, options.n_paraphrases, options.n_negations,
-                               shared_epoch)
-    sampler = DistributedSampler(dataset) if args.distributed and is_train else None
-    dataloader = DataLoader(
-        dataset,
-        batch_size=args.batch_size,
-        shuffle=is_train and sampler is None,
-        num_workers=args.workers,
-        pin_memory=torch.cuda.is_available(),
-        sampler=sampler,
-        drop_last=is_train,
-    )
-    dataloader.num_samples = len(dataset)
-    dataloader.num_batches = len(dataloader)
-    return DataInfo(dataloader, sampler, shared_epoch)
-
-
-def get_data(args: Any, preprocess_fns: tuple, epoch: int = 0, tokenizer: Callable | None = None, *,
-             options: SemCLIPOptions, fallback: Callable) -> dict[str, Any]:
-    """open_clip_train's `get_data` with the training set read as a SemCLIP CSV.
-
-    Validation and ImageNet sets stay open_clip's own (captions only): the hook leaves `[B, L]`
-    tokens to the model's own forward, so open_clip's evaluation runs unchanged.
-    """
-    if not options.uses_extras:
-        return fallback(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
-    if not args.train_data:
-        raise ValueError("--csv-paraphrase-key / --csv-negation-key need --train-data (a CSV file)")
-    is_csv = args.dataset_type == "csv" or (
-        args.dataset_type == "auto" and args.train_data.rsplit(".", 1)[-1] in ("csv", "tsv"))
-    if not is_csv:
-        raise ValueError(f"--csv-paraphrase-key / --csv-negation-key need a CSV --train-data "
-                         f"(--dataset-type csv), got {args.train_data!r} with --dataset-type {args.dataset_type}")
-    others = copy.copy(args)
-    others.train_data = None  # open_clip builds everything but the training set
-    data = fallback(others, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
-    data["train"] = get_csv_triplet_data(args, preprocess_fns[0], True, epoch, tokenizer, options=options)
-    return data
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -276,7 +140,7 @@ def install_semclip_forward(model: nn.Module, n_paraphrases: int) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Loss factory, DDP on CPU, and the patch of open_clip_train
+# Loss factory
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -319,52 +183,21 @@ def create_loss(args: Any, options: SemCLIPOptions | None = None) -> SemCLIPLoss
     )
 
 
-class CpuFriendlyDDP(DistributedDataParallel):
-    """DistributedDataParallel that accepts `device_ids=[cpu]` (as open_clip_train passes it) by
-    dropping it: DDP wants `device_ids=None` for CPU modules and raises otherwise."""
-
-    def __init__(self, module: nn.Module, device_ids: Sequence[Any] | None = None, *args: Any, **kwargs: Any) -> None:
-        if device_ids is not None and all(torch.device(d).type == "cpu" for d in device_ids):
-            device_ids = None
-        super().__init__(module, device_ids, *args, **kwargs)
-
-
-def register_model_config(path: str) -> str:
-    """Register a model config JSON with open_clip; returns its model name (the file's stem)."""
-    import open_clip
-
-    with open(path, encoding="utf-8") as f:
-        config = json.load(f)
-    missing = [key for key in ("embed_dim", "vision_cfg", "text_cfg") if key not in config]
-    if missing:
-        raise ValueError(f"--model-config {path}: not an open_clip model config (lacks {', '.join(missing)})")
-    open_clip.add_model_config(path)
-    return os.path.splitext(os.path.basename(path))[0]
+# Names that moved to the application package (the library never imports it). ImportError, not AttributeError:
+# `from ... import name` replaces an AttributeError by a generic message, and the point is to name the new home.
+MOVED_TO_APPLICATION = {
+    "read_csv_triplets": "semclip_train.open_clip.data",
+    "CsvTripletTokens": "semclip_train.open_clip.data",
+    "get_csv_triplet_data": "semclip_train.open_clip.data",
+    "get_data": "semclip_train.open_clip.data",
+    "CpuFriendlyDDP": "semclip_train.open_clip.patches",
+    "register_model_config": "semclip_train.open_clip.patches",
+    "patch_open_clip_train": "semclip_train.open_clip.patches",
+}
 
 
-@contextlib.contextmanager
-def patch_open_clip_train(options: SemCLIPOptions) -> Iterator[None]:
-    """Within the block, `open_clip_train.main.main(argv)` trains with SemCLIPLoss (always), the
-    SemCLIP CSV and grouped-text forward (when `options.uses_extras`), and DDP works on CPU."""
-    import open_clip_train.main as trainer
-
-    saved = {name: getattr(trainer, name) for name in ("create_loss", "get_data", "create_model_and_transforms")}
-    saved_ddp = torch.nn.parallel.DistributedDataParallel
-
-    def create_model_and_transforms(*args: Any, **kwargs: Any) -> Any:
-        model, *transforms = saved["create_model_and_transforms"](*args, **kwargs)
-        if options.uses_extras:
-            install_semclip_forward(model, options.n_paraphrases)
-        return (model, *transforms)
-
-    trainer.create_loss = functools.partial(create_loss, options=options)
-    trainer.get_data = functools.partial(get_data, options=options, fallback=saved["get_data"])
-    trainer.create_model_and_transforms = create_model_and_transforms
-    # open_clip_train/main.py reads torch.nn.parallel.DistributedDataParallel at call time.
-    torch.nn.parallel.DistributedDataParallel = CpuFriendlyDDP
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(trainer, name, value)
-        torch.nn.parallel.DistributedDataParallel = saved_ddp
+def __getattr__(name: str) -> Any:
+    if name in MOVED_TO_APPLICATION:
+        raise ImportError(f"{__name__}.{name} moved to {MOVED_TO_APPLICATION[name]}.{name} "
+                             "(the open_clip trainer application, docs/open_clip.md)")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,10 +6,10 @@
 
 Output rows keep the input order, one per usable input row. Rows the generator could not fill are
 listed on stderr and in OUTPUT.failed.csv (never dropped silently); with `--generator llm`,
-`--fallback rules` fills the captions the LLM could not answer by rules. LLM answers are cached in
-OUTPUT.cache.jsonl as they arrive: rerun the same command after a crash or a kill and only the missing
-captions are asked. Exit status: 0 when every row was written, 1 when some rows failed, 2 on bad
-input or a fatal server error (bad URL or key).
+`--fallback rules` fills the captions the LLM could not answer by rules (not after a fatal error).
+LLM answers are cached in OUTPUT.cache.jsonl as they arrive: rerun the same command after a crash or
+a kill and only the missing captions are asked. Exit status: 0 when every row was written, 1 when some
+rows failed, 2 on bad input or a fatal server error (bad URL or key, or no server reachable at --base-url).
 See docs/triplets.md.
 """
 
@@ -197,7 +197,9 @@ def run(args: argparse.Namespace, report: TextIO | None = None) -> Summary:
                 summary.generated += 1
             else:
                 summary.failed[caption] = problem
-    if args.generator == "llm" and args.fallback == "rules":
+    # A run stopped by a fatal server error (bad URL or key, no server) fills nothing by rules: the fallback is
+    # for the captions a working server could not answer, not for a server that is not there.
+    if args.generator == "llm" and args.fallback == "rules" and summary.fatal is None:
         for caption, reason in list(summary.failed.items()):
             paraphrases, negations, problem = rules.generate(caption, args.paraphrases, args.negations)
             if problem is None:

@@ -16,6 +16,7 @@ import http.client
 import json
 import random
 import re
+import socket
 import threading
 import time
 import urllib.error
@@ -169,6 +170,7 @@ class LLMGenerator:
         self.rng_lock = threading.Lock()
         self.stats = Stats()
         self.fatal: str | None = None  # set by the first fatal error: later calls fail without a request
+        self.reached = False  # whether any request got an HTTP answer (good or bad) from the server
 
     def _backoff(self, retry: int) -> float:
         """Exponential backoff with jitter: half the doubled delay plus a random half, capped."""
@@ -190,10 +192,12 @@ class LLMGenerator:
                                          method="POST")
         self.stats.add("requests")
         with urllib.request.urlopen(request, timeout=self.settings.timeout) as response:
+            self.reached = True
             return response.read()
 
     def generate(self, caption: str, paraphrases: int, negations: int) -> Outcome:
-        """Ask until a valid answer arrives or the retries are spent; FatalLLMError on 401/403/404."""
+        """Ask until a valid answer arrives or the retries are spent; FatalLLMError on 401/403/404, and on a
+        refused connection or an unknown host name before the server ever answered."""
         last_error = "no attempt"
         for attempt in range(self.settings.max_retries + 1):
             if self.fatal is not None:  # another thread hit it: the same request would fail the same way
@@ -207,6 +211,7 @@ class LLMGenerator:
                 self.stats.add("invalid answers")
                 last_error = f"invalid answer: {error}"
             except urllib.error.HTTPError as error:
+                self.reached = True
                 detail = error.read()[:200].decode("utf-8", errors="replace")
                 if error.code in FATAL_STATUSES:
                     self.fatal = f"{self.url}: HTTP {error.code} {FATAL_STATUSES[error.code]}: {detail}"
@@ -221,6 +226,13 @@ class LLMGenerator:
             except (TimeoutError, urllib.error.URLError, OSError, http.client.HTTPException) as error:
                 # HTTPException: the connection broke mid-answer (IncompleteRead, BadStatusLine)
                 reason = getattr(error, "reason", error)
+                if not self.reached and isinstance(reason, (ConnectionRefusedError, socket.gaierror)):
+                    # Nothing listens there (or the name does not resolve) and nothing ever answered: every
+                    # request would fail the same way, so the run stops instead of retrying each caption.
+                    self.stats.add("connection errors")
+                    self.fatal = (f"cannot reach {self.url}: {reason.strerror or reason}; start the server or "
+                                  "fix --base-url")
+                    raise FatalLLMError(self.fatal) from None
                 timed_out = isinstance(reason, TimeoutError) or "timed out" in str(reason)
                 self.stats.add("timeouts" if timed_out else "connection errors")
                 last_error = (f"timeout after {self.settings.timeout:g} s" if timed_out

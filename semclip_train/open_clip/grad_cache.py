@@ -10,7 +10,7 @@ under its first pass's random state. Under DDP the re-encodes of all micro-batch
 their gradient once, through the last micro-batch's synchronised backward. See docs/grad_cache.md.
 
 `patch_grad_cache()` installs it into `open_clip_train.main` for one run (what
-`python -m semclip_kernels.open_clip_train --semclip-grad-cache --accum-freq N` does).
+`python -m semclip_train.open_clip --semclip-grad-cache --accum-freq N` does).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..grad_cache import grad_cache_backward
+from semclip_kernels.grad_cache import grad_cache_backward
 
 FLAG = "--semclip-grad-cache"
 
