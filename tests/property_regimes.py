@@ -212,6 +212,7 @@ def examples(draw, regime: str, dtype: str, backend: str, max_batch: int = 40, m
     n_para = draw(st.integers(1, 2) if regime == "near_duplicate" else extras)
     n_neg = draw(extras)
     weight = st.sampled_from([0.0, 0.5, 1.0]) | st.floats(0.05, 2.0)
+    closeness = st.sampled_from([0.015, 0.15]) | st.floats(0.015, 0.15)
     lo, hi = _TAU[regime]
     tau = draw(st.sampled_from([lo, hi]) | st.floats(lo, hi))
     if backend == "triton":
@@ -224,5 +225,5 @@ def examples(draw, regime: str, dtype: str, backend: str, max_batch: int = 40, m
         regime=regime, batch=batch, dim=dim, n_para=n_para, n_neg=n_neg, paraphrase_weight=draw(weight),
         hard_negative_weight=draw(weight), tau=tau, dtype=dtype, block_rows=draw(tiles), block_cols=draw(tiles),
         seed=draw(st.integers(0, 2**31 - 1)), bias=draw(st.floats(-12.0, 2.0)) if sigmoid else 0.0,
-        closeness=draw(st.sampled_from([0.015, 0.15]) | st.floats(0.015, 0.15)) if regime == "near_convergence" else 0.0,
+        closeness=draw(closeness) if regime == "near_convergence" else 0.0,
     )  # fmt: skip

@@ -62,7 +62,7 @@ def float64_run(ex: Example, sigmoid: bool = False) -> tuple[float, list[torch.T
         loss = semclip_loss_float64(image, text, scale, para, neg, **weights)
         inputs = leaves + [scale]
     loss.backward()
-    return float(loss), [None if t is None else t.grad for t in inputs]
+    return float(loss.detach()), [None if t is None else t.grad for t in inputs]
 
 
 def assert_within_contract(ex: Example, backend: str, sigmoid: bool) -> None:

@@ -167,7 +167,8 @@ def tasks(draw, family: str):
     if family == "sigmoid":
         return world, Task(family, ex, backend, draw(st.sampled_from(SIGMOID_MODES)))
     mode = draw(st.sampled_from(SOFTMAX_MODES))
-    group = draw(st.sampled_from([g for g in range(1, world + 1) if world % g == 0])) if mode == "hierarchical" else None
+    divisors = [g for g in range(1, world + 1) if world % g == 0]
+    group = draw(st.sampled_from(divisors)) if mode == "hierarchical" else None
     return world, Task(family, ex, backend, mode, local_loss=draw(st.booleans()), group_size=group)
 
 
