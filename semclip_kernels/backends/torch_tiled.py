@@ -21,6 +21,16 @@ the host, so it is taken only in eager mode on CPU: CUDA tensors and code
 being compiled by `torch.compile` always take the per-line path, which never
 synchronises with the host (the scale stays a tensor too).
 
+Eager CPU tile rows run on a pool of worker threads whose torch ops are each
+single-threaded (`torch.get_num_threads()` workers): one OpenMP team per op
+would meet at a barrier after every exponential, max and product of a tile, and
+on a loaded machine each barrier waits for a descheduled thread (an exp of a
+512 × 1024 tile: 0.4 ms alone, 24 ms with two threads beside other processes).
+A worker owns its row tiles' outputs; the column accumulations (`col_lse`,
+`grad_C`) take turns in row-tile order, so every sum is added in the same order
+as one serial loop and the result does not depend on the worker count or on
+scheduling.
+
 On CUDA the gradient products run in the inputs' 16-bit dtype; `dS` is scaled
 by a power of two before the cast so that small weights do not flush to zero
 (docs/contract.md §4), and the scale is undone in float32.
@@ -29,8 +39,12 @@ by a power of two before the cast so that small weights do not flush to zero
 from __future__ import annotations
 
 import math
+import queue
+import threading
+from collections.abc import Callable
 
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from .dtypes import stat_dtype
 from .values import Grads, Needs, PositiveBand, Problem, StatGrads, Stats, counts, split_cols
@@ -117,6 +131,126 @@ def _tiles(n: int, block: int) -> list[slice]:
     return [slice(start, min(start + block, n)) for start in range(0, n, block)]
 
 
+def _tile_workers(x: torch.Tensor) -> int:
+    """Threads for the tile rows: `torch.get_num_threads()` in eager CPU mode, else 1 (the caller's thread).
+
+    An active dispatch mode (a tracer, a memory probe) sees only its own thread's ops: it gets the caller's.
+    """
+    if not _eager_fast_path(x) or is_in_torch_dispatch_mode():
+        return 1
+    return torch.get_num_threads()
+
+
+class _ColumnTurns:
+    """Row tile `i` adds into column tile `j`'s accumulators only after row tile `i − 1` has."""
+
+    def __init__(self, n_row_tiles: int, n_col_tiles: int, threaded: bool) -> None:
+        self._done = [[threading.Event() for _ in range(n_col_tiles)] for _ in range(n_row_tiles)] if threaded else None
+
+    def turn(self, i: int, j: int) -> _Turn:
+        return _Turn(self._done, i, j)
+
+    def finish_row(self, i: int) -> None:
+        """Release every turn of row tile `i` (after it raised: its successors must not wait forever)."""
+        if self._done is not None:
+            for done in self._done[i]:
+                done.set()
+
+
+class _Turn:
+    def __init__(self, done: list[list[threading.Event]] | None, i: int, j: int) -> None:
+        self._done, self._i, self._j = done, i, j
+
+    def __enter__(self) -> None:
+        if self._done is not None and self._i > 0:
+            self._done[self._i - 1][self._j].wait()
+
+    def __exit__(self, *exc) -> None:
+        if self._done is not None:
+            self._done[self._i][self._j].set()
+
+
+class _SingleThreadedWorkers:
+    """Daemon threads whose torch ops each run on one thread (their own `torch.set_num_threads(1)`)."""
+
+    def __init__(self, n: int) -> None:
+        self.tasks: queue.SimpleQueue = queue.SimpleQueue()
+        threads_before = torch.get_num_threads()
+        ready = threading.Barrier(n + 1)
+        for _ in range(n):
+            threading.Thread(target=self._serve, args=(ready,), daemon=True, name="semclip-torch-tiles").start()
+        ready.wait()
+        # Each worker's set_num_threads(1) also set the count that threads started later begin with: restore it
+        # (the workers keep their own).
+        torch.set_num_threads(threads_before)
+
+    def _serve(self, ready: threading.Barrier) -> None:
+        torch.set_num_threads(1)
+        ready.wait()
+        while True:
+            task = self.tasks.get()
+            task()
+
+
+_workers: dict[int, _SingleThreadedWorkers] = {}
+_workers_lock = threading.Lock()
+
+
+def _single_threaded_workers(n: int) -> _SingleThreadedWorkers:
+    with _workers_lock:
+        if n not in _workers:
+            _workers[n] = _SingleThreadedWorkers(n)
+        return _workers[n]
+
+
+def _run_row_tiles(
+    n_row_tiles: int, n_col_tiles: int, row_tile: Callable[[int, _ColumnTurns], None], n_workers: int
+) -> None:
+    """`row_tile(i, turns)` for every row tile `i`, on `n_workers` single-threaded workers (1: this thread).
+
+    Workers take the row tiles in increasing order, so the earliest unfinished one never waits for a turn.
+    """
+    n_workers = min(n_workers, n_row_tiles)
+    if n_workers <= 1:
+        turns = _ColumnTurns(n_row_tiles, n_col_tiles, threaded=False)
+        for i in range(n_row_tiles):
+            row_tile(i, turns)
+        return
+    turns = _ColumnTurns(n_row_tiles, n_col_tiles, threaded=True)
+    next_row = iter(range(n_row_tiles))
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+    finished = threading.Semaphore(0)
+    # Thread-local modes: the workers take the caller's.
+    grad_enabled, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    def drive() -> None:
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad_enabled):
+            drive_rows()
+
+    def drive_rows() -> None:
+        while True:
+            with lock:
+                i = None if errors else next(next_row, None)
+            if i is None:
+                finished.release()
+                return
+            try:
+                row_tile(i, turns)
+            except BaseException as error:  # re-raised in the caller's thread
+                with lock:
+                    errors.append(error)
+                turns.finish_row(i)
+
+    workers = _single_threaded_workers(n_workers)
+    for _ in range(n_workers):
+        workers.tasks.put(drive)
+    for _ in range(n_workers):
+        finished.acquire()
+    if errors:
+        raise errors[0]
+
+
 def _split(lse: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """`lse = hi + lo` in `dtype`: `(S − hi) − lo` keeps float64's precision in float32 arithmetic."""
     hi = lse.to(dtype)
@@ -189,8 +323,11 @@ def _forward_tiles(rows, cols, scale, col_bias, n_query_cols, block_rows, block_
     n_rows, n_cols = rows.shape[0], cols.shape[0]
     row_lse = torch.full((n_rows,), -math.inf, dtype=_PRECISE, device=rows.device)
     col_lse = torch.full((n_query_cols,), -math.inf, dtype=_PRECISE, device=rows.device)
-    for r in _tiles(n_rows, block_rows):
-        for c in _tiles(n_cols, block_cols):
+    row_tiles, col_tiles = _tiles(n_rows, block_rows), _tiles(n_cols, block_cols)
+
+    def row_tile(i: int, turns: _ColumnTurns) -> None:
+        r = row_tiles[i]
+        for j, c in enumerate(col_tiles):
             logits = _scaled_dots(rows[r], cols[c], tau, dtype)
             n_q = max(0, min(c.stop, n_query_cols) - c.start)
             lse = _shared_shift_lse(logits, col_bias[c], n_q) if fast else None
@@ -198,9 +335,12 @@ def _forward_tiles(rows, cols, scale, col_bias, n_query_cols, block_rows, block_
                 logits = _scaled_dots(rows[r], cols[c], tau, dtype)
             tile_row_lse, tile_col_lse = lse or _per_line_lse(logits, col_bias[c], n_q)
             row_lse[r] = torch.logaddexp(row_lse[r], tile_row_lse)
-            if n_q:
-                q = slice(c.start, c.start + n_q)
-                col_lse[q] = torch.logaddexp(col_lse[q], tile_col_lse)
+            with turns.turn(i, j):
+                if n_q:
+                    q = slice(c.start, c.start + n_q)
+                    col_lse[q] = torch.logaddexp(col_lse[q], tile_col_lse)
+
+    _run_row_tiles(len(row_tiles), len(col_tiles), row_tile, _tile_workers(rows))
     return row_lse, col_lse
 
 
@@ -246,8 +386,11 @@ def _backward_tiles(rows, cols, scale, col_bias, row_lse, col_lse, g_row, g_col,
     low_precision = _low_precision_products(rows)
     entries = _band_entries(bands, n_rows, dtype, rows.device)
     row_tiles, col_tiles = _tiles(n_rows, block_rows), _tiles(n_cols, block_cols)
-    for r in row_tiles:
-        for c in col_tiles:
+    tile_scale_sums = [[None] * len(col_tiles) for _ in row_tiles]
+
+    def row_tile(i: int, turns: _ColumnTurns) -> None:
+        r = row_tiles[i]
+        for j, c in enumerate(col_tiles):
             q = slice(c.start, max(c.start, min(c.stop, n_query_cols)))
             tile_args = (col_bias[c], row_lse[r], col_lse[q], g_row[r], g_col[q])
             # The logits exactly as the forward computed them (docs/contract.md §4: weights consistent with the
@@ -263,15 +406,22 @@ def _backward_tiles(rows, cols, scale, col_bias, row_lse, col_lse, g_row, g_col,
                 grad_logits = _per_line_grad_logits(logits, *tile_args)
             _add_band_entries(grad_logits, entries, r, c)
             if scale_per_tile:
-                grad_scale = grad_scale + torch.sum(grad_logits.double() * products.double())
+                tile_scale_sums[i][j] = torch.sum(grad_logits.double() * products.double())
             alpha = tau
             if low_precision:
                 grad_logits, inverse = scaled_to_operand_dtype(grad_logits, rows.dtype)
                 alpha = tau * inverse
             if need_rows:
                 _add_product(grad_rows[r], grad_logits, cols[c], alpha)
-            if need_cols:
-                _add_product(grad_cols[c], grad_logits.T, rows[r], alpha)
+            with turns.turn(i, j):
+                if need_cols:
+                    _add_product(grad_cols[c], grad_logits.T, rows[r], alpha)
+
+    _run_row_tiles(len(row_tiles), len(col_tiles), row_tile, _tile_workers(rows) if fast else 1)
+    if scale_per_tile:
+        for tile_sums in tile_scale_sums:  # in the serial loop's order
+            for tile_sum in tile_sums:
+                grad_scale = grad_scale + tile_sum
     if need_scale and not scale_per_tile:
         feature, grad = (rows, grad_rows) if need_rows else (cols, grad_cols)
         # In float64, one row tile at a time: whole float64 copies of the gradient and the features

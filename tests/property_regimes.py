@@ -1,0 +1,229 @@
+"""The one place that says what the property-based tests draw (tests/test_properties*.py, docs/testing.md).
+
+Hypothesis profiles (`SEMCLIP_HYPOTHESIS_PROFILE`, default `ci`):
+- `ci`: derandomized (the same examples on every run), few examples per test: CI stays within minutes.
+- `nightly`: random seeds, many examples (a local or scheduled run; tens of minutes).
+
+Data regimes (`REGIMES`), each a recipe for the features and the range of `τ` it is drawn with:
+- `random`: unnormalized random features (norms 0.3..3), any `τ`: large losses, flat softmax.
+- `trained_like`: unit images, captions and paraphrases at cos ≈ 0.9, negations at ≈ 0.8, `τ` 30..100.
+- `near_duplicate`: one or two paraphrases (and the caption) within cos ≈ 0.999 of their image, `τ` 10..100.
+- `near_convergence`: captions and paraphrases within cos 0.989..0.9999 of their image, `τ` 30..100: losses
+  from ~1e-2 down to `LOSS_FLOOR`, where the loss and its gradients are small differences of large terms.
+
+Beyond `random`, batches have at least 4 images in at least 16 dimensions (fewer have converged already).
+The value properties hold above `LOSS_FLOOR` (a float64 loss of 1e-6, docs/contract.md §4's range); an
+example below it is rejected (`hypothesis.assume`), not checked with a looser bound.
+
+Known gaps: a regime that does not hold on today's main is one named switch below, off by default. The
+tests never weaken a bound for it: they do not draw that (regime, backend, dtype) case while its switch is
+off. Turn a switch on (or every one: `SEMCLIP_PROPERTY_GAPS=all`, or a comma-separated list of names) when
+the fix that closes it merges.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+
+# --- hypothesis profiles -------------------------------------------------------------------------------------
+
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    max_examples=6,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "nightly",
+    max_examples=100,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("SEMCLIP_HYPOTHESIS_PROFILE", "ci"))
+
+# --- known gaps: one switch each (see the module docstring) --------------------------------------------------
+
+_GAPS_ON = {name.strip() for name in os.environ.get("SEMCLIP_PROPERTY_GAPS", "").split(",") if name.strip()}
+
+
+def _gap_closed(name: str) -> bool:
+    return "all" in _GAPS_ON or name in _GAPS_ON
+
+
+# float32 with a peaked softmax (τ >= 30, captions and paraphrases aligned with their images: the trained_like,
+# near_duplicate and near_convergence regimes): measured on main, the logit_scale gradient 1e-4..3e-2 off and
+# the loss up to 2e-4 relative off in every backend at losses from 1e-5 up to 0.6 (contract §4: 1e-4, 1e-5).
+FLOAT32_NEAR_CONVERGENCE = _gap_closed("FLOAT32_NEAR_CONVERGENCE")
+# 16-bit features with a peaked softmax (same regimes): §4 claims 2e-2 near convergence at losses ~1e-2; at
+# smaller losses, measured on main, the logit_scale gradient up to 0.29 and the loss up to 2.2 relative off.
+SIXTEEN_BIT_NEAR_CONVERGENCE = _gap_closed("SIXTEEN_BIT_NEAR_CONVERGENCE")
+# 16-bit features with near-duplicate paraphrases in the Triton kernels (16-bit dS panel).
+TRITON_16BIT_NEAR_DUPLICATES = _gap_closed("TRITON_16BIT_NEAR_DUPLICATES")
+# 16-bit features in the distributed modes (the positives' gradients go through plain 16-bit autograd).
+DISTRIBUTED_16BIT = _gap_closed("DISTRIBUTED_16BIT")
+# The cross-rank gradient filter on any trained-like batch (today: only on sharply peaked batches).
+DISTRIBUTED_FILTER_ANY_TRAINED_BATCH = _gap_closed("DISTRIBUTED_FILTER_ANY_TRAINED_BATCH")
+
+GAP_NAMES = (
+    "FLOAT32_NEAR_CONVERGENCE",
+    "SIXTEEN_BIT_NEAR_CONVERGENCE",
+    "TRITON_16BIT_NEAR_DUPLICATES",
+    "DISTRIBUTED_16BIT",
+    "DISTRIBUTED_FILTER_ANY_TRAINED_BATCH",
+)
+
+# --- what is drawn -------------------------------------------------------------------------------------------
+
+LOSS_FLOOR = 1e-6
+REGIMES = ("random", "trained_like", "near_duplicate", "near_convergence")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SIXTEEN_BIT = ("bfloat16", "float16")
+
+
+def bounds(dtype: str) -> tuple[float, float]:
+    """docs/contract.md §4 against float64: `(loss relative, gradient max-norm relative)`."""
+    return (1e-5, 1e-4) if dtype == "float32" else (2e-2, 2e-2)
+
+
+PEAKED = ("trained_like", "near_duplicate", "near_convergence")
+
+
+def single_process_case_holds(regime: str, backend: str, dtype: str, family: str = "softmax") -> bool:
+    """Whether the value property is expected to hold on today's main (see the switches). The sigmoid
+    family has no gap: its pairs' terms are independent (no cancellation against a partition)."""
+    if family == "sigmoid" or regime not in PEAKED:
+        return True
+    if dtype == "float32":
+        return FLOAT32_NEAR_CONVERGENCE
+    if backend == "triton" and regime == "near_duplicate" and not TRITON_16BIT_NEAR_DUPLICATES:
+        return False
+    return SIXTEEN_BIT_NEAR_CONVERGENCE
+
+
+def distributed_dtypes() -> tuple[str, ...]:
+    return ("float32",) + (SIXTEEN_BIT if DISTRIBUTED_16BIT else ())
+
+
+def distributed_regimes(dtype: str, family: str = "softmax") -> tuple[str, ...]:
+    return tuple(r for r in REGIMES if single_process_case_holds(r, "cpp", dtype, family))
+
+
+def filter_regimes() -> tuple[str, ...]:
+    """Regimes of the cross-rank filter property: `peaked` (captions at cos ≈ 0.94, paraphrases ≈ 0.9,
+    negations ≈ 0.7 whatever d: the recipe the filter holds on today) and, once its switch is on,
+    `trained_like` (any trained-like batch)."""
+    return ("peaked",) + (("trained_like",) if DISTRIBUTED_FILTER_ANY_TRAINED_BATCH else ())
+
+
+@dataclass(frozen=True)
+class Example:
+    """One drawn problem; `features()` builds it deterministically from `seed`."""
+
+    regime: str
+    batch: int
+    dim: int
+    n_para: int | None  # None: no paraphrase input; else `[B, n_para, d]`
+    n_neg: int | None
+    paraphrase_weight: float
+    hard_negative_weight: float
+    tau: float
+    dtype: str
+    block_rows: int | None
+    block_cols: int | None
+    seed: int
+    bias: float = 0.0  # the sigmoid family's logit bias
+    closeness: float = 0.0  # near_convergence: distance of captions and paraphrases from their image
+
+    def features(self) -> list[torch.Tensor | None]:
+        """`[image, text, paraphrase, negation]` in the example's dtype (no grad)."""
+        return [None if t is None else t.to(DTYPES[self.dtype]) for t in regime_features(self)]
+
+    def options(self) -> dict:
+        return {"block_rows": self.block_rows, "block_cols": self.block_cols}
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def regime_features(ex: Example) -> list[torch.Tensor | None]:
+    """float64 `[image, text, paraphrase, negation]` of the example's regime."""
+    gen = torch.Generator().manual_seed(ex.seed)
+    batch, dim = ex.batch, ex.dim
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, dim, generator=gen, dtype=torch.float64)
+
+    def near(center: torch.Tensor, spread: float) -> torch.Tensor:
+        """Unit vectors at about `spread` (Euclidean, before normalising) from the unit `center`."""
+        return _unit(center + spread * randn(*center.shape[:-1]) / math.sqrt(dim))
+
+    def extra(n: int | None, make) -> torch.Tensor | None:
+        return None if n is None else make(n)
+
+    if ex.regime == "random":
+        def feats(*shape: int) -> torch.Tensor:
+            norms = torch.empty(*shape, 1, dtype=torch.float64).uniform_(0.3, 3.0, generator=gen)
+            return randn(*shape) / math.sqrt(dim) * norms
+
+        return [feats(batch), feats(batch), extra(ex.n_para, lambda n: feats(batch, n)),
+                extra(ex.n_neg, lambda n: feats(batch, n))]  # fmt: skip
+    image = _unit(randn(batch))
+    if ex.regime == "peaked":  # the filter's regime today: distances drawn on the unit sphere, not /√d
+        def at(spread: float) -> torch.Tensor:
+            return _unit(image + spread * _unit(randn(batch)))
+
+        return [image, at(0.35), at(0.45)[:, None], at(0.8)[:, None]]
+    spreads = {  # (caption, paraphrase, negation)
+        "trained_like": (0.5, 0.5, 0.8),
+        "near_duplicate": (0.05, 0.05, 0.8),
+        "near_convergence": (ex.closeness, ex.closeness, 1.0),
+    }[ex.regime]
+    caption, para_spread, neg_spread = spreads
+    return [image, near(image, caption),
+            extra(ex.n_para, lambda n: near(image[:, None].expand(batch, n, dim), para_spread)),
+            extra(ex.n_neg, lambda n: near(image[:, None].expand(batch, n, dim), neg_spread))]  # fmt: skip
+
+
+_TAU = {"random": (0.0, 100.0), "trained_like": (30.0, 100.0), "near_duplicate": (10.0, 100.0),
+        "near_convergence": (30.0, 100.0)}  # fmt: skip
+
+
+@st.composite
+def examples(draw, regime: str, dtype: str, backend: str, max_batch: int = 40, max_dim: int = 48,
+             sigmoid: bool = False) -> Example:  # fmt: skip
+    """A problem of `regime` in `dtype` for `backend` (Triton through its interpreter: tiny sizes, its tiles)."""
+    if backend == "triton":
+        max_batch, max_dim = min(max_batch, 20), min(max_dim, 32)
+    # Beyond `random`, a batch of one image (or of two in two dimensions) has converged already: loss ~0,
+    # which is near_convergence's range. Room for near-orthogonal images: d >= 16.
+    batch = draw(st.integers(1 if regime == "random" else 4, max_batch))
+    dim = draw(st.integers(2 if regime == "random" else 16, max_dim))
+    extras = st.none() | st.integers(1, 2)
+    n_para = draw(st.integers(1, 2) if regime == "near_duplicate" else extras)
+    n_neg = draw(extras)
+    weight = st.sampled_from([0.0, 0.5, 1.0]) | st.floats(0.05, 2.0)
+    closeness = st.sampled_from([0.015, 0.15]) | st.floats(0.015, 0.15)
+    lo, hi = _TAU[regime]
+    tau = draw(st.sampled_from([lo, hi]) | st.floats(lo, hi))
+    if backend == "triton":
+        tiles = st.sampled_from([None, 16, 32])
+    elif backend == "reference":
+        tiles = st.none()
+    else:
+        tiles = st.none() | st.integers(1, 48)
+    return Example(
+        regime=regime, batch=batch, dim=dim, n_para=n_para, n_neg=n_neg, paraphrase_weight=draw(weight),
+        hard_negative_weight=draw(weight), tau=tau, dtype=dtype, block_rows=draw(tiles), block_cols=draw(tiles),
+        seed=draw(st.integers(0, 2**31 - 1)), bias=draw(st.floats(-12.0, 2.0)) if sigmoid else 0.0,
+        closeness=draw(closeness) if regime == "near_convergence" else 0.0,
+    )  # fmt: skip
