@@ -1,11 +1,13 @@
 """The gradient filter across ranks against the single process, in every mode and setting (Gloo ranks, CPU).
 
-    python -m benchmarks.bench_distributed_filter                    # both regimes below, cpp
+    python -m benchmarks.bench_distributed_filter                    # both regimes, both alignments, cpp
     python -m benchmarks.bench_distributed_filter --regime wide --repeats 3   # and time the modes
     python -m benchmarks.bench_distributed_filter --batch 64 --dim 32         # CI smoke size
 
-Trained-like features: unit random images; caption and paraphrase `normalize(image + 0.5·g/√d)`,
-negation `normalize(image + 0.8·g/√d)` (g standard normal), one of each per image, τ = 100. Regimes:
+Trained-like features: unit random images; caption and paraphrase `normalize(image + a_i·g/√d)`,
+negation `normalize(image + 0.8·g/√d)` (g standard normal), one of each per image, τ = 100, with the
+alignment `a_i` = 0.5 for every image ("uniform") or drawn uniformly in [0.3, 0.8] per image ("varied": some
+pairs tighter than others, so the images' partitions spread over several nats). Regimes:
 
     wide:        2 ranks, local B = 2048, d = 128, the backend's default tiles
     small-tiles: 3 ranks, local B = 128,  d = 32,  block_rows = block_cols = 16
@@ -45,7 +47,11 @@ TIME_GOAL, SKIP_GOAL = 1.15, 0.8
 REGIMES = {"wide": (2, 2048, 128, None), "small-tiles": (3, 128, 32, 16)}
 
 
-def trained_like_batch(global_batch: int, dim: int, seed: int = 0) -> list[torch.Tensor]:
+# name: the range of the caption/paraphrase noise a_i
+ALIGNMENTS = {"uniform": (0.5, 0.5), "varied": (0.3, 0.8)}
+
+
+def trained_like_batch(global_batch: int, dim: int, alignment: str = "uniform", seed: int = 0) -> list[torch.Tensor]:
     """`[image, text, paraphrase [B, 1, d], negation [B, 1, d]]` of the module docstring's recipe."""
     generator = torch.Generator().manual_seed(seed)
 
@@ -54,7 +60,9 @@ def trained_like_batch(global_batch: int, dim: int, seed: int = 0) -> list[torch
         return F.normalize(center + spread * noise, dim=-1)
 
     image = F.normalize(torch.randn(global_batch, dim, generator=generator), dim=-1)
-    return [image, near(image, 0.5), near(image, 0.5)[:, None], near(image, 0.8)[:, None]]
+    low, high = ALIGNMENTS[alignment]
+    noise = low + (high - low) * torch.rand(global_batch, 1, generator=generator)
+    return [image, near(image, noise), near(image, noise)[:, None], near(image, 0.8)[:, None]]
 
 
 def _setting_name(local_loss: bool, gather_with_grad: bool) -> str:
@@ -74,7 +82,7 @@ def _rank(rank: int, port: int, options: dict, out_path: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=options["timeout"]))  # fmt: skip
     batch, backend, tile = options["batch"], options["backend"], options["tile"]
-    features = trained_like_batch(world * batch, options["dim"])
+    features = trained_like_batch(world * batch, options["dim"], options["alignment"])
     rows = slice(rank * batch, (rank + 1) * batch)
     leaves = [t[rows].clone().requires_grad_() for t in features]
 
@@ -112,19 +120,20 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def single_process_fraction(world: int, batch: int, dim: int, tile: int | None, backend: str) -> float:
+def single_process_fraction(world: int, batch: int, dim: int, tile: int | None, backend: str, alignment: str) -> float:
     """The skipped fraction of the single-process loss on the same global batch, same tiles."""
-    leaves = [t.clone().requires_grad_() for t in trained_like_batch(world * batch, dim)]
+    leaves = [t.clone().requires_grad_() for t in trained_like_batch(world * batch, dim, alignment)]
     sk.semclip_loss(leaves[0], leaves[1], TAU, leaves[2], leaves[3], backend=backend, block_rows=tile,
                     block_cols=tile).backward()  # fmt: skip
     return sk.backends.last_backward_stats(backend).skipped_fraction
 
 
-def run_regime(name: str, world: int, batch: int, dim: int, tile: int | None, args) -> dict:
+def run_regime(name: str, world: int, batch: int, dim: int, tile: int | None, alignment: str, args) -> dict:
     """Measure one regime; print and return `{"single": f, "<setting> <mode>": min over ranks, ...}`."""
-    single = single_process_fraction(world, batch, dim, tile, args.backend)
+    single = single_process_fraction(world, batch, dim, tile, args.backend, alignment)
     options = {"world": world, "batch": batch, "dim": dim, "tile": tile, "backend": args.backend,
-               "threads": args.threads, "timeout": args.timeout, "repeats": args.repeats}  # fmt: skip
+               "threads": args.threads, "timeout": args.timeout, "repeats": args.repeats,
+               "alignment": alignment}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         out_path = os.path.join(tmp, "result.json")
         mp.start_processes(_rank, args=(_free_port(), options, out_path), nprocs=world, start_method="spawn")
@@ -132,8 +141,8 @@ def run_regime(name: str, world: int, batch: int, dim: int, tile: int | None, ar
             result = json.load(result)
 
     tiles_text = "default tiles" if tile is None else f"block_rows = block_cols = {tile}"
-    print(f"\n{name}: {world} Gloo ranks, local B = {batch}, d = {dim}, Pn = Mn = 1, τ = {TAU:g}, {tiles_text}, "
-          f"backend {args.backend}")  # fmt: skip
+    print(f"\n{name}, {alignment} alignment: {world} Gloo ranks, local B = {batch}, d = {dim}, Pn = Mn = 1, "
+          f"τ = {TAU:g}, {tiles_text}, backend {args.backend}")  # fmt: skip
     print(f"  single process (global batch): skipped {single:.3f} of the backward's tiles")
     report = {"single": single}
     for key in result["skipped"][0]:
@@ -162,6 +171,7 @@ def _median(values: list[float]) -> float:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--regime", choices=(*REGIMES, "both"), default="both")
+    parser.add_argument("--alignment", choices=(*ALIGNMENTS, "both"), default="both")
     parser.add_argument("--batch", type=int, default=None, help="local batch per rank (default: the regime's)")
     parser.add_argument("--dim", type=int, default=None, help="feature dim (default: the regime's)")
     parser.add_argument("--repeats", type=int, default=0, help="timed rounds of the modes (0: no timing)")
@@ -175,10 +185,12 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(f"--{flag} must be positive, got {value}")
 
     reports, ok = {}, True
-    for name in REGIMES if args.regime == "both" else (args.regime,):
+    regimes = REGIMES if args.regime == "both" else (args.regime,)
+    alignments = ALIGNMENTS if args.alignment == "both" else (args.alignment,)
+    for name, alignment in itertools.product(regimes, alignments):
         world, batch, dim, tile = REGIMES[name]
-        report = run_regime(name, world, args.batch or batch, args.dim or dim, tile, args)
-        reports[name] = report
+        report = run_regime(name, world, args.batch or batch, args.dim or dim, tile, alignment, args)
+        reports[f"{name} {alignment}"] = report
         keys = [key for key in report if key != "single" and not key.endswith("time ratio")]
         ok &= all(report[key] >= SKIP_GOAL * report["single"] for key in keys)
         ok &= all(report[key] <= TIME_GOAL for key in report if key.endswith("time ratio"))
