@@ -124,7 +124,8 @@ class Stats:
     query_lse: `[Kq]`, `log Σ_i exp(S_iq)` for the query columns.
     col_mass_lb: `[K]` lower bounds of `log Σ_i exp(S_ic + b_c − row_lse_i)` (each column's row-softmax
         mass, what the gradient filter measures a column's weights against), or `[0]`: unknown (the
-        filter then skips no tile holding such a column). Bounds of disjoint row sets combine by max.
+        filter then skips no tile holding such a column). Masses of disjoint row sets add: their bounds
+        combine by logaddexp.
     aux: backend-private tensors the forward hands its own backward (cpp: each tile's max logit).
     """
 

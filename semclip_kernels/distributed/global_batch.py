@@ -28,7 +28,8 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
-from ..algebra import Columns, combine_partitions, positive_logits
+from ..algebra import Columns, combine_partitions
+from ..backends.options import PartitionOptions, default_grad_filter_eps
 from ..validation import LossConfig, SemCLIPInputs
 from .collectives import MeanOverRanks, SumScaleGradOverRanks, group_timeout
 from .rank_group import MODES, RankGroup, check_layout_across_ranks, check_process_group, needs_grad
@@ -58,37 +59,19 @@ def distributed_loss(inputs: SemCLIPInputs, columns: Columns, config: LossConfig
         scale = SumScaleGradOverRanks.apply(inputs.logit_scale, 1.0 / (group.grad_weight * group.world_size))
         inputs = dataclasses.replace(inputs, logit_scale=scale)
 
-    text_pos, para_pos = _positive_logits(inputs, config.paraphrase_weight, group.remote_grad)
-    row_lse, query_lse = _ring_partitions(inputs, columns, config, group)
+    row_lse, query_lse, text_pos, para_pos = _ring_partitions(inputs, columns, config, group)
+    para_pos = para_pos if para_pos.shape[1] else None
     loss_r = combine_partitions(row_lse, query_lse, text_pos, para_pos, config.paraphrase_weight)
     if group.local_loss:
         return loss_r
     return MeanOverRanks.apply(loss_r, group.world_size, group.grad_weight)
 
 
-def _positive_logits(
-    inputs: SemCLIPInputs, paraphrase_weight: float, remote_grad: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if remote_grad:
-        return positive_logits(inputs, paraphrase_weight)
-    # open_clip with local_loss=True, gather_with_grad=False: s(I_i, T_i) in image→text
-    # differentiates the image only, in text→image the text only. Both directions weigh the
-    # positives alike, so the mean of the two one-sided copies (bitwise equal values) carries
-    # exactly those gradients.
-    paraphrase = None if inputs.paraphrase is None else inputs.paraphrase.detach()
-    image_side = positive_logits(
-        dataclasses.replace(inputs, text=inputs.text.detach(), paraphrase=paraphrase), paraphrase_weight
-    )
-    text_side = positive_logits(dataclasses.replace(inputs, image=inputs.image.detach()), paraphrase_weight)
-    text_pos = (image_side[0] + text_side[0]) / 2
-    para_pos = None if image_side[1] is None else (image_side[1] + text_side[1]) / 2
-    return text_pos, para_pos
-
-
 def _ring_partitions(
     inputs: SemCLIPInputs, columns: Columns, config: LossConfig, group: RankGroup
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every mode (ring.py): one ring per position in a group of ranks.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every mode (ring.py): one ring per position in a group of ranks. Returns the partitions and the
+    positive logits (`[B, 0]` without paraphrases).
 
     Rank r = g·size + l sits at position l of group g; its ring is the ranks at position l of
     every group ("ring" mode: groups of one, a single ring of every rank; "gather": one group of
@@ -106,15 +89,27 @@ def _ring_partitions(
         n_steps=n_groups,
         n_query_cols=columns.n_query_cols,
         backend=config.backend,
-        options=config.options,
+        options=_global_filter_eps(config.options, inputs, columns, group.world_size),
         remote_grad=group.remote_grad,
         group_size=size,
         group=_intra_group(size) if 1 < size < group.world_size else None,  # None: the default group
         owner_rank=owners,
         world_size=group.world_size,
         keep_gathered=group.mode == "gather",
+        position=position,
     )
     return RingPartitions.apply(inputs.image, columns.joined(), inputs.logit_scale, columns.col_bias, ring)
+
+
+def _global_filter_eps(
+    options: PartitionOptions, inputs: SemCLIPInputs, columns: Columns, world_size: int
+) -> PartitionOptions:
+    """`options` with the single process's default filter threshold of the global batch: each call of the ring
+    sees a part of a line's weights, but what the filter may drop is measured against the whole line."""
+    if options.grad_filter_eps is not None:
+        return options
+    eps = default_grad_filter_eps(world_size * inputs.batch, world_size * columns.n_cols, inputs.image.dtype)
+    return dataclasses.replace(options, grad_filter_eps=eps)
 
 
 # This process's group of consecutive ranks, per (default process group, group size): creating

@@ -20,16 +20,26 @@ primitive's backward-only entry (`backends.backward`, docs/backends.md) against 
 statistics of the forward (each step's forward `Stats` rebased on them): no forward is recomputed.
 The gradient of each travelling block travels with it and reaches its owner after a full turn.
 
-The gradient filter (cpp, triton) needs every column's row-softmax mass, which no rank knows alone: each
-rank's bounds of the columns it saw (its rows against each block's columns, its queries against each
-block's images) are max-all-reduced once after the forward, `world_size·(K + B)` floats per rank
-(O(K) per step, no product), and every backward call gets the global bounds of its block.
+The positive logits `s(I_i, T_i)`, `s(I_i, P_ip)` are outputs of the same node (always local: a rank's
+images and its own captions), so that their gradients meet the softmax weights in float32 before each
+input's one cast (as in the single-process loss node): the image→text half enters the own block's row
+problem as positive bands of dS (folded into the kernel's dS where its panel is 16-bit), the text→image
+half is added to the float32 gradients (`add_positive_terms`).
+
+The gradient filter (cpp, triton) measures each weight against the mass of the gradients it feeds, as in
+one process. A column's gradient is made of every rank's row-softmax weights plus, for a caption or
+paraphrase, its own column softmax (mass 1) on its owner; an image's, of its own row softmax (mass 1) plus
+every rank's query-softmax weights. The row-softmax masses of disjoint row sets add: at the start of the
+backward each rank adds its lower bounds of the masses of the columns and images it saw (rebased on the
+global statistics) and the unit mass of its own lines that receive a gradient into one
+`[world_size, K + B]` float64 table, summed over ranks by one all-reduce (`world_size·(K + B)` floats, no
+product). Every backward call gets the global bounds of its block, and the single process's threshold
+`grad_filter_eps` (a line of the global batch has the global batch's count of weights).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 import torch.distributed as dist
@@ -38,7 +48,7 @@ from ..backends import backward as partitions_backward
 from ..backends import forward as partitions
 from ..backends import summed_backward_stats
 from ..backends.options import PartitionOptions
-from ..backends.values import Needs, StatGrads, Stats, problem
+from ..backends.values import Grads, Needs, PositiveBand, StatGrads, Stats, add_positive_terms, counts, problem
 from .collectives import exchange, explain_peer_failure, gather, post, reduce_scatter, wait
 
 _DATA_TAG, _GRAD_TAG = 7301, 7302  # distinct tags: feature blocks and gradient blocks never match each other
@@ -60,6 +70,7 @@ class RingConfig:
     # "gather" mode: keep the forward's gathered blocks for the backward (as an all-gather with autograd
     # does: W blocks of memory, no second all-gather).
     keep_gathered: bool = False
+    position: int = 0  # where this rank's own block sits among the blocks of step 0 (its own group's)
 
 
 def _exchange(block: torch.Tensor, config: RingConfig) -> tuple[torch.Tensor, list[dist.Work]]:
@@ -89,11 +100,18 @@ def _own_share(group_grad: torch.Tensor, config: RingConfig) -> torch.Tensor:
 
 
 class RingPartitions(torch.autograd.Function):
-    """`(row_lse [B], query_lse [n_query_cols])` of this rank's rows against every rank's block.
+    """`(row_lse [B], query_lse [n_query_cols], text_pos [B], para_pos [B, Pn])` of this rank's rows against
+    every rank's block, and the positive logits `τ<I_i, T_i>`, `τ<I_i, P_ip>` (statistics dtype).
 
-    Inputs are this rank's `image [B, d]` and `cols [K, d]` (queries first) and the columns'
+    Inputs are this rank's `image [B, d]` and `cols [K, d]` (`[T; P; N]`, queries first) and the columns'
     bias. Gradients reach the own rows directly and, when `config.remote_grad`, through the
-    own block's gradient that comes home after a full turn of the ring.
+    own block's gradient that comes home after a full turn of the ring. Each input's gradient is summed in
+    float32 and cast once.
+
+    Positives (open_clip's semantics): each positive logit enters the image→text and the text→image terms
+    with equal weights (`algebra.combine_partitions`), so half of its gradient is the image→text term's
+    and half the text→image term's. With `remote_grad` both halves reach the image and the text; without,
+    the image→text half reaches the image only, the text→image half the text only.
     """
 
     @staticmethod
@@ -131,17 +149,40 @@ class RingPartitions(torch.autograd.Function):
             block = incoming
         ctx.save_for_backward(image, cols, scale, col_bias, row_lse, query_lse)
         ctx.config = config
-        ctx.step_stats = _global_bounds(step_stats, row_lse, query_lse, n_cols, image.shape[0], config)
-        return row_lse, query_lse
+        ctx.step_stats = [(rows.rebased(row_lse, rows.query_lse), queries.rebased(query_lse, queries.query_lse))
+                          for rows, queries in step_stats]  # fmt: skip
+        text_pos, para_pos = _positive_logits(image, cols, scale, config.n_query_cols)
+        return row_lse, query_lse, text_pos, para_pos
 
     @staticmethod
-    def backward(ctx, grad_row_lse: torch.Tensor | None, grad_query_lse: torch.Tensor | None):
+    def backward(ctx, grad_row_lse, grad_query_lse, grad_text_pos, grad_para_pos):
         # Every block's backward call adds to what `last_backward_stats` reports for this backward.
         with summed_backward_stats(ctx.config.backend, ctx.saved_tensors[0].device):
-            return _backward(ctx, grad_row_lse, grad_query_lse)
+            return _backward(ctx, grad_row_lse, grad_query_lse, grad_text_pos, grad_para_pos)
 
 
-def _backward(ctx, grad_row_lse: torch.Tensor | None, grad_query_lse: torch.Tensor | None):
+def _positive_logits(
+    image: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, n_query_cols: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`τ<I_i, T_i>` `[B]` and `τ<I_i, P_ip>` `[B, Pn]` (Pn may be 0), in the statistics dtype."""
+    batch, dim = image.shape
+    stat = scale.dtype
+    image = image.detach().to(stat)
+    text = cols[:batch].detach().to(stat)
+    paraphrase = cols[batch:n_query_cols].detach().to(stat).view(batch, -1, dim)
+    tau = scale.detach()
+    return tau * (image * text).sum(-1), tau * torch.einsum("bd,bpd->bp", image, paraphrase)
+
+
+def _half_positive_grads(grad_text_pos, grad_para_pos, batch: int, n_para: int, like: torch.Tensor):
+    """Each positive's gradient, halved (its image→text or text→image share), as `[B, 1]` and `[B, Pn]`."""
+    text = torch.zeros(batch, dtype=like.dtype, device=like.device) if grad_text_pos is None else grad_text_pos
+    para = (torch.zeros(batch, n_para, dtype=like.dtype, device=like.device) if grad_para_pos is None
+            else grad_para_pos)  # fmt: skip
+    return (text.detach().to(like.dtype) / 2)[:, None].contiguous(), (para.detach().to(like.dtype) / 2).contiguous()
+
+
+def _backward(ctx, grad_row_lse, grad_query_lse, grad_text_pos, grad_para_pos):
     """`RingPartitions.backward`: the blocks travel again, each differentiated against the global statistics."""
     image, cols, scale, col_bias, row_lse, query_lse = ctx.saved_tensors
     config: RingConfig = ctx.config
@@ -155,6 +196,9 @@ def _backward(ctx, grad_row_lse: torch.Tensor | None, grad_query_lse: torch.Tens
     name = config.backend
     grad_row_lse = torch.zeros_like(row_lse) if grad_row_lse is None else grad_row_lse
     grad_query_lse = torch.zeros_like(query_lse) if grad_query_lse is None else grad_query_lse
+    batch = image.shape[0]
+    n_para = n_query // batch - 1
+    half_text, half_para = _half_positive_grads(grad_text_pos, grad_para_pos, batch, n_para, row_lse)
     # The other ranks' blocks need gradients only for the inputs that require them here
     # (every rank has the same requires_grad flags: checked in distributed_loss), so all agree.
     remote_grad = config.remote_grad and (need_image or need_cols)
@@ -162,6 +206,11 @@ def _backward(ctx, grad_row_lse: torch.Tensor | None, grad_query_lse: torch.Tens
     grad_image = torch.zeros(image.shape, dtype=stat_dtype, device=image.device)
     grad_cols = torch.zeros(cols.shape, dtype=stat_dtype, device=cols.device)
     grad_scale = torch.zeros((), dtype=stat_dtype, device=scale.device)
+    step_stats = _global_bounds(ctx.step_stats, grad_row_lse, grad_query_lse, n_cols, batch, config)
+    # The image→text half of the positives: bands of the own block's row problem (step 0), in its dS.
+    own_first = config.position * n_cols
+    bands = (PositiveBand(own_first, 1, half_text),) + ((PositiveBand(own_first + batch, n_para, half_para),)
+                                                         if n_para else ())  # fmt: skip
     block = torch.cat([cols, image]).detach()
     home, outgoing_works = None, []
     for step in range(config.n_steps):
@@ -180,10 +229,11 @@ def _backward(ctx, grad_row_lse: torch.Tensor | None, grad_query_lse: torch.Tens
             group_cols, group_images = ctx.gathered
         else:
             group_cols, group_images = _group_block(block, n_cols, config)
-        row_stats, query_stats = ctx.step_stats[step]
+        row_stats, query_stats = step_stats[step]
         rows_grads = partitions_backward(
             problem(image, group_cols, scale, group_bias, 0, config.options),
-            Stats(row_lse, no_stats, row_stats.col_mass_lb, row_stats.aux), StatGrads(row=grad_row_lse),
+            Stats(row_lse, no_stats, row_stats.col_mass_lb, row_stats.aux),
+            StatGrads(row=grad_row_lse, positives=bands if step == 0 else ()),
             Needs(need_image, remote_grad and need_cols, need_scale), name,
         )  # fmt: skip
         query_grads = partitions_backward(
@@ -229,6 +279,13 @@ def _backward(ctx, grad_row_lse: torch.Tensor | None, grad_query_lse: torch.Tens
     if home is not None:
         grad_cols += home[:n_cols]
         grad_image += home[n_cols:]
+    # The text→image half of the positives, added to the float32 gradients (the image's only with remote_grad).
+    own = problem(image, cols[:n_query], scale, col_bias[:n_query], 0, config.options)
+    own_needs = Needs(need_image and config.remote_grad, need_cols, need_scale)
+    t2i = Grads(grad_image if own_needs.rows else None, (grad_cols[:n_query],) if need_cols else None,
+                grad_scale, counts(0))  # fmt: skip
+    t2i_bands = (PositiveBand(0, 1, half_text),) + ((PositiveBand(batch, n_para, half_para),) if n_para else ())
+    grad_scale = add_positive_terms(own, t2i_bands, t2i, own_needs).scale
     return (
         grad_image.to(image.dtype) if need_image else None,
         grad_cols.to(cols.dtype) if need_cols else None,
@@ -238,33 +295,36 @@ def _backward(ctx, grad_row_lse: torch.Tensor | None, grad_query_lse: torch.Tens
     )
 
 
-def _global_bounds(step_stats, row_lse, query_lse, n_cols: int, batch: int, config: RingConfig):
-    """Each step's `(row, query)` statistics with global column-mass bounds (see the module docstring).
+def _global_bounds(step_stats, grad_row_lse, grad_query_lse, n_cols: int, batch: int, config: RingConfig):
+    """Each step's `(row, query)` statistics with global mass bounds (see the module docstring).
 
-    A rank's bound of a column from its own rows is rebased on its final (global) row statistics, then the
-    bounds of every rank are max-all-reduced per block owner: a `[world_size, K + B]` table, −inf where
-    a rank did not see a block. Backends without bounds (no filter) skip the exchange.
+    Masses, not their logs, are summed: `exp(bound)` of every column and image this rank saw, per block
+    owner, plus 1 on its own queries and images whose statistic receives a gradient (their own softmax);
+    a `[world_size, K + B]` float64 table, all-reduced by sum. A mass below float64's range adds 0, a NaN
+    bound stays NaN (never lets a tile be skipped). Backends without bounds (no filter) skip the exchange.
     """
-    rebased = [(rows.rebased(row_lse, rows.query_lse), queries.rebased(query_lse, queries.query_lse))
-               for rows, queries in step_stats]  # fmt: skip
-    if any(rows.col_mass_lb.numel() == 0 or queries.col_mass_lb.numel() == 0 for rows, queries in rebased):
-        return rebased
-    device, size = row_lse.device, config.group_size
-    table = torch.full((config.world_size, n_cols + batch), -math.inf, dtype=torch.float64, device=device)
-    for step, (rows, queries) in enumerate(rebased):
+    if any(rows.col_mass_lb.numel() == 0 or queries.col_mass_lb.numel() == 0 for rows, queries in step_stats):
+        return step_stats
+    device, size = grad_row_lse.device, config.group_size
+    table = torch.zeros((config.world_size, n_cols + batch), dtype=torch.float64, device=device)
+    for step, (rows, queries) in enumerate(step_stats):
         owners = torch.tensor(config.owner_rank[step * size : (step + 1) * size], device=device)
-        bounds = torch.cat([rows.col_mass_lb.double().view(size, n_cols),
-                            queries.col_mass_lb.double().view(size, batch)], dim=1)  # fmt: skip
-        table[owners] = torch.maximum(table[owners], bounds)
-    with explain_peer_failure("the all-reduce of the column-mass bounds (end of the forward)"):
-        dist.all_reduce(table, op=dist.ReduceOp.MAX)
+        masses = torch.cat([rows.col_mass_lb.double().view(size, n_cols),
+                            queries.col_mass_lb.double().view(size, batch)], dim=1).exp()  # fmt: skip
+        table.index_add_(0, owners, masses)
+    rank = config.owner_rank[config.position]
+    table[rank, : config.n_query_cols] += (grad_query_lse.detach() != 0).double()
+    table[rank, n_cols:] += (grad_row_lse.detach() != 0).double()
+    with explain_peer_failure("the all-reduce of the column-mass bounds (start of the backward)"):
+        dist.all_reduce(table)
+    bounds = table.log()
     result = []
-    for step, (rows, queries) in enumerate(rebased):
+    for step, (rows, queries) in enumerate(step_stats):
         owners = torch.tensor(config.owner_rank[step * size : (step + 1) * size], device=device)
-        bounds = table[owners]  # [size, K + B]
+        mine = bounds[owners]  # [size, K + B]
         result.append((
-            Stats(rows.row_lse, rows.query_lse, bounds[:, :n_cols].reshape(-1).to(rows.col_mass_lb.dtype), rows.aux),
-            Stats(queries.row_lse, queries.query_lse, bounds[:, n_cols:].reshape(-1).to(queries.col_mass_lb.dtype),
+            Stats(rows.row_lse, rows.query_lse, mine[:, :n_cols].reshape(-1).to(rows.col_mass_lb.dtype), rows.aux),
+            Stats(queries.row_lse, queries.query_lse, mine[:, n_cols:].reshape(-1).to(queries.col_mass_lb.dtype),
                   queries.aux),
         ))  # fmt: skip
     return result
