@@ -283,6 +283,7 @@ def test_open_clip_steps_per_epoch(rows, batch, accum, world, fails, tmp_path, m
     (["--model-config", "gone.json"], ["--model-config gone.json: no such file"]),
     (["--paraphrases-per-image", "-1"], ["--paraphrases-per-image must be an integer >= 0"]),
     (["--val-data", "val_gone.csv"], ["--val-data val_gone.csv: no such file"]),
+    (["--accum-freq", "0"], ["--accum-freq must be >= 1, got 0"]),
 ])
 def test_open_clip_flag_mistakes(extra, fragments, tmp_path, monkeypatch, capsys):
     import open_clip_train.main as open_clip_main

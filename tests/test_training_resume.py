@@ -176,7 +176,7 @@ def test_resume_refuses_a_checkpoint_trained_with_other_settings(tmp_path):
         train(tiny_config(out, steps=4), resume="auto", resume_override=["colour"])
 
 
-def test_resume_override_on_the_command_line(tmp_path):
+def test_resume_override_on_the_command_line(tmp_path, capsys):
     from training.train import main
 
     out = str(tmp_path / "run")
@@ -188,5 +188,9 @@ def test_resume_override_on_the_command_line(tmp_path):
         main(common + ["--steps", "3", "--resume"])
     assert main(common + ["--steps", "3", "--resume", "--resume-override", "steps"])
     assert load_checkpoint(os.path.join(out, "checkpoint.pt"))["step"] == 3
-    with pytest.raises(ValueError, match="--resume-override goes with --resume"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:  # a flag mistake: one line, exit status 2, before any model
         main(common + ["--steps", "3", "--resume-override", "steps"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "python -m training.train: error: --resume-override goes with --resume"]

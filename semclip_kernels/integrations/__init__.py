@@ -1,2 +1,3 @@
 """Integrations of SemCLIPLoss with training frameworks (import the submodule you need:
-`semclip_kernels.integrations.open_clip` needs open_clip_torch and open_clip_train)."""
+`semclip_kernels.integrations.open_clip` is for open_clip models; open_clip's own trainer with SemCLIPLoss is
+the application `python -m semclip_train.open_clip`)."""

@@ -81,6 +81,9 @@ def check_trainer_args(args: argparse.Namespace) -> None:
     (a training CSV smaller than one batch trains 0 steps per epoch and still writes every epoch's checkpoint)."""
     import open_clip
 
+    for flag, value in (("--batch-size", args.batch_size), ("--accum-freq", args.accum_freq)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     if ":" not in args.model and args.model not in open_clip.list_models():
         raise ValueError(f"--model {args.model}: not an open_clip model (`python -c \"import open_clip; "
                          "print(open_clip.list_models())\"` lists them; --model-config FILE registers your own)")
