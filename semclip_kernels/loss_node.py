@@ -2,10 +2,13 @@
 
     forward:  the partitions of `S = τ·I·[T; P; N]ᵀ` (the columns passed as the blocks T, P, N: never
               joined by this layer), the positive logits, and `algebra.combine_partitions`
-    backward: the gradient arriving at every statistic and every positive logit, written analytically,
-              handed to the backend's backward in ONE call (the positives as bands of dS, so that they
-              cancel against the softmax weights in float32 before any 16-bit cast), and each input's
+    backward: the gradient arriving at every statistic and every positive logit, handed to the backend's
+              backward in ONE call (the positives as bands of dS, added in float32), and each input's
               float32 gradient cast to its dtype once.
+
+The partitions leave the positive entries out (`Problem.positives`) and the loss is written as `log1p` of
+each line's off-positive mass relative to its positive logits (`algebra.combine_partitions`): float32 keeps
+its relative precision at any loss, where `Z − s` would keep one float32 step of the largest logit.
 
 Gradients go to exactly the inputs that require them (a view made under `no_grad` gets none, as with
 plain autograd). Autograd adds no buffer of its own: each input receives one gradient, from this node.
@@ -17,7 +20,7 @@ import math
 
 import torch
 
-from .algebra import combine_partitions, positive_logits
+from .algebra import combine_partitions, positive_bands, positive_logits
 from .backends import backward as backend_backward
 from .backends import forward as backend_forward
 from .backends.options import PartitionOptions
@@ -45,6 +48,16 @@ def _col_bias(batch: int, n_para: int, n_neg: int, beta: float, like: torch.Tens
     return col_bias
 
 
+def _loss_of(row_lse: torch.Tensor, query_lse: torch.Tensor, text_pos: torch.Tensor, para_pos: torch.Tensor | None,
+             paraphrase_weight: float) -> torch.Tensor:  # fmt: skip
+    """The loss from off-positive partitions, in the more precise of the statistics' and the logits' dtypes
+    (float64 statistics of the torch and cpp backends keep their digits)."""
+    precise = torch.promote_types(row_lse.dtype, text_pos.dtype)
+    return combine_partitions(row_lse.to(precise), query_lse.to(precise), text_pos.to(precise),
+                              None if para_pos is None else para_pos.to(precise), paraphrase_weight,
+                              positives_excluded=True)  # fmt: skip
+
+
 class SemCLIPNode(torch.autograd.Function):
     """`L` of docs/contract.md §1 for one batch; `paraphrase`/`negation` already None where their weight is 0."""
 
@@ -66,16 +79,15 @@ class SemCLIPNode(torch.autograd.Function):
         n_neg = 0 if negation is None else negation.shape[1]
         problem = Problem(image, _blocks(text, paraphrase, negation), scale,
                           _col_bias(batch, n_para, n_neg, hard_negative_weight, scale), batch * (1 + n_para),
-                          options)  # fmt: skip
-        stats = backend_forward(problem, backend)
+                          options, positive_bands(batch, n_para))  # fmt: skip
+        stats = backend_forward(problem, backend)  # off-positive partitions: the positives are left out
         inputs = SemCLIPInputs(image, text, paraphrase, negation, scale)
         text_pos, para_pos = positive_logits(inputs, paraphrase_weight)
-        loss = combine_partitions(
-            stats.row_lse.to(scale.dtype), stats.query_lse.to(scale.dtype), text_pos, para_pos, paraphrase_weight
-        )
+        loss = _loss_of(stats.row_lse, stats.query_lse, text_pos, para_pos, paraphrase_weight).to(scale.dtype)
         present = [t for t in (paraphrase, negation) if t is not None]
-        ctx.save_for_backward(image, text, *present, scale, stats.row_lse, stats.query_lse, stats.col_mass_lb,
-                              *stats.aux)  # fmt: skip
+        positive = [text_pos] if para_pos is None else [text_pos, para_pos]
+        ctx.save_for_backward(image, text, *present, scale, *positive, stats.row_lse, stats.query_lse,
+                              stats.col_mass_lb, *stats.aux)  # fmt: skip
         ctx.layout = (paraphrase is not None, negation is not None, n_para, len(stats.aux))
         ctx.settings = (paraphrase_weight, hard_negative_weight, options, backend)
         return loss
@@ -88,25 +100,27 @@ class SemCLIPNode(torch.autograd.Function):
         image, text = saved[0], saved[1]
         paraphrase = saved.pop(2) if has_para else None
         negation = saved.pop(2) if has_neg else None
-        scale, row_lse, query_lse, col_mass_lb, *aux = saved[2:]
+        scale, text_pos = saved[2], saved[3]
+        para_pos = saved[4] if n_para else None
+        row_lse, query_lse, col_mass_lb, *aux = saved[4 + (1 if n_para else 0) :]
         stats = Stats(row_lse, query_lse, col_mass_lb, tuple(aux))
         batch = image.shape[0]
         n_neg = 0 if negation is None else negation.shape[1]
         problem = Problem(image, _blocks(text, paraphrase, negation), scale,
                           _col_bias(batch, n_para, n_neg, hard_negative_weight, scale), batch * (1 + n_para),
-                          options)  # fmt: skip
+                          options, positive_bands(batch, n_para))  # fmt: skip
 
-        # L = (mean_i i2t_i + mean_j t2i_j) / (2n), n = 1 + w·Pn (algebra.combine_partitions): per unit of L,
-        # dZ_i = n/(2nB), dY(T_j) = 1/(2nB), dY(P_jp) = w/(2nB), d s(I_i,T_i) = −2/(2nB), d s(I_i,P_ip) = −2w/(2nB).
-        stat = scale.dtype
-        unit = grad_loss.to(stat) / (2.0 * (1.0 + paraphrase_weight * n_para) * batch)
-        g_row = (unit * (1.0 + paraphrase_weight * n_para)).expand(batch).contiguous()
-        g_query = unit.expand(batch * (1 + n_para)).clone()
-        g_query[batch:] *= paraphrase_weight
-        bands = [PositiveBand(0, 1, (-2.0 * unit).expand(batch, 1).contiguous())]
+        # The gradient arriving at each off-positive partition and each positive logit: autograd through the
+        # O(B·(1 + Pn)²) algebra alone. Each is a sum of small terms (e^{off − s}/(1 + r), …): no cancellation.
+        leaves = [t.detach().requires_grad_() for t in (row_lse, query_lse, text_pos)]
+        para_leaf = None if para_pos is None else para_pos.detach().requires_grad_()
+        with torch.enable_grad():
+            loss = _loss_of(*leaves, para_leaf, paraphrase_weight)
+            wanted = leaves + ([para_leaf] if para_leaf is not None else [])
+            g_row, g_query, g_text, *g_para = torch.autograd.grad(loss, wanted, grad_loss.to(loss.dtype))
+        bands = [PositiveBand(0, 1, g_text[:, None].contiguous())]
         if n_para:
-            para_grad = (-2.0 * paraphrase_weight * unit).expand(batch, n_para).contiguous()
-            bands.append(PositiveBand(batch, n_para, para_grad))
+            bands.append(PositiveBand(batch, n_para, g_para[0].contiguous()))
         need_image, need_text, need_para, need_neg, need_scale = ctx.needs_input_grad[:5]
         needs = Needs(rows=need_image, cols=need_text or need_para or need_neg, scale=need_scale)
         grads = backend_backward(problem, stats, StatGrads(g_row, g_query, tuple(bands)), needs, backend)

@@ -1,7 +1,7 @@
 """The values of the partitions primitive (docs/contract.md §7, docs/backends.md): what a backend is given
 and what it returns. One owner of their fields, their meaning and their flat form for custom ops.
 
-    Problem    rows [M, d], cols (blocks [K_j, d]), scale, col_bias [K], n_query_cols, options
+    Problem    rows [M, d], cols (blocks [K_j, d]), scale, col_bias [K], n_query_cols, options, positives
     Stats      row_lse [M], query_lse [Kq], col_mass_lb [K] (or [0]), aux (backend-private)
     StatGrads  row [M], query [Kq], positives (bands of extra dS entries)
     Needs      which of rows / cols / scale to differentiate
@@ -58,6 +58,11 @@ class Problem:
     order (the layer never joins them; `joined_cols` does, for a kernel that needs one matrix).
     scale: 0-dim, statistics dtype. col_bias: `[K]`, statistics dtype (added in the row direction only).
     n_query_cols: the first `Kq` columns, whose column partitions are wanted.
+    positives: bands `(first_col, per_row)` of entries `(i, first_col + i·per_row + p)`, `p < per_row`, left
+        out of BOTH partitions (and so of dS: a backward gives them only what a `PositiveBand` adds). A loss
+        whose positive logits are its own business (the log1p form, `algebra.combine_partitions`) gets the
+        off-positive partitions this way, with no cancellation near convergence. Partitions of disjoint row
+        or column sets still combine by log-sum-exp (the positives lie in one of the sets).
     """
 
     rows: torch.Tensor
@@ -66,6 +71,7 @@ class Problem:
     col_bias: torch.Tensor
     n_query_cols: int
     options: PartitionOptions = dataclasses.field(default_factory=PartitionOptions)
+    positives: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         # Tiles never larger than the problem: `block_rows = 10**9` must not allocate a 10**9-row tile.
@@ -107,13 +113,29 @@ def problem(
     col_bias: torch.Tensor,
     n_query_cols: int,
     options: PartitionOptions | None = None,
+    positives: tuple[tuple[int, int], ...] = (),
 ) -> Problem:
     """A `Problem` with `cols` given as one tensor or as blocks, `scale` and `col_bias` brought to the
     statistics dtype."""
     blocks = (cols,) if isinstance(cols, torch.Tensor) else tuple(cols)
     stat = stat_dtype(rows.dtype)
     return Problem(rows, blocks, scale.reshape(()).to(stat), col_bias.to(stat), n_query_cols,
-                   options or PartitionOptions())  # fmt: skip
+                   options or PartitionOptions(), tuple(positives))  # fmt: skip
+
+
+def positive_entries(
+    positives: Sequence[tuple[int, int]], rows: slice, cols: slice, device: torch.device
+) -> torch.Tensor | None:
+    """`[rows, cols]` boolean mask of the entries in the bands `positives` (`Problem.positives`); None if
+    no band reaches the tile."""
+    mask = None
+    row_ids = torch.arange(rows.start, rows.stop, device=device)[:, None]
+    col_ids = torch.arange(cols.start, cols.stop, device=device)[None, :]
+    for first_col, per_row in positives:
+        slot = col_ids - first_col - row_ids * per_row
+        inside = (slot >= 0) & (slot < per_row)
+        mask = inside if mask is None else mask | inside
+    return mask
 
 
 @dataclass(frozen=True)
@@ -282,6 +304,7 @@ _DEFAULT = -1
 def _encode_problem(p: Problem) -> tuple[list[torch.Tensor], list[int], list[float]]:
     options = p.options
     ints = [p.n_query_cols, _or_default(options.block_rows), _or_default(options.block_cols)]
+    ints += [value for band in p.positives for value in band]
     return [p.rows, p.scale, p.col_bias, *p.cols], ints, [float(_or_default(options.grad_filter_eps))]
 
 
@@ -295,9 +318,10 @@ def _option(value: int | float) -> int | float | None:
 
 def _decode_problem(tensors: list[torch.Tensor], ints: list[int], floats: list[float]) -> Problem:
     rows, scale, col_bias, *cols = tensors
-    n_query_cols, block_rows, block_cols = ints
+    n_query_cols, block_rows, block_cols, *bands = ints
     options = PartitionOptions(_option(block_rows), _option(block_cols), _option(floats[0]))
-    return Problem(rows, tuple(cols), scale, col_bias, n_query_cols, options)
+    positives = tuple((bands[k], bands[k + 1]) for k in range(0, len(bands), 2))
+    return Problem(rows, tuple(cols), scale, col_bias, n_query_cols, options, positives)
 
 
 def _encode_stats(s: Stats) -> list[torch.Tensor]:
