@@ -50,7 +50,8 @@ def near_convergence(batch: int, dim: int, spread: float, n_para: int, n_neg: in
         center = image if n is None else image[:, None].expand(batch, n, dim)
         return _unit(center + s * torch.randn(center.shape, generator=gen, dtype=torch.float64) / math.sqrt(dim))
 
-    return [image, near(spread, None), near(spread, n_para) if n_para else None, near(4 * spread, n_neg) if n_neg else None]
+    para = near(spread, n_para) if n_para else None
+    return [image, near(spread, None), para, near(4 * spread, n_neg) if n_neg else None]
 
 
 def errors(backend: str, features, tau: float, dtype: torch.dtype) -> tuple[float, float, float]:

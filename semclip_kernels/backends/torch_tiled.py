@@ -34,8 +34,18 @@ import torch
 
 from .dtypes import stat_dtype
 from .options import PartitionOptions
-from .values import Grads, Needs, PositiveBand, Problem, StatGrads, Stats, add_positive_terms, counts, split_cols
-from .values import positive_entries
+from .values import (
+    Grads,
+    Needs,
+    PositiveBand,
+    Problem,
+    StatGrads,
+    Stats,
+    add_positive_terms,
+    counts,
+    positive_entries,
+    split_cols,
+)
 
 DEFAULT_BLOCK_ROWS = 512
 DEFAULT_BLOCK_COLS = 1024
