@@ -54,6 +54,27 @@ def near_convergence(batch: int, dim: int, spread: float, n_para: int, n_neg: in
     return [image, near(spread, None), para, near(4 * spread, n_neg) if n_neg else None]
 
 
+def float32_logits_floor(features, tau: float) -> float:
+    """The loss's relative error when only the logits are float32 (one float32 product `τ·I·Cᵀ`, as every
+    backend computes them) and everything after them is float64: what no float32 kernel can beat."""
+    image, text, para, neg = (None if t is None else t.float() for t in features)
+    batch, dim = image.shape
+    cols = [text] + [x.reshape(-1, dim) for x in (para, neg) if x is not None]
+    logits = (tau * (image @ torch.cat(cols).T)).double()  # float32 products, then exact
+    n_para = 0 if para is None else para.shape[1]
+    n_query = batch * (1 + n_para)
+    rows = torch.arange(batch)
+    pos = [logits[rows, rows]] + [logits[rows, batch + rows * n_para + p] for p in range(n_para)]
+    z = torch.logsumexp(logits, 1)
+    y = torch.logsumexp(logits[:, :n_query], 0)
+    i2t = sum(z - s for s in pos)
+    t2i = (y[:batch] - pos[0]) + sum(y[batch + rows * n_para + p] - pos[1 + p] for p in range(n_para))
+    got = float((i2t.mean() + t2i.mean()) / (2 * (1 + n_para)))
+    exact = [None if t is None else t.float().double() for t in features]
+    want = float(semclip_loss_float64(exact[0], exact[1], tau, exact[2], exact[3]))
+    return abs(got - want) / want
+
+
 def errors(backend: str, features, tau: float, dtype: torch.dtype) -> tuple[float, float, float]:
     """(float64 loss, loss relative error, largest gradient error) of `backend` on `features` cast to `dtype`."""
     leaves = [None if t is None else t.to(dtype).requires_grad_() for t in features]
@@ -79,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     print("float32 near convergence (B = d = 32): loss rel. error, largest gradient error; goal 1e-6, 1e-4")
     for tau, spread, n_para, n_neg in CASES:
         feats = near_convergence(32, 32, spread, n_para, n_neg)
+        print(f"  τ={tau:5.0f} spread={spread:4.2f} Pn={n_para} Mn={n_neg}  float32 logits, float64 after them: "
+              f"loss {float32_logits_floor(feats, tau):8.2e}")  # fmt: skip
         for backend in args.backends:
             loss, loss_err, grad_err = errors(backend, feats, tau, torch.float32)
             good = loss_err <= 1e-6 and grad_err <= 1e-4

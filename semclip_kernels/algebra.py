@@ -64,9 +64,13 @@ def positive_bands(batch: int, n_para: int) -> tuple[tuple[int, int], ...]:
     return ((0, 1), (batch, n_para)) if n_para else ((0, 1),)
 
 
-def positive_logits(inputs: SemCLIPInputs, paraphrase_weight: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`s(I_i, T_i)` as `[B]` and `s(I_i, P_ip)` as `[B, Pn]` (None without paraphrases), float32."""
-    stat_dtype = inputs.logit_scale.dtype
+def positive_logits(
+    inputs: SemCLIPInputs, paraphrase_weight: float, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`s(I_i, T_i)` as `[B]` and `s(I_i, P_ip)` as `[B, Pn]` (None without paraphrases), in `dtype` (default:
+    the statistics dtype, float32). O(B·(1 + Pn)·d): float64 costs nothing and keeps the positives' own
+    rounding out of the log1p form near convergence."""
+    stat_dtype = dtype or inputs.logit_scale.dtype
     image = inputs.image.to(stat_dtype)
     text_pos = inputs.logit_scale * (image * inputs.text.to(stat_dtype)).sum(-1)
     if inputs.paraphrase is None or paraphrase_weight == 0:

@@ -50,9 +50,9 @@ def _col_bias(batch: int, n_para: int, n_neg: int, beta: float, like: torch.Tens
 
 def _loss_of(row_lse: torch.Tensor, query_lse: torch.Tensor, text_pos: torch.Tensor, para_pos: torch.Tensor | None,
              paraphrase_weight: float) -> torch.Tensor:  # fmt: skip
-    """The loss from off-positive partitions, in the more precise of the statistics' and the logits' dtypes
-    (float64 statistics of the torch and cpp backends keep their digits)."""
-    precise = torch.promote_types(row_lse.dtype, text_pos.dtype)
+    """The loss from off-positive partitions in float64 (O(B·(1 + Pn)²) work): the float64 statistics of the
+    torch and cpp backends and the float64 positive logits keep their digits."""
+    precise = torch.float64
     return combine_partitions(row_lse.to(precise), query_lse.to(precise), text_pos.to(precise),
                               None if para_pos is None else para_pos.to(precise), paraphrase_weight,
                               positives_excluded=True)  # fmt: skip
@@ -82,7 +82,7 @@ class SemCLIPNode(torch.autograd.Function):
                           options, positive_bands(batch, n_para))  # fmt: skip
         stats = backend_forward(problem, backend)  # off-positive partitions: the positives are left out
         inputs = SemCLIPInputs(image, text, paraphrase, negation, scale)
-        text_pos, para_pos = positive_logits(inputs, paraphrase_weight)
+        text_pos, para_pos = positive_logits(inputs, paraphrase_weight, torch.float64)
         loss = _loss_of(stats.row_lse, stats.query_lse, text_pos, para_pos, paraphrase_weight).to(scale.dtype)
         present = [t for t in (paraphrase, negation) if t is not None]
         positive = [text_pos] if para_pos is None else [text_pos, para_pos]
