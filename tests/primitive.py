@@ -46,7 +46,8 @@ def opcheck_forward_and_backward(backend: str, rows, cols, scale, col_bias, n_qu
 
     backends.resolve_backend(backend, rows.device)  # loads and registers the backend
     codec = ops.PARTITIONS
-    p = problem(rows, cols, scale, col_bias, n_query_cols, options)
+    # The bands' entries are also left out of the partitions (`Problem.positives`), as the loss does.
+    p = problem(rows, cols, scale, col_bias, n_query_cols, options, tuple(b for b in bands if b[1] >= 1))
     tensors, ints, floats = codec.encode_problem(p)
     forward_op = getattr(torch.ops.semclip, f"partitions_{backend}_forward")
     backward_op = getattr(torch.ops.semclip, f"partitions_{backend}_backward")
