@@ -50,8 +50,9 @@ def near_convergence(batch: int, dim: int, spread: float, n_para: int, n_neg: in
         center = image if n is None else image[:, None].expand(batch, n, dim)
         return _unit(center + s * torch.randn(center.shape, generator=gen, dtype=torch.float64) / math.sqrt(dim))
 
+    text = near(spread, None)
     para = near(spread, n_para) if n_para else None
-    return [image, near(spread, None), para, near(4 * spread, n_neg) if n_neg else None]
+    return [image, text, para, near(4 * spread, n_neg) if n_neg else None]
 
 
 def float32_logits_floor(features, tau: float) -> float:
