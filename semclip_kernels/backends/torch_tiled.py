@@ -153,15 +153,22 @@ def _per_line_lse(logits: torch.Tensor, bias: torch.Tensor, n_q: int) -> tuple[t
     return _line_lse(logits, bias, 1), _line_lse(logits[:, :n_q], None, 0)
 
 
-def _shared_shift_lse(logits: torch.Tensor, bias: torch.Tensor, n_q: int):
-    """Both directions' log-sum-exps from one `exp(S − m)`; None where the shared shift is unsafe."""
+def _shared_shift_lse(logits: torch.Tensor, bias: torch.Tensor, n_q: int, mask: torch.Tensor | None = None):
+    """Both directions' log-sum-exps from one `exp(S − m)`; None where the shared shift is unsafe.
+
+    `mask`: the tile's left-out entries; a line made only of them sums to 0 exactly (lse -inf), which is
+    not an underflow."""
     tile_max = logits.max()
     if not math.isfinite(float(tile_max)):  # every entry left out (or inf/NaN): the per-line path
         return None
     exps = logits.sub_(tile_max).exp_()  # the logits are not needed afterwards
     row_sum = exps @ bias.exp() if bool(bias.any()) else exps.sum(1)
     col_sum = exps[:, :n_q].sum(0)
-    smallest = min(float(row_sum.min()), float(col_sum.min()) if n_q else 1.0)
+    row_seen, col_seen = row_sum, col_sum
+    if mask is not None:
+        row_seen = row_sum.masked_fill(mask.all(1), 1.0)
+        col_seen = col_sum.masked_fill(mask[:, :n_q].all(0), 1.0)
+    smallest = min(float(row_seen.min()), float(col_seen.min()) if n_q else 1.0)
     if smallest < _MIN_SHARED_SUM:  # NaNs compare False and propagate through the fast path
         return None
     tile_max = tile_max.double()
@@ -215,7 +222,7 @@ def _forward_tiles(rows, cols, scale, col_bias, n_query_cols, block_rows, block_
             mask = positive_entries(positives, r, c, rows.device)
             logits = _masked(_scaled_dots(rows[r], cols[c], tau, dtype), mask)
             n_q = max(0, min(c.stop, n_query_cols) - c.start)
-            lse = _shared_shift_lse(logits, col_bias[c], n_q) if fast else None
+            lse = _shared_shift_lse(logits, col_bias[c], n_q, mask) if fast else None
             if fast and lse is None:  # the shift consumed the logits: recompute them
                 logits = _masked(_scaled_dots(rows[r], cols[c], tau, dtype), mask)
             tile_row_lse, tile_col_lse = lse or _per_line_lse(logits, col_bias[c], n_q)
