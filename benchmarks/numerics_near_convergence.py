@@ -5,8 +5,9 @@ down to 1e-6) and near-duplicate paraphrases in 16 bits.
     PYTHONPATH=$PWD python -m benchmarks.numerics_near_convergence
 
 Prints, per regime and backend, the loss's relative error and the largest gradient error (per-tensor
-max-norm relative, docs/contract.md §4), and a verdict against §4's bounds (float32: loss 1e-6 relative,
-gradients 1e-4; 16-bit: 2e-2).
+max-norm relative, docs/contract.md §4), and a verdict against §4's bounds (float32: loss 1e-6 relative up to
+τ = 30 and 2^-24·τ·√d above, gradients 1e-4; 16-bit: 2e-2). The line "float32 logits, float64 after them" is
+the loss's error when only the logits are float32: the floor of any float32 kernel.
 """
 
 from __future__ import annotations
@@ -98,14 +99,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backends", nargs="+", default=[b for b in BACKENDS if sk.backend_status(b, "cpu")[0]])
     args = parser.parse_args(argv)
     ok = True
-    print("float32 near convergence (B = d = 32): loss rel. error, largest gradient error; goal 1e-6, 1e-4")
+    print("float32 near convergence (B = d = 32): loss rel. error, largest gradient error; goal: loss 1e-6 "
+          "(contract §4: 2^-24·τ·√d above τ = 30, the float32 logits' own rounding), gradients 1e-4")
     for tau, spread, n_para, n_neg in CASES:
         feats = near_convergence(32, 32, spread, n_para, n_neg)
         print(f"  τ={tau:5.0f} spread={spread:4.2f} Pn={n_para} Mn={n_neg}  float32 logits, float64 after them: "
               f"loss {float32_logits_floor(feats, tau):8.2e}")  # fmt: skip
         for backend in args.backends:
             loss, loss_err, grad_err = errors(backend, feats, tau, torch.float32)
-            good = loss_err <= 1e-6 and grad_err <= 1e-4
+            loss_goal = 1e-6 if tau <= 30 else 2.0**-24 * tau * math.sqrt(32)
+            good = loss_err <= loss_goal and grad_err <= 1e-4
             ok &= good
             print(f"  τ={tau:5.0f} spread={spread:4.2f} Pn={n_para} Mn={n_neg} loss={loss:8.2e} {backend:9s} "
                   f"loss {loss_err:8.2e}  grads {grad_err:8.2e}  {'ok' if good else 'MISSED'}")  # fmt: skip
