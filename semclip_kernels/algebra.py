@@ -117,6 +117,45 @@ def _off_positive_terms(off_lse: torch.Tensor, positives: torch.Tensor) -> torch
     return log1p_sum_exp(excess)
 
 
+def off_positive_gradients(
+    row_lse: torch.Tensor,
+    query_lse: torch.Tensor,
+    text_pos: torch.Tensor,
+    para_pos: torch.Tensor | None,
+    paraphrase_weight: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The gradient of `combine_partitions(..., positives_excluded=True)` per unit of the loss, in closed form:
+    `(d/d row_lse [B], d/d query_lse [B·(1 + Pn)], d/d text_pos [B], d/d para_pos [B, Pn] or None)`.
+
+    With a row's off-positive share `π_off = e^{off}/E` and its positives' shares `π_q = e^{s_q}/E`
+    (`E = e^{off} + Σ_q e^{s_q}`, one softmax), the row's weighted terms `Σ_p w_p·term_p` have
+    `d/d off = W·π_off` and `d/d s_q = W·π_q − w_q = −w_q·π_off + Σ_{p≠q} (w_p·π_q − w_q·π_p)`: written as that
+    sum of small terms, not as a difference near `w_q` (which keeps nothing of it near convergence). A query's
+    term `log1p(e^{off − s})` has `d/d off = −d/d s = sigmoid(off − s)`.
+    """
+    batch = text_pos.shape[0]
+    positives = text_pos[:, None] if para_pos is None else torch.cat([text_pos[:, None], para_pos], dim=1)
+    n_para = positives.shape[1] - 1
+    weights = torch.full((n_para + 1,), paraphrase_weight, dtype=positives.dtype, device=positives.device)
+    weights[0] = 1.0
+    total = 1.0 + paraphrase_weight * n_para
+    unit = 1.0 / (2.0 * total * batch)
+    shares = torch.softmax(torch.cat([row_lse[:, None], positives], dim=1), dim=1)
+    off_share, pos_share = shares[:, 0], shares[:, 1:]
+    pairs = weights[None, None, :] * pos_share[:, :, None] - weights[None, :, None] * pos_share[:, None, :]
+    grad_pos = unit * (pairs.sum(2) - weights * off_share[:, None])  # [B, 1 + Pn]
+    query_pos = positives[:, 0] if para_pos is None else torch.cat([text_pos, para_pos.reshape(-1)])
+    query_weights = torch.cat([weights[:1].expand(batch), weights[1:].repeat(batch)])
+    query_share = torch.sigmoid(query_lse - query_pos)
+    grad_query = unit * query_weights * query_share
+    grad_query_pos = -grad_query
+    grad_pos[:, 0] += grad_query_pos[:batch]
+    if para_pos is not None:
+        grad_pos[:, 1:] += grad_query_pos[batch:].view(batch, n_para)
+    grad_para = None if para_pos is None else grad_pos[:, 1:]
+    return unit * total * off_share, grad_query, grad_pos[:, 0], grad_para
+
+
 def combine_partitions(
     row_lse: torch.Tensor,
     query_lse: torch.Tensor,

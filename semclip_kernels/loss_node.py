@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from .algebra import combine_partitions, positive_bands, positive_logits
+from .algebra import combine_partitions, off_positive_gradients, positive_bands, positive_logits
 from .backends import backward as backend_backward
 from .backends import forward as backend_forward
 from .backends.options import PartitionOptions
@@ -110,17 +110,18 @@ class SemCLIPNode(torch.autograd.Function):
                           _col_bias(batch, n_para, n_neg, hard_negative_weight, scale), batch * (1 + n_para),
                           options, positive_bands(batch, n_para))  # fmt: skip
 
-        # The gradient arriving at each off-positive partition and each positive logit: autograd through the
-        # O(B·(1 + Pn)²) algebra alone. Each is a sum of small terms (e^{off − s}/(1 + r), …): no cancellation.
-        leaves = [t.detach().requires_grad_() for t in (row_lse, query_lse, text_pos)]
-        para_leaf = None if para_pos is None else para_pos.detach().requires_grad_()
-        with torch.enable_grad():
-            loss = _loss_of(*leaves, para_leaf, paraphrase_weight)
-            wanted = leaves + ([para_leaf] if para_leaf is not None else [])
-            g_row, g_query, g_text, *g_para = torch.autograd.grad(loss, wanted, grad_loss.to(loss.dtype))
-        bands = [PositiveBand(0, 1, g_text[:, None].contiguous())]
+        # The gradient arriving at each off-positive partition and each positive logit, in closed form (float64,
+        # O(B·(1 + Pn)²)): sums of small terms, no cancellation near convergence.
+        precise = torch.float64
+        g_row, g_query, g_text, g_para = off_positive_gradients(
+            row_lse.to(precise), query_lse.to(precise), text_pos.to(precise),
+            None if para_pos is None else para_pos.to(precise), paraphrase_weight,
+        )  # fmt: skip
+        scale_by = grad_loss.to(precise)
+        g_row, g_query = g_row * scale_by, g_query * scale_by
+        bands = [PositiveBand(0, 1, (g_text * scale_by)[:, None].contiguous())]
         if n_para:
-            bands.append(PositiveBand(batch, n_para, g_para[0].contiguous()))
+            bands.append(PositiveBand(batch, n_para, (g_para * scale_by).contiguous()))
         need_image, need_text, need_para, need_neg, need_scale = ctx.needs_input_grad[:5]
         needs = Needs(rows=need_image, cols=need_text or need_para or need_neg, scale=need_scale)
         grads = backend_backward(problem, stats, StatGrads(g_row, g_query, tuple(bands)), needs, backend)
