@@ -147,11 +147,28 @@ at::Tensor logits_tile(const at::Tensor& buffer, const at::Tensor& rows, const C
   return S;
 }
 
+// The entries (i, first + i·per_row + p), p < per_row, of every band (first, per_row) in `positives` (flat
+// pairs) that fall in tile t, set to −inf: they are left out of both partitions (Problem.positives in
+// backends/values.py), so their exponentials are 0 in every pass.
+template <typename T>
+void exclude_positives(T* S, const Tile& t, const std::vector<int64_t>& positives) {
+  const T minus_inf = -std::numeric_limits<T>::infinity();
+  for (size_t b = 0; b + 1 < positives.size(); b += 2) {
+    const int64_t first = positives[b], per_row = positives[b + 1];
+    for (int64_t i = 0; i < t.nr; ++i) {
+      const int64_t lo = std::max(first + (t.r0 + i) * per_row, t.c0);
+      const int64_t hi = std::min(first + (t.r0 + i + 1) * per_row, t.c0 + t.nc);
+      for (int64_t c = lo; c < hi; ++c) S[i * t.nc + (c - t.c0)] = minus_inf;
+    }
+  }
+}
+
 // Returns row_lse [M] and col_lse [K] in float64 (every column's log-partition: the query columns' are the
 // primitive's output, the others bound the column masses for the backward's filter), and each tile's max.
 template <typename T>
 std::vector<at::Tensor> forward_impl(const at::Tensor& rows, const Columns& cols, double scale,
-                                     const at::Tensor& col_bias, int64_t Kq, int64_t br, int64_t bc) {
+                                     const at::Tensor& col_bias, int64_t Kq, int64_t br, int64_t bc,
+                                     const std::vector<int64_t>& positives) {
   const int64_t M = rows.size(0), K = cols.K;
   const auto opts = rows.options();
   const at::Tensor col_weight = col_bias.exp().contiguous();  // β_c multiplies the row sums
@@ -180,9 +197,11 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& rows, const Columns& cols
       for (int64_t cb = 0; cb < n_cb; ++cb) {
         const Tile t = make_tile(rb, cb, M, cols, Kq, br);
         const at::Tensor S_tile = logits_tile(buffer, rows, cols, t, scale);
-        const T* S = S_tile.data_ptr<T>();
+        T* S = S_tile.data_ptr<T>();
+        exclude_positives(S, t, positives);
         const T shift = max_of(S, t.nr * t.nc);
         tile_max.data_ptr<T>()[rb * n_cb + cb] = shift;
+        if (shift == -std::numeric_limits<T>::infinity()) continue;  // nothing left in this tile
         std::fill(col_sum.begin(), col_sum.begin() + t.nc, T(0));
         for (int64_t i = 0; i < t.nr; ++i)
           row_sum[i] = row_exp_sums(S + i * t.nc, w + t.c0, t.nc, t.nc, shift, col_sum.data());
@@ -308,6 +327,7 @@ double tile_grad_logits(const GradWeights<T>& gw, const Tile& t, const T* S, T s
     const T g = gw.g_row[t.r0 + i];
     const double lse = gw.row_lse[t.r0 + i];
     for (int64_t j = 0; j < t.nc; ++j) {  // (S − lse) + b: see merge_exact
+      if (S[i * t.nc + j] == -std::numeric_limits<T>::infinity()) continue;  // left out (dS = 0)
       const T s = S[i * t.nc + j], p = T(g * std::exp((s - lse) + gw.bias[t.c0 + j]));
       G[i * t.nc + j] += p;
       dot += double(p) * s;
@@ -317,6 +337,7 @@ double tile_grad_logits(const GradWeights<T>& gw, const Tile& t, const T* S, T s
     const T g = gw.g_col[t.c0 + j];
     const double lse = gw.col_lse[t.c0 + j];
     for (int64_t i = 0; i < t.nr; ++i) {
+      if (S[i * t.nc + j] == -std::numeric_limits<T>::infinity()) continue;
       const T s = S[i * t.nc + j], p = T(g * std::exp(s - lse));
       G[i * t.nc + j] += p;
       dot += double(p) * s;
@@ -332,7 +353,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& rows, const Columns& col
                                       const at::Tensor& col_lse, const at::Tensor& col_mass_lb,
                                       const at::Tensor& tile_max, const at::Tensor& g_row, const at::Tensor& g_col,
                                       bool need_rows, bool need_cols, bool need_scale, int64_t br, int64_t bc,
-                                      double eps) {
+                                      double eps, const std::vector<int64_t>& positives) {
   const int64_t M = rows.size(0);
   const auto opts = rows.options();
   const int64_t n_rb = ceil_div(M, br), n_cb = cols.n_tiles();
@@ -379,9 +400,11 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& rows, const Columns& col
             continue;
           }
           const at::Tensor S_tile = logits_tile(s_buffer, rows, cols, t, scale);
-          const T* S = S_tile.data_ptr<T>();
+          T* S = S_tile.data_ptr<T>();
+          exclude_positives(S, t, positives);
           // The forward's shift where known (the same products: no max pass), else this tile's max.
           const T shift = fwd_tile_max ? fwd_tile_max[rb * n_cb + cb] : max_of(S, t.nr * t.nc);
+          if (shift == -std::numeric_limits<T>::infinity()) continue;  // every entry left out: dS = 0
           if (!fwd_tile_max && filter.skippable(t, rb, cb, shift)) {
             skipped.fetch_add(1, std::memory_order_relaxed);
             continue;
@@ -444,17 +467,24 @@ void check_inputs(const at::Tensor& rows, const std::vector<at::Tensor>& cols, c
   TORCH_CHECK(br >= 1 && bc >= 1, "block sizes must be positive");
 }
 
+void check_positives(const std::vector<int64_t>& positives) {
+  TORCH_CHECK(positives.size() % 2 == 0, "positives must be flat (first_col, per_row) pairs");
+  for (size_t b = 0; b < positives.size(); b += 2)
+    TORCH_CHECK(positives[b] >= 0 && positives[b + 1] >= 1, "positives: need first_col >= 0 and per_row >= 1");
+}
+
 }  // namespace
 
 std::vector<at::Tensor> forward(const at::Tensor& rows, const std::vector<at::Tensor>& col_blocks, double scale,
                                 const at::Tensor& col_bias, int64_t n_query_cols, int64_t block_rows,
-                                int64_t block_cols) {
+                                int64_t block_cols, const std::vector<int64_t>& positives) {
   check_inputs(rows, col_blocks, col_bias, n_query_cols, block_rows, block_cols);
+  check_positives(positives);
   at::NoGradGuard no_grad;
   const Columns cols(col_blocks, block_cols);
   if (rows.scalar_type() == at::kDouble)
-    return forward_impl<double>(rows, cols, scale, col_bias, n_query_cols, block_rows, block_cols);
-  return forward_impl<float>(rows, cols, scale, col_bias, n_query_cols, block_rows, block_cols);
+    return forward_impl<double>(rows, cols, scale, col_bias, n_query_cols, block_rows, block_cols, positives);
+  return forward_impl<float>(rows, cols, scale, col_bias, n_query_cols, block_rows, block_cols, positives);
 }
 
 std::vector<at::Tensor> backward(const at::Tensor& rows, const std::vector<at::Tensor>& col_blocks, double scale,
@@ -462,8 +492,9 @@ std::vector<at::Tensor> backward(const at::Tensor& rows, const std::vector<at::T
                                  const at::Tensor& col_lse, const at::Tensor& col_mass_lb, const at::Tensor& tile_max,
                                  const at::Tensor& grad_row_lse, const at::Tensor& grad_col_lse, bool need_rows,
                                  bool need_cols, bool need_scale, int64_t block_rows, int64_t block_cols,
-                                 double grad_filter_eps) {
+                                 double grad_filter_eps, const std::vector<int64_t>& positives) {
   check_inputs(rows, col_blocks, col_bias, n_query_cols, block_rows, block_cols);
+  check_positives(positives);
   const Columns cols(col_blocks, block_cols);
   for (const at::Tensor* t : {&grad_row_lse, &grad_col_lse})
     TORCH_CHECK(t->scalar_type() == rows.scalar_type() && t->is_contiguous() && t->dim() == 1,
@@ -484,10 +515,10 @@ std::vector<at::Tensor> backward(const at::Tensor& rows, const std::vector<at::T
   if (rows.scalar_type() == at::kDouble)
     return backward_impl<double>(rows, cols, scale, col_bias, n_query_cols, row_lse, col_lse, col_mass_lb, tile_max,
                                  grad_row_lse, grad_col_lse, need_rows, need_cols, need_scale, block_rows,
-                                 block_cols, grad_filter_eps);
+                                 block_cols, grad_filter_eps, positives);
   return backward_impl<float>(rows, cols, scale, col_bias, n_query_cols, row_lse, col_lse, col_mass_lb, tile_max,
                               grad_row_lse, grad_col_lse, need_rows, need_cols, need_scale, block_rows, block_cols,
-                              grad_filter_eps);
+                              grad_filter_eps, positives);
 }
 
 bool has_avx2() {
@@ -502,13 +533,15 @@ bool has_avx2() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused CPU kernel of the SemCLIP partitions (row and query-column log-sum-exps of tau*A*C^T)";
-  m.def("forward", &semclip::forward, "(rows, cols, scale, col_bias, n_query_cols, block_rows, block_cols) -> "
+  m.def("forward", &semclip::forward, "(rows, cols, scale, col_bias, n_query_cols, block_rows, block_cols, "
+        "positives: flat (first_col, per_row) bands left out of both partitions) -> "
         "[row_lse [M] (float64), col_lse [K] (float64, every column), tile_max (each tile's max logit)]; cols is a "
         "list of [K_j, d] blocks, tiled block by block");
   m.def("backward", &semclip::backward,
         "(rows, cols, scale, col_bias, n_query_cols, row_lse [M] f64, col_lse [Kq] f64, col_mass_lb [K] f64 or "
         "empty, tile_max or empty, grad_row_lse, grad_col_lse, need_rows, "
-        "need_cols, need_scale, block_rows, block_cols, grad_filter_eps) -> [grad_rows, grad_scale, stats, *grad_cols "
+        "need_cols, need_scale, block_rows, block_cols, grad_filter_eps, positives) -> [grad_rows, grad_scale, stats, "
+        "*grad_cols "
         "(one per block)] with "
         "stats = (tiles, skipped tiles, exactly recomputed rows+columns)]");
   m.def("has_avx2", &semclip::has_avx2, "whether the vectorized exp was compiled in");

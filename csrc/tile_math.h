@@ -42,14 +42,15 @@ inline T row_exp_sums(const T* s, const T* w, int64_t n, int64_t n_query, T shif
   return acc;
 }
 
-// g_j = exp(s_j − shift)·(u·w_j + v_j): the gradient of the logits; returns Σ_j g_j·s_j (for dτ).
+// g_j = exp(s_j − shift)·(u·w_j + v_j): the gradient of the logits; returns Σ_j g_j·s_j (for dτ). An entry
+// left out of the partitions holds s_j = −inf: g_j = 0 and it adds nothing to the sum (not 0·(−inf)).
 template <typename T>
 inline double row_grad_logits(const T* s, const T* w, const T* v, int64_t n, T shift, T u, T* g) {
   double dot = 0;
   for (int64_t j = 0; j < n; ++j) {
     const T gj = std::exp(s[j] - shift) * (u * w[j] + v[j]);
     g[j] = gj;
-    dot += static_cast<double>(gj) * s[j];
+    if (gj != 0) dot += static_cast<double>(gj) * s[j];
   }
   return dot;
 }
@@ -137,6 +138,7 @@ inline double row_grad_logits<float>(const float* s, const float* w, const float
                                      float u, float* g) {
   const __m256 vshift = _mm256_set1_ps(shift);
   const __m256 vu = _mm256_set1_ps(u);
+  const __m256 zero = _mm256_setzero_ps();
   __m256 dot = _mm256_setzero_ps();
   double tail = 0.0;
   int64_t j = 0;
@@ -145,12 +147,13 @@ inline double row_grad_logits<float>(const float* s, const float* w, const float
     const __m256 e = exp8(_mm256_sub_ps(sj, vshift));
     const __m256 gj = _mm256_mul_ps(e, _mm256_fmadd_ps(vu, _mm256_loadu_ps(w + j), _mm256_loadu_ps(v + j)));
     _mm256_storeu_ps(g + j, gj);
-    dot = _mm256_fmadd_ps(gj, sj, dot);
+    // g_j = 0 multiplies s_j = 0 instead (a left-out entry's −inf would give NaN); NaN g_j stays.
+    dot = _mm256_fmadd_ps(gj, _mm256_and_ps(_mm256_cmp_ps(gj, zero, _CMP_NEQ_UQ), sj), dot);
   }
   for (; j < n; ++j) {
     const float gj = std::exp(s[j] - shift) * (u * w[j] + v[j]);
     g[j] = gj;
-    tail += static_cast<double>(gj) * s[j];
+    if (gj != 0) tail += static_cast<double>(gj) * s[j];
   }
   return static_cast<double>(hsum8(dot)) + tail;
 }

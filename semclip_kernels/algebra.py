@@ -87,9 +87,19 @@ def build_columns(inputs: SemCLIPInputs, paraphrase_weight: float, hard_negative
     return Columns(tuple(blocks), col_bias, n_query_cols, paraphrase_weight, hard_negative_weight)
 
 
-def positive_logits(inputs: SemCLIPInputs, paraphrase_weight: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`s(I_i, T_i)` as `[B]` and `s(I_i, P_ip)` as `[B, Pn]` (None without paraphrases), float32."""
-    stat_dtype = inputs.logit_scale.dtype
+def positive_bands(batch: int, n_para: int) -> tuple[tuple[int, int], ...]:
+    """Where each image's positives sit among the columns `[T; P; N]`, as `Problem.positives` takes them:
+    its caption (column i) and its paraphrases (columns B + i·Pn + p)."""
+    return ((0, 1), (batch, n_para)) if n_para else ((0, 1),)
+
+
+def positive_logits(
+    inputs: SemCLIPInputs, paraphrase_weight: float, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`s(I_i, T_i)` as `[B]` and `s(I_i, P_ip)` as `[B, Pn]` (None without paraphrases), in `dtype` (default:
+    the statistics dtype, float32). O(B·(1 + Pn)·d): float64 costs nothing and keeps the positives' own
+    rounding out of the log1p form near convergence."""
+    stat_dtype = dtype or inputs.logit_scale.dtype
     image = inputs.image.to(stat_dtype)
     text_pos = inputs.logit_scale * (image * inputs.text.to(stat_dtype)).sum(-1)
     if inputs.paraphrase is None or paraphrase_weight == 0:
@@ -110,19 +120,108 @@ def _at_least_zero(term: torch.Tensor) -> torch.Tensor:
     return term + (term.detach().clamp_min(0) - term.detach())
 
 
+def log1p_sum_exp(excess: torch.Tensor) -> torch.Tensor:
+    """`log(1 + Σ_k exp(excess_k))` over the last dim, to float precision relative to its (small) value.
+
+    Where every `excess_k ≤ 0` it is `log1p` of a sum of terms ≤ 1 (no cancellation near 0); elsewhere it is
+    shifted by the largest excess (no overflow). Both branches stay finite, so their gradients are too.
+    """
+    top = excess.amax(-1, keepdim=True)
+    small = torch.log1p(torch.exp(excess.clamp_max(0)).sum(-1))
+    shift = top.clamp_min(0)
+    large = shift.squeeze(-1) + torch.log(torch.exp(-shift).squeeze(-1) + torch.exp(excess - shift).sum(-1))
+    return torch.where(top.squeeze(-1) > 0, large, small)
+
+
+def _off_positive_terms(off_lse: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """`[..., n]` terms `log(e^{off} + Σ_q e^{s_q}) − s_p = log1p(e^{off − s_p} + Σ_{q≠p} e^{s_q − s_p})`.
+
+    off_lse `[...]`: the log-partition of a line without its positives; positives `[..., n]`: its n positive
+    logits. O(n²) per line.
+    """
+    n = positives.shape[-1]
+    others = positives[..., None, :] - positives[..., :, None]  # [..., p, q] = s_q − s_p
+    others = others.masked_fill(torch.eye(n, dtype=torch.bool, device=positives.device), -math.inf)
+    excess = torch.cat([(off_lse[..., None] - positives)[..., None], others], dim=-1)
+    return log1p_sum_exp(excess)
+
+
+def off_positive_gradients(
+    row_lse: torch.Tensor,
+    query_lse: torch.Tensor,
+    text_pos: torch.Tensor,
+    para_pos: torch.Tensor | None,
+    paraphrase_weight: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The gradient of `combine_partitions(..., positives_excluded=True)` per unit of the loss, in closed form:
+    `(d/d row_lse [B], d/d query_lse [B·(1 + Pn)], d/d text_pos [B], d/d para_pos [B, Pn] or None)`.
+
+    With a row's off-positive share `π_off = e^{off}/E` and its positives' shares `π_q = e^{s_q}/E`
+    (`E = e^{off} + Σ_q e^{s_q}`, one softmax), the row's weighted terms `Σ_p w_p·term_p` have
+    `d/d off = W·π_off` and `d/d s_q = W·π_q − w_q = −w_q·π_off + Σ_{p≠q} (w_p·π_q − w_q·π_p)`: written as that
+    sum of small terms, not as a difference near `w_q` (which keeps nothing of it near convergence). A query's
+    term `log1p(e^{off − s})` has `d/d off = −d/d s = sigmoid(off − s)`.
+    """
+    batch = text_pos.shape[0]
+    positives = text_pos[:, None] if para_pos is None else torch.cat([text_pos[:, None], para_pos], dim=1)
+    n_para = positives.shape[1] - 1
+    weights = torch.full((n_para + 1,), paraphrase_weight, dtype=positives.dtype, device=positives.device)
+    weights[0] = 1.0
+    total = 1.0 + paraphrase_weight * n_para
+    unit = 1.0 / (2.0 * total * batch)
+    shares = torch.softmax(torch.cat([row_lse[:, None], positives], dim=1), dim=1)
+    off_share, pos_share = shares[:, 0], shares[:, 1:]
+    pairs = weights[None, None, :] * pos_share[:, :, None] - weights[None, :, None] * pos_share[:, None, :]
+    grad_pos = unit * (pairs.sum(2) - weights * off_share[:, None])  # [B, 1 + Pn]
+    query_pos = positives[:, 0] if para_pos is None else torch.cat([text_pos, para_pos.reshape(-1)])
+    query_weights = torch.cat([weights[:1].expand(batch), weights[1:].repeat(batch)])
+    query_share = torch.sigmoid(query_lse - query_pos)
+    grad_query = unit * query_weights * query_share
+    grad_query_pos = -grad_query
+    grad_pos[:, 0] += grad_query_pos[:batch]
+    if para_pos is not None:
+        grad_pos[:, 1:] += grad_query_pos[batch:].view(batch, n_para)
+    grad_para = None if para_pos is None else grad_pos[:, 1:]
+    return unit * total * off_share, grad_query, grad_pos[:, 0], grad_para
+
+
 def combine_partitions(
     row_lse: torch.Tensor,
     query_lse: torch.Tensor,
     text_pos: torch.Tensor,
     para_pos: torch.Tensor | None,
     paraphrase_weight: float,
+    *,
+    positives_excluded: bool = False,
 ) -> torch.Tensor:
     """docs/contract.md §1's `L = (L_i2t + L_t2i) / 2` from the partitions of this batch's rows and queries.
 
     row_lse [B]: Z_i. query_lse [B·(1 + Pn)]: Y(T_j) for the B captions, then Y(P_jp) image-major.
     text_pos [B], para_pos [B, Pn]: the positive logits (`positive_logits`).
+
+    positives_excluded: row_lse and query_lse are the partitions WITHOUT the positive entries
+    (`Problem.positives`): each row's mass off its own caption and paraphrases, each query's off its own
+    image. The terms are then `log1p` of sums of non-negative terms (`_off_positive_terms`), exact to float
+    precision relative to their value at any loss, where `Z − s` loses all digits near convergence (one
+    float32 step of a logit of 100 is 7.6e-6). Off-positive partitions of disjoint row or column sets
+    (ranks) combine by log-sum-exp, as the full ones do.
     """
     batch = text_pos.shape[0]
+    if positives_excluded:
+        n_positives = 1.0
+        row_positives = text_pos[:, None]
+        if para_pos is not None:
+            row_positives = torch.cat([row_positives, para_pos], dim=1)
+        row_terms = _off_positive_terms(row_lse, row_positives)  # [B, 1 + Pn]
+        query_positives = text_pos if para_pos is None else torch.cat([text_pos, para_pos.reshape(-1)])
+        query_terms = log1p_sum_exp((query_lse - query_positives)[:, None])
+        image_to_text = row_terms[:, 0]
+        text_to_image = query_terms[:batch]
+        if para_pos is not None:
+            image_to_text = image_to_text + paraphrase_weight * row_terms[:, 1:].sum(1)
+            text_to_image = text_to_image + paraphrase_weight * query_terms[batch:].view(batch, -1).sum(1)
+            n_positives += paraphrase_weight * para_pos.shape[1]
+        return (image_to_text.mean() + text_to_image.mean()) / (2.0 * n_positives)
     image_to_text = _at_least_zero(row_lse - text_pos)
     text_to_image = _at_least_zero(query_lse[:batch] - text_pos)
     n_positives = 1.0

@@ -23,7 +23,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from .algebra import build_columns, combine_partitions, positive_logits
+from .algebra import build_columns, combine_partitions, positive_bands, positive_logits
 from .backends import backend_module, resolve_backend
 from .backends import forward as backend_forward
 from .backends.values import Problem
@@ -153,8 +153,11 @@ def _single_process_loss(inputs: SemCLIPInputs, config: LossConfig) -> torch.Ten
         negation=None if inputs.negation is None else inputs.negation.to(stat),
     )  # fmt: skip
     columns = build_columns(inputs, w, beta)
+    text_pos, para_pos = positive_logits(inputs, w, torch.float64)  # as the loss node: float64 positives
+    n_para = 0 if para_pos is None else para_pos.shape[1]
     problem = Problem(inputs.image, columns.blocks, inputs.logit_scale, columns.col_bias, columns.n_query_cols,
-                      config.options)  # fmt: skip
-    stats = backend_forward(problem, name)
-    text_pos, para_pos = positive_logits(inputs, w)
-    return combine_partitions(stats.row_lse, stats.query_lse, text_pos, para_pos, w)
+                      config.options, positive_bands(text_pos.shape[0], n_para))  # fmt: skip
+    stats = backend_forward(problem, name)  # the partitions without the positives: the loss in log1p form
+    loss = combine_partitions(stats.row_lse.double(), stats.query_lse.double(), text_pos, para_pos, w,
+                              positives_excluded=True)  # fmt: skip
+    return loss.to(stat)

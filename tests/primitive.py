@@ -45,7 +45,8 @@ def opcheck_forward_and_backward(backend: str, rows, cols, scale, col_bias, n_qu
     from semclip_kernels.backends.values import PositiveBand
 
     backends.resolve_backend(backend, rows.device)  # loads and registers the backend
-    p = problem(rows, cols, scale, col_bias, n_query_cols, options)
+    # The bands' entries are also left out of the partitions (`Problem.positives`), as the loss does.
+    p = problem(rows, cols, scale, col_bias, n_query_cols, options, tuple(b for b in bands if b[1] >= 1))
     tensors, ints, floats = flatten(p)
     forward_op = getattr(torch.ops.semclip, f"partitions_{backend}_forward")
     backward_op = getattr(torch.ops.semclip, f"partitions_{backend}_backward")

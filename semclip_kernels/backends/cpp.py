@@ -5,8 +5,9 @@ recomputation with gradient filtering; nothing of `M × K` elements is ever allo
 measured speed are in docs/cpu_kernel.md.
 
 Computes in float32 (float64 for float64 inputs); float16/bfloat16 features are upcast to float32 (an
-`O((M + K)·d)` temporary) and the gradients come back in float32. The positive bands are added to those
-float32 gradients (`values.add_positive_terms`): exact to float32, as the kernel's own accumulation.
+`O((M + K)·d)` temporary) and the gradients come back in float32. The entries of `Problem.positives` are
+left out of the partitions (set to -inf in each tile); the positive bands are added to the float32 gradients
+(`values.add_positive_terms`): exact to float32, as the kernel's own accumulation.
 """
 
 from __future__ import annotations
@@ -62,6 +63,11 @@ def _check_available(rows: torch.Tensor) -> None:
         raise RuntimeError(f"backend='cpp' cannot run: {reason}")
 
 
+def _flat(positives: tuple[tuple[int, int], ...]) -> list[int]:
+    """`Problem.positives` as the kernel takes them: flat (first_col, per_row) pairs."""
+    return [value for band in positives for value in band]
+
+
 def _kernel_inputs(problem: Problem) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
     """`rows`, the column blocks and `col_bias` in the kernel's dtype (float32, or float64 for float64),
     contiguous: the caller's tensors themselves when they already are (the kernel tiles each block in place,
@@ -82,8 +88,8 @@ def forward(problem: Problem) -> Stats:
     _check_available(problem.rows)
     rows, cols, bias = _kernel_inputs(problem)
     row_lse, col_lse, tile_max = _C.forward(
-        rows, cols, float(problem.scale), bias, problem.n_query_cols, *_blocks(problem)
-    )
+        rows, cols, float(problem.scale), bias, problem.n_query_cols, *_blocks(problem), _flat(problem.positives),
+    )  # fmt: skip
     bounds = column_mass_bounds(problem.col_bias.detach().double(), col_lse, row_lse)
     return Stats(row_lse, col_lse[: problem.n_query_cols].clone(), bounds, (tile_max,))
 
@@ -122,7 +128,7 @@ def backward(problem: Problem, stats: Stats, grads: StatGrads, needs: Needs) -> 
         stats.row_lse.detach().double().contiguous(), stats.query_lse.detach().double().contiguous(),
         stats.col_mass_lb.detach().double().contiguous(), tile_max.detach().contiguous(),
         _line_grad(grads.row, problem.n_rows, dtype), _line_grad(grads.query, problem.n_query_cols, dtype),
-        needs.rows, needs.cols, needs.scale, block_rows, block_cols, float(eps),
+        needs.rows, needs.cols, needs.scale, block_rows, block_cols, float(eps), _flat(problem.positives),
     )  # fmt: skip
     result = Grads(
         grad_rows if needs.rows else None, tuple(g.view(b.shape) for g, b in zip(grad_cols, problem.cols))

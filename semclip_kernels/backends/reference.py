@@ -7,9 +7,11 @@ autograd layer (`ops`) calls it directly instead of registering custom ops.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .values import Grads, Needs, Problem, StatGrads, Stats, column_mass_bounds, counts
+from .values import Grads, Needs, Problem, StatGrads, Stats, column_mass_bounds, counts, positive_entries
 
 differentiable = True
 
@@ -23,8 +25,16 @@ def _logits(problem: Problem, rows: torch.Tensor, cols: torch.Tensor, scale: tor
     return scale.to(dtype) * (rows.to(dtype) @ cols.to(dtype).T)  # [M, K]
 
 
+def _positive_mask(problem: Problem, device: torch.device) -> torch.Tensor | None:
+    """`[M, K]`: the entries `Problem.positives` leaves out of the partitions (None: none)."""
+    return positive_entries(problem.positives, slice(0, problem.n_rows), slice(0, problem.n_cols), device)
+
+
 def forward(problem: Problem) -> Stats:
     logits = _logits(problem, problem.rows, problem.joined_cols(), problem.scale)
+    mask = _positive_mask(problem, logits.device)
+    if mask is not None:
+        logits = logits.masked_fill(mask, -math.inf)
     row_lse = torch.logsumexp(logits + problem.col_bias, dim=1)
     query_lse = torch.logsumexp(logits[:, : problem.n_query_cols], dim=0)
     with torch.no_grad():
@@ -55,6 +65,9 @@ def backward(problem: Problem, stats: Stats, grads: StatGrads, needs: Needs) -> 
             if grads.query is not None:
                 weights = torch.exp(logits[:, :n_query] - stats.query_lse.to(dtype))
                 grad_logits[:, :n_query] += grads.query.to(dtype) * weights
+            mask = _positive_mask(problem, logits.device)
+            if mask is not None:  # left out of the partitions: only the bands reach these entries
+                grad_logits.masked_fill_(mask, 0.0)
             rows = torch.arange(problem.n_rows, device=logits.device)[:, None]
             for band in grads.positives:
                 grad_logits[rows, band.columns(problem.n_rows, logits.device)] += band.grad.to(dtype)

@@ -47,7 +47,18 @@ import torch
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from .dtypes import stat_dtype
-from .values import Grads, Needs, PositiveBand, Problem, StatGrads, Stats, counts, split_cols
+from .values import (
+    Grads,
+    Needs,
+    PositiveBand,
+    Problem,
+    StatGrads,
+    Stats,
+    add_positive_terms,
+    counts,
+    positive_entries,
+    split_cols,
+)
 
 DEFAULT_BLOCK_ROWS = 512
 DEFAULT_BLOCK_COLS = 1024
@@ -275,13 +286,22 @@ def _per_line_lse(logits: torch.Tensor, bias: torch.Tensor, n_q: int) -> tuple[t
     return _line_lse(logits, bias, 1), _line_lse(logits[:, :n_q], None, 0)
 
 
-def _shared_shift_lse(logits: torch.Tensor, bias: torch.Tensor, n_q: int):
-    """Both directions' log-sum-exps from one `exp(S − m)`; None where the shared shift is unsafe."""
+def _shared_shift_lse(logits: torch.Tensor, bias: torch.Tensor, n_q: int, mask: torch.Tensor | None = None):
+    """Both directions' log-sum-exps from one `exp(S − m)`; None where the shared shift is unsafe.
+
+    `mask`: the tile's left-out entries; a line made only of them sums to 0 exactly (lse -inf), which is
+    not an underflow."""
     tile_max = logits.max()
+    if not math.isfinite(float(tile_max)):  # every entry left out (or inf/NaN): the per-line path
+        return None
     exps = logits.sub_(tile_max).exp_()  # the logits are not needed afterwards
     row_sum = exps @ bias.exp() if bool(bias.any()) else exps.sum(1)
     col_sum = exps[:, :n_q].sum(0)
-    smallest = min(float(row_sum.min()), float(col_sum.min()) if n_q else 1.0)
+    row_seen, col_seen = row_sum, col_sum
+    if mask is not None:
+        row_seen = row_sum.masked_fill(mask.all(1), 1.0)
+        col_seen = col_sum.masked_fill(mask[:, :n_q].all(0), 1.0)
+    smallest = min(float(row_seen.min()), float(col_seen.min()) if n_q else 1.0)
     if smallest < _MIN_SHARED_SUM:  # NaNs compare False and propagate through the fast path
         return None
     tile_max = tile_max.double()
@@ -304,6 +324,8 @@ def _shared_shift_grad_logits(logits, bias, row_lse, col_lse, g_row, g_col) -> t
     """`dS = exp(S − m) ⊙ (u ⊗ e^bias + 1 ⊗ v)`, one exponential per element; None where unsafe."""
     n_q = col_lse.shape[0]
     tile_max = logits.max()
+    if not math.isfinite(float(tile_max)):
+        return None
     row_excess, col_excess = tile_max.double() - row_lse, tile_max.double() - col_lse
     largest = max(float(row_excess.max()), float(col_excess.max()) if n_q else -math.inf)
     if not largest <= _MAX_SHARED_EXCESS:  # also NaN statistics: the per-line path propagates them
@@ -315,8 +337,13 @@ def _shared_shift_grad_logits(logits, bias, row_lse, col_lse, g_row, g_col) -> t
     return logits.sub_(tile_max).exp_().mul_(weights)
 
 
-def _forward_tiles(rows, cols, scale, col_bias, n_query_cols, block_rows, block_cols):
-    """`(row_lse, col_lse)` in float64 (see `_PRECISE`), tile by tile."""
+def _masked(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The tile with the entries `Problem.positives` leaves out set to -inf (in place)."""
+    return logits if mask is None else logits.masked_fill_(mask, -math.inf)
+
+
+def _forward_tiles(rows, cols, scale, col_bias, n_query_cols, block_rows, block_cols, positives=()):
+    """`(row_lse, col_lse)` in float64 (see `_PRECISE`), tile by tile, `positives` left out."""
     dtype = stat_dtype(scale.dtype)
     fast = _eager_fast_path(rows)
     tau = float(scale) if fast else scale.to(dtype)
@@ -328,11 +355,12 @@ def _forward_tiles(rows, cols, scale, col_bias, n_query_cols, block_rows, block_
     def row_tile(i: int, turns: _ColumnTurns) -> None:
         r = row_tiles[i]
         for j, c in enumerate(col_tiles):
-            logits = _scaled_dots(rows[r], cols[c], tau, dtype)
+            mask = positive_entries(positives, r, c, rows.device)
+            logits = _masked(_scaled_dots(rows[r], cols[c], tau, dtype), mask)
             n_q = max(0, min(c.stop, n_query_cols) - c.start)
-            lse = _shared_shift_lse(logits, col_bias[c], n_q) if fast else None
+            lse = _shared_shift_lse(logits, col_bias[c], n_q, mask) if fast else None
             if fast and lse is None:  # the shift consumed the logits: recompute them
-                logits = _scaled_dots(rows[r], cols[c], tau, dtype)
+                logits = _masked(_scaled_dots(rows[r], cols[c], tau, dtype), mask)
             tile_row_lse, tile_col_lse = lse or _per_line_lse(logits, col_bias[c], n_q)
             row_lse[r] = torch.logaddexp(row_lse[r], tile_row_lse)
             with turns.turn(i, j):
@@ -364,7 +392,7 @@ def _add_band_entries(grad_logits: torch.Tensor, entries, r: slice, c: slice) ->
 
 
 def _backward_tiles(rows, cols, scale, col_bias, row_lse, col_lse, g_row, g_col, needs, block_rows, block_cols,
-                    fast: bool, bands: tuple[PositiveBand, ...] = ()):
+                    fast: bool, bands: tuple[PositiveBand, ...] = (), positives=()):
     """`(grad_rows, grad_cols, grad_scale)` in the statistics dtype (None where not needed); lse in float64.
 
     `fast`: take the eager shared-shift path (decided where `torch.compiler.is_compiling()` is reliable:
@@ -401,9 +429,13 @@ def _backward_tiles(rows, cols, scale, col_bias, row_lse, col_lse, g_row, g_col,
             else:
                 products = _mm_f32(rows[r], cols[c].T)
                 logits = products * tau
+            mask = positive_entries(positives, r, c, rows.device)
+            logits = _masked(logits, mask)
             grad_logits = _shared_shift_grad_logits(logits, *tile_args) if fast else None
             if grad_logits is None:  # the shared path leaves logits intact when it declines
                 grad_logits = _per_line_grad_logits(logits, *tile_args)
+            if mask is not None:  # left out of the partitions (a line made only of them has lse = -inf: NaN)
+                grad_logits.masked_fill_(mask, 0.0)
             _add_band_entries(grad_logits, entries, r, c)
             if scale_per_tile:
                 tile_scale_sums[i][j] = torch.sum(grad_logits.double() * products.double())
@@ -441,7 +473,7 @@ def forward(problem: Problem) -> Stats:
     """Row and query-column log-partitions (float64, see `_PRECISE`), tile by tile. This backend does not
     filter gradients: no column-mass bounds."""
     row_lse, query_lse = _forward_tiles(problem.rows, problem.joined_cols(), problem.scale, problem.col_bias,
-                                        problem.n_query_cols, *_blocks(problem))  # fmt: skip
+                                        problem.n_query_cols, *_blocks(problem), problem.positives)  # fmt: skip
     return Stats(row_lse, query_lse, row_lse.new_empty((0,)))
 
 
@@ -452,17 +484,22 @@ def stats_like(problem: Problem) -> Stats:
 
 
 def backward(problem: Problem, stats: Stats, grads: StatGrads, needs: Needs) -> Grads:
-    """Gradients in the statistics dtype, tile by tile, the positive bands folded into each tile's dS."""
+    """Gradients in the statistics dtype, tile by tile, the positive bands folded into each float32 tile's dS
+    (added to the float32 gradients where the tiles' products run in 16 bits); `problem.positives` left out."""
     dtype = problem.stat_dtype
     row_lse, query_lse = stats.row_lse.to(_PRECISE), stats.query_lse.to(_PRECISE)
     g_row = torch.zeros_like(row_lse, dtype=dtype) if grads.row is None else grads.row.to(dtype)
     g_col = torch.zeros_like(query_lse, dtype=dtype) if grads.query is None else grads.query.to(dtype)
     cols = problem.joined_cols()
     block_rows, block_cols = _blocks(problem)
+    # A 16-bit dS tile would round the bands' O(1) entries (near-duplicate paraphrases: their differences are
+    # the gradient): add them to the float32 gradients instead, O(M·n·d).
+    fold_later = _low_precision_products(problem.rows)
     grad_rows, grad_cols, grad_scale = _backward_tiles(
         problem.rows, cols, problem.scale, problem.col_bias.to(dtype), row_lse, query_lse, g_row, g_col,
         (needs.rows, needs.cols, needs.scale), block_rows, block_cols, _eager_fast_path(problem.rows),
-        grads.positives,
+        () if fold_later else grads.positives, problem.positives,
     )  # fmt: skip
     tiles = -(-problem.n_rows // block_rows) * -(-problem.n_cols // block_cols)
-    return Grads(grad_rows, None if grad_cols is None else split_cols(grad_cols, problem), grad_scale, counts(tiles))
+    result = Grads(grad_rows, None if grad_cols is None else split_cols(grad_cols, problem), grad_scale, counts(tiles))
+    return add_positive_terms(problem, grads.positives, result, needs) if fold_later else result

@@ -1,7 +1,7 @@
 """The values of the partitions primitive (docs/contract.md §7, docs/backends.md): what a backend is given
 and what it returns. One owner of their fields, their meaning and their flat form for custom ops.
 
-    Problem    rows [M, d], cols (blocks [K_j, d]), scale, col_bias [K], n_query_cols, options
+    Problem    rows [M, d], cols (blocks [K_j, d]), scale, col_bias [K], n_query_cols, options, positives
     Stats      row_lse [M], query_lse [Kq], col_mass_lb [K] (or [0]), aux (backend-private)
     StatGrads  row [M], query [Kq], positives (bands of extra dS entries)
     Needs      which of rows / cols / scale to differentiate
@@ -63,6 +63,11 @@ class Problem:
     n_query_cols: the first `Kq` columns, whose column partitions are wanted.
     options: tiles and filter; `None` fields are resolved by the autograd layer (`options.resolved`) before a
         kernel sees the problem.
+    positives: bands `(first_col, per_row)` of entries `(i, first_col + i·per_row + p)`, `p < per_row`, left
+        out of BOTH partitions (and so of dS: a backward gives them only what a `PositiveBand` adds). A loss
+        whose positive logits are its own business (the log1p form, `algebra.combine_partitions`) gets the
+        off-positive partitions this way, with no cancellation near convergence. Partitions of disjoint row
+        or column sets still combine by log-sum-exp (the positives lie in one of the sets).
     """
 
     rows: torch.Tensor
@@ -71,6 +76,7 @@ class Problem:
     col_bias: torch.Tensor
     n_query_cols: int
     options: PartitionOptions = dataclasses.field(default_factory=PartitionOptions)
+    positives: tuple[tuple[int, int], ...] = ()
 
     #: Which `Needs`/`Grads` field differentiates each differentiable field (the autograd layer reads this).
     GRADIENT_FIELDS: ClassVar[dict[str, str]] = {"rows": "rows", "cols": "cols", "scale": "scale"}
@@ -106,13 +112,29 @@ def problem(
     col_bias: torch.Tensor,
     n_query_cols: int,
     options: PartitionOptions | None = None,
+    positives: tuple[tuple[int, int], ...] = (),
 ) -> Problem:
     """A `Problem` with `cols` given as one tensor or as blocks, `scale` and `col_bias` brought to the
     statistics dtype."""
     blocks = (cols,) if isinstance(cols, torch.Tensor) else tuple(cols)
     stat = stat_dtype(rows.dtype)
     return Problem(rows, blocks, scale.reshape(()).to(stat), col_bias.to(stat), n_query_cols,
-                   options or PartitionOptions())  # fmt: skip
+                   options or PartitionOptions(), tuple(positives))  # fmt: skip
+
+
+def positive_entries(
+    positives: Sequence[tuple[int, int]], rows: slice, cols: slice, device: torch.device
+) -> torch.Tensor | None:
+    """`[rows, cols]` boolean mask of the entries in the bands `positives` (`Problem.positives`); None if
+    no band reaches the tile."""
+    mask = None
+    row_ids = torch.arange(rows.start, rows.stop, device=device)[:, None]
+    col_ids = torch.arange(cols.start, cols.stop, device=device)[None, :]
+    for first_col, per_row in positives:
+        slot = col_ids - first_col - row_ids * per_row
+        inside = (slot >= 0) & (slot < per_row)
+        mask = inside if mask is None else mask | inside
+    return mask
 
 
 @flat_value

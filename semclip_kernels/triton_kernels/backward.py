@@ -41,9 +41,12 @@ made of, is below `filter_eps`:
 The third term protects columns that are nobody's query (negations): their gradient is
 made only of row-softmax weights, which may all be tiny. The factor 1/mass_lb_c is
 clamped at e^80 (so p_ic·factor cannot overflow float32). NaN weights compare false and
-are never filtered. The filter needs g_row and every column's mass bound. A tile that
-holds an entry of a positive band (`dS[i, first + i·per_row + p] += g[i, p]`, the loss's
-positive logits folded into dS before the 16-bit cast) is always kept.
+are never filtered. The filter needs g_row and every column's mass bound.
+
+Excluded entries (`Problem.positives`: the loss's positives, left out of the partitions by
+the forward) get dS = 0 here; the loss's own gradient of those logits is added to the
+float32 gradients outside the kernel (`values.add_positive_terms`), never rounded to the
+16-bit panel.
 
 Memory: the panel holds `n_rows × panel_cols` operand-dtype elements; by default no more
 elements than the features (`(M + K)·d`) or a fixed 2^22 (small d), so docs/contract.md §3 holds. Plus per panel
@@ -60,7 +63,7 @@ import triton.language as tl
 
 from .config import GemmConfig, Launch, TileConfig, tile_launch
 from .grad_gemm import add_grad_rows, write_grad_cols
-from .tl_utils import grouped_tile_ids, tile_logits
+from .tl_utils import band_entries, grouped_tile_ids, tile_logits
 
 # |dS·2^e| stays below 2^14: float16's largest finite is 65504 ≈ 2^16.
 _DS_HEADROOM_LOG2 = 14.0
@@ -77,8 +80,6 @@ def ds_panel_kernel(
     col_mass_lb_ptr,  # [n_cols]: lower bounds of log Σ_i p_ic (FILTER only)
     grad_row_lse_ptr,
     grad_col_lse_ptr,
-    band0_ptr,  # [n_rows, band0_per_row]: positive band 0's dS entries (N_BANDS ≥ 1)
-    band1_ptr,  # [n_rows, band1_per_row] (N_BANDS = 2)
     ds_scale_ptr,  # [1]: 2^e
     panel_ptr,  # [n_rows, panel_blocks·BLOCK_N], operand dtype
     keep_ptr,  # [n_row_blocks, panel_blocks] int32
@@ -90,10 +91,10 @@ def ds_panel_kernel(
     dim,
     first_col_block,
     panel_blocks,
-    band0_first,
-    band0_per_row,
-    band1_first,
-    band1_per_row,
+    excl0_first,  # excluded band 0 (N_EXCLUDED ≥ 1): entries (i, excl0_first + i·excl0_per_row + p)
+    excl0_per_row,
+    excl1_first,  # excluded band 1 (N_EXCLUDED = 2)
+    excl1_per_row,
     stride_row_m,
     stride_row_d,
     stride_col_n,
@@ -111,7 +112,7 @@ def ds_panel_kernel(
     NEED_PANEL: tl.constexpr,  # a feature gradient is wanted: store dS
     NEED_GRAD_SCALE: tl.constexpr,
     FILTER: tl.constexpr,
-    N_BANDS: tl.constexpr,  # positive bands folded into dS (0, 1 or 2)
+    N_EXCLUDED: tl.constexpr,  # bands of entries left out of the partitions: dS = 0 there (0, 1 or 2)
 ):
     row_block, panel_block = grouped_tile_ids(n_rows, panel_blocks * BLOCK_N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -128,20 +129,14 @@ def ds_panel_kernel(
 
     # Each weight tile is folded into dS and the filter's maximum as soon as it exists, so at
     # most dots, logits, dS and one weight tile are live (registers: see config.py).
-    # Positive bands first (while no weight tile is live: registers): dS[i, first + i·per_row + p] += g[i, p].
-    # Offsets in int32: a band has M·per_row < 2^31 entries.
+    # Excluded entries get logit -inf, as in the forward: both weights are 0 there (their rows' and
+    # columns' statistics are finite wherever anything is left; `where` below keeps 0·NaN out).
     grad_logits = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    band_entries = 0
-    if N_BANDS >= 1:
-        slot = offs_n[None, :] - band0_first - offs_m[:, None] * band0_per_row
-        in_band = row_in[:, None] & col_in[None, :] & (slot >= 0) & (slot < band0_per_row)
-        grad_logits += tl.load(band0_ptr + (offs_m[:, None] * band0_per_row + slot), mask=in_band, other=0.0)
-        band_entries += tl.sum(in_band.to(tl.int32))
-    if N_BANDS >= 2:
-        slot = offs_n[None, :] - band1_first - offs_m[:, None] * band1_per_row
-        in_band = row_in[:, None] & col_in[None, :] & (slot >= 0) & (slot < band1_per_row)
-        grad_logits += tl.load(band1_ptr + (offs_m[:, None] * band1_per_row + slot), mask=in_band, other=0.0)
-        band_entries += tl.sum(in_band.to(tl.int32))
+    live = row_in[:, None] & col_in[None, :]
+    if N_EXCLUDED >= 1:
+        live = live & ~band_entries(offs_m, offs_n, excl0_first, excl0_per_row)
+    if N_EXCLUDED >= 2:
+        live = live & ~band_entries(offs_m, offs_n, excl1_first, excl1_per_row)
     max_weight = tl.zeros((), dtype=ACC_DTYPE)
     if FILTER:
         mass_lb = tl.load(col_mass_lb_ptr + offs_n, mask=col_in, other=0.0).to(ACC_DTYPE)
@@ -150,7 +145,7 @@ def ds_panel_kernel(
         row_lse = tl.load(row_lse_ptr + offs_m, mask=row_in, other=0.0).to(ACC_DTYPE)
         g_row = tl.load(grad_row_lse_ptr + offs_m, mask=row_in, other=0.0).to(ACC_DTYPE)
         row_softmax = tl.exp(logits + col_bias[None, :] - row_lse[:, None])
-        row_softmax = tl.where(row_in[:, None] & col_in[None, :], row_softmax, 0.0)
+        row_softmax = tl.where(live, row_softmax, 0.0)
         grad_logits += g_row[:, None] * row_softmax
         if FILTER:
             # Relative to a lower bound of column c's row-softmax mass, exp(col_mass_lb):
@@ -164,7 +159,7 @@ def ds_panel_kernel(
         g_col = tl.load(grad_col_lse_ptr + offs_n, mask=is_query, other=0.0).to(ACC_DTYPE)
         query_lse = tl.load(query_lse_ptr + offs_n, mask=is_query, other=0.0).to(ACC_DTYPE)
         col_softmax = tl.exp(logits - query_lse[None, :])
-        col_softmax = tl.where(row_in[:, None] & is_query[None, :], col_softmax, 0.0)
+        col_softmax = tl.where(live & is_query[None, :], col_softmax, 0.0)
         grad_logits += g_col[None, :] * col_softmax
         max_weight = tl.maximum(max_weight, tl.max(col_softmax))
     tile = row_block * panel_blocks + panel_block
@@ -174,8 +169,6 @@ def ds_panel_kernel(
     skip = False
     if FILTER:
         skip = max_weight < filter_eps
-        if N_BANDS >= 1:
-            skip = skip & (band_entries == 0)
     if skip:
         tl.store(keep_ptr + tile, 0)
     else:
@@ -188,12 +181,12 @@ def ds_panel_kernel(
 
 def ds_panel_launch(
     tile: TileConfig, dtype: torch.dtype, precision: str, *, has_row_grad: bool, has_col_grad: bool,
-    need_panel: bool, need_grad_scale: bool, filtering: bool, n_bands: int = 0,
+    need_panel: bool, need_grad_scale: bool, filtering: bool, n_excluded: int = 0,
 ) -> Launch:  # fmt: skip
     """The launch of `ds_panel_kernel` for one combination of its feature flags."""
     return tile_launch(
         tile, dtype, precision, GROUP_M=tile.group_m, HAS_ROW_GRAD=has_row_grad, HAS_COL_GRAD=has_col_grad,
-        NEED_PANEL=need_panel, NEED_GRAD_SCALE=need_grad_scale, FILTER=filtering, N_BANDS=n_bands,
+        NEED_PANEL=need_panel, NEED_GRAD_SCALE=need_grad_scale, FILTER=filtering, N_EXCLUDED=n_excluded,
     )  # fmt: skip
 
 
@@ -216,12 +209,11 @@ def default_panel_cols(n_rows: int, n_cols: int, dim: int, block_n: int) -> int:
     return max(block_n, budget // block_n * block_n)
 
 
-def ds_scale_for(grad_row_lse: torch.Tensor | None, grad_col_lse: torch.Tensor | None, like: torch.Tensor,
-                 bands: tuple[torch.Tensor, ...] = ()):  # fmt: skip
-    """`2^e` with `(max|g_row| + max|g_col| + Σ max|band|)·2^e ≤ 2^14` (a bound on |dS|; clamped to 2^±126;
-    a 1-element device tensor, no sync)."""
+def ds_scale_for(grad_row_lse: torch.Tensor | None, grad_col_lse: torch.Tensor | None, like: torch.Tensor):
+    """`2^e` with `(max|g_row| + max|g_col|)·2^e ≤ 2^14` (a bound on |dS|; clamped to 2^±126; a 1-element
+    device tensor, no sync)."""
     bound = torch.zeros((), dtype=torch.float32, device=like.device)
-    for grad in (grad_row_lse, grad_col_lse, *bands):
+    for grad in (grad_row_lse, grad_col_lse):
         if grad is not None and grad.numel():
             bound = bound + grad.detach().abs().amax().float()
     exponent = torch.floor(_DS_HEADROOM_LOG2 - torch.log2(bound)).clamp(-126.0, 126.0)
@@ -245,13 +237,14 @@ def partitions_backward(
     tile: TileConfig,
     gemm: GemmConfig,
     panel_cols: int | None = None,
-    bands: tuple[tuple[int, int, torch.Tensor], ...] = (),
+    excluded: tuple[tuple[int, int], ...] = (),
 ) -> BackwardResult:
-    """Gradients of `Σ g_row·row_lse + Σ g_col·query_lse + Σ_bands g·S[band]` for rows, cols and scale.
+    """Gradients of `Σ g_row·row_lse + Σ g_col·query_lse` for rows, cols and scale.
 
     `scale` [1] and `col_bias` [K] in the statistics dtype; `query_lse` [Kq]; `col_mass_lb` [K] (the filter's
-    column-mass bounds; empty: no filtering); `bands`: up to two `(first_col, per_row, grad [M, per_row])`.
-    `precision` must be the forward's (bitwise recompute). Gradients in the statistics dtype.
+    column-mass bounds; empty: no filtering); `excluded`: up to two bands `(first_col, per_row)` left out of
+    the partitions (the forward's; dS = 0 there). `precision` must be the forward's (bitwise recompute).
+    Gradients in the statistics dtype.
     """
     need_rows, need_cols, need_scale = needs
     n_rows, dim = rows.shape
@@ -260,14 +253,14 @@ def partitions_backward(
     has_row_grad = grad_row_lse is not None
     has_col_grad = grad_col_lse is not None and n_query_cols > 0
     n_row_blocks, n_col_blocks = triton.cdiv(n_rows, tile.block_m), triton.cdiv(n_cols, tile.block_n)
-    if len(bands) > 2:
-        raise ValueError(f"the Triton backward folds at most 2 positive bands into dS, got {len(bands)}")
+    if len(excluded) > 2:
+        raise ValueError(f"the Triton backward leaves out at most 2 bands of entries, got {len(excluded)}")
     grad_rows = torch.zeros((n_rows, dim), dtype=stat, device=device) if need_rows else None
     grad_cols = torch.empty((n_cols, dim), dtype=stat, device=device) if need_cols else None
     grad_scale = torch.zeros((), dtype=stat, device=device) if need_scale else None
     kept_tiles = torch.zeros((), dtype=torch.int64, device=device)
     tiles = n_row_blocks * n_col_blocks
-    if not (has_row_grad or has_col_grad or bands) or tiles == 0 or not any(needs):
+    if not (has_row_grad or has_col_grad) or tiles == 0 or not any(needs):
         if need_cols:
             grad_cols.zero_()
         return BackwardResult(grad_rows, grad_cols, grad_scale, tiles, kept_tiles)
@@ -280,19 +273,13 @@ def partitions_backward(
     panel = torch.empty((n_rows, panel_width * tile.block_n), dtype=rows.dtype, device=device) if need_panel else None
     keep = torch.empty((n_row_blocks, panel_width), dtype=torch.int32, device=device)
     grad_scale_parts = torch.empty((n_row_blocks, panel_width), dtype=stat, device=device)
-    band_grads = tuple(grad.detach().to(stat).contiguous() for _, _, grad in bands)
-    ds_scale = ds_scale_for(grad_row_lse, grad_col_lse, rows, band_grads)
+    ds_scale = ds_scale_for(grad_row_lse, grad_col_lse, rows)
     factor = (scale.detach().float() / ds_scale).to(stat)  # τ·2^-e
     dummy = scale  # stands in for pointers a constexpr flag keeps unused
-    band_args = []
-    for k in range(2):
-        if k < len(bands):
-            band_args.append((band_grads[k], bands[k][0], bands[k][1]))
-        else:
-            band_args.append((dummy, 0, 1))
+    bands = [*excluded, (0, 1), (0, 1)][:2]  # unused slots: any valid band (the constexpr skips them)
     launch = ds_panel_launch(
         tile, rows.dtype, precision, has_row_grad=has_row_grad, has_col_grad=has_col_grad, need_panel=need_panel,
-        need_grad_scale=need_scale, filtering=filtering, n_bands=len(bands),
+        need_grad_scale=need_scale, filtering=filtering, n_excluded=len(excluded),
     )  # fmt: skip
     for first_block in range(0, n_col_blocks, panel_width):
         blocks = min(panel_width, n_col_blocks - first_block)
@@ -301,10 +288,8 @@ def partitions_backward(
             col_mass_lb if filtering else dummy,
             grad_row_lse.contiguous() if has_row_grad else dummy,
             grad_col_lse.contiguous() if has_col_grad else dummy,
-            band_args[0][0], band_args[1][0],
             ds_scale, panel if need_panel else dummy, keep, grad_scale_parts, filter_eps,
-            n_rows, n_cols, n_query_cols, dim, first_block, blocks,
-            band_args[0][1], band_args[0][2], band_args[1][1], band_args[1][2],
+            n_rows, n_cols, n_query_cols, dim, first_block, blocks, *bands[0], *bands[1],
             rows.stride(0), rows.stride(1), cols.stride(0), cols.stride(1), panel.stride(0) if need_panel else 0,
             **launch.kwargs(),
         )  # fmt: skip

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .config import Launch, TileConfig, tile_launch
-from .tl_utils import online_update, tile_logits
+from .tl_utils import band_entries, online_update, tile_logits
 
 
 @triton.jit
@@ -54,12 +54,17 @@ def lse_forward_kernel(
     stride_row_d,
     stride_col_n,
     stride_col_d,
+    excl0_first,  # excluded band 0 (N_EXCLUDED ≥ 1): entries (i, excl0_first + i·excl0_per_row + p)
+    excl0_per_row,
+    excl1_first,  # excluded band 1 (N_EXCLUDED = 2)
+    excl1_per_row,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    N_EXCLUDED: tl.constexpr,  # bands of entries left out of both partitions (0, 1 or 2)
 ):
     pid = tl.program_id(axis=0)
     row_strip = pid // col_strips
@@ -81,6 +86,10 @@ def lse_forward_kernel(
                 stride_row_m, stride_row_d, stride_col_n, stride_col_d,
                 BLOCK_M, BLOCK_N, BLOCK_D, ACC_DTYPE, UPCAST_DOT, DOT_PRECISION,
             )  # fmt: skip
+            if N_EXCLUDED >= 1:
+                logits = tl.where(band_entries(offs_m, offs_n, excl0_first, excl0_per_row), float("-inf"), logits)
+            if N_EXCLUDED >= 2:
+                logits = tl.where(band_entries(offs_m, offs_n, excl1_first, excl1_per_row), float("-inf"), logits)
 
             # Row direction: every real column, with its bias (log β on negations, or -inf).
             col_bias = tl.load(col_bias_ptr + offs_n, mask=col_in, other=float("-inf")).to(ACC_DTYPE)
@@ -126,9 +135,9 @@ def merge_partials(maxes: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
     return shift + torch.log((sums * torch.exp(maxes - shift)).sum(dim=0))
 
 
-def forward_launch(tile: TileConfig, dtype: torch.dtype, precision: str) -> Launch:
-    """The launch of `lse_forward_kernel` (it has no feature flags)."""
-    return tile_launch(tile, dtype, precision)
+def forward_launch(tile: TileConfig, dtype: torch.dtype, precision: str, n_excluded: int = 0) -> Launch:
+    """The launch of `lse_forward_kernel` with `n_excluded` bands left out of the partitions."""
+    return tile_launch(tile, dtype, precision, N_EXCLUDED=n_excluded)
 
 
 def lse_forward(
@@ -139,12 +148,16 @@ def lse_forward(
     tile: TileConfig,
     precision: str,
     programs: int | None = None,
+    excluded: tuple[tuple[int, int], ...] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`(row_lse [M], col_lse [K])` of `scale·rows·colsᵀ` (+ `col_bias` in the row direction).
 
     `scale` [1] and `col_bias` [K] are in the statistics dtype, which the results take.
     `programs` bounds the scratch: `(M·S + K·R)` (max, sum) pairs with R·S ≤ programs.
+    `excluded`: up to two bands `(first_col, per_row)` left out of both partitions (`Problem.positives`).
     """
+    if len(excluded) > 2:
+        raise ValueError(f"the Triton forward leaves out at most 2 bands of entries, got {len(excluded)}")
     n_rows, dim = rows.shape
     n_cols = cols.shape[0]
     stat = scale.dtype
@@ -159,11 +172,12 @@ def lse_forward(
     row_sum = torch.empty_like(row_max)
     col_max = torch.full((row_strips, n_cols), -math.inf, dtype=stat, device=rows.device)
     col_sum = torch.zeros_like(col_max)
-    launch = forward_launch(tile, rows.dtype, precision)
+    launch = forward_launch(tile, rows.dtype, precision, len(excluded))
+    bands = [*excluded, (0, 1), (0, 1)][:2]  # unused slots: any valid band (the constexpr skips them)
     lse_forward_kernel[(row_strips * col_strips,)](
         rows, cols, scale, col_bias, row_max, row_sum, col_max, col_sum,
         n_rows, n_cols, dim, row_strips, col_strips,
-        rows.stride(0), rows.stride(1), cols.stride(0), cols.stride(1),
+        rows.stride(0), rows.stride(1), cols.stride(0), cols.stride(1), *bands[0], *bands[1],
         **launch.kwargs(),
     )  # fmt: skip
     return merge_partials(row_max, row_sum), merge_partials(col_max, col_sum)

@@ -96,6 +96,14 @@ def tile_logits(
 
 
 @triton.jit
+def band_entries(offs_m, offs_n, first_col, per_row):
+    """`[BLOCK_M, BLOCK_N]`: whether entry (i, c) is in the band `c = first_col + i·per_row + p`, `p < per_row`
+    (`Problem.positives`; int32 offsets: a band has M·per_row < 2^31 entries)."""
+    slot = offs_n[None, :] - first_col - offs_m[:, None] * per_row
+    return (slot >= 0) & (slot < per_row)
+
+
+@triton.jit
 def finite_or_zero(x):
     """Replace -inf (an empty log-sum-exp) by 0 so that `y - x` never forms `-inf - -inf`."""
     return tl.where(x == float("-inf"), 0.0, x)
