@@ -283,7 +283,15 @@ def test_llm_generator_stops_when_no_server_answers_whatever_the_fallback(base_u
 def test_triplets_missing_input_subprocess(tmp_path):
     done = run_module("training.triplets", "--input", "gone.csv", "--output", "t.csv", cwd=str(tmp_path))
     assert done.returncode == 2, done.stderr
-    assert_one_line(done.stderr, "gone.csv")
+    assert_one_line(done.stderr, "python -m training.triplets: error:", "gone.csv", "cannot read input")
+
+
+def test_triplet_measure_missing_input(tmp_path, capsys):
+    from training.triplets.measure import main
+
+    status, stderr = exit_of(main, ["--input", str(tmp_path / "gone.csv")], capsys)
+    assert status == 2
+    assert_one_line(stderr, "python -m training.triplets.measure: error: --input", "gone.csv")
 
 
 # ------------------------------------------------------------------------------------------ the open_clip trainer
