@@ -12,8 +12,10 @@ NEW_COMMAND = "python -m semclip_train.open_clip"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    print(f"python -m semclip_kernels.open_clip_train moved: run `{NEW_COMMAND}` with the same flags "
-          "(docs/open_clip.md)", file=sys.stderr)
+    print(
+        f"python -m semclip_kernels.open_clip_train moved: run `{NEW_COMMAND}` with the same flags (docs/open_clip.md)",
+        file=sys.stderr,
+    )
     return 2
 
 

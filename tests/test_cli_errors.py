@@ -23,8 +23,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_module(module: str, *args: str, cwd: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def assert_one_line(stderr: str, *fragments: str) -> str:
@@ -79,9 +80,20 @@ def test_train_missing_csv_subprocess(tmp_path):
     assert not out.exists()  # nothing written either
 
 
-@pytest.mark.parametrize("case", ["csv_without_file", "unknown_model", "missing_resume", "override_alone",
-                                  "csv_with_synthetic", "train_size_below_batch", "zero_steps",
-                                  "missing_pretrained", "missing_val_csv"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "csv_without_file",
+        "unknown_model",
+        "missing_resume",
+        "override_alone",
+        "csv_with_synthetic",
+        "train_size_below_batch",
+        "zero_steps",
+        "missing_pretrained",
+        "missing_val_csv",
+    ],
+)
 def test_train_flag_mistakes(case, tmp_path, no_model, capsys):
     out = str(tmp_path / "run")
     argv, fragments = {
@@ -90,12 +102,16 @@ def test_train_flag_mistakes(case, tmp_path, no_model, capsys):
         "missing_resume": (["--resume", str(tmp_path / "gone.pt")], ["--resume", "gone.pt", "no such checkpoint"]),
         "override_alone": (["--resume-override", "lr"], ["--resume-override goes with --resume"]),
         "csv_with_synthetic": (["--csv", "x.csv"], ["--csv needs --data csv"]),
-        "train_size_below_batch": (["--train-size", "64", "--batch-size", "128"],
-                                   ["--train-size 64", "--batch-size 128"]),
+        "train_size_below_batch": (
+            ["--train-size", "64", "--batch-size", "128"],
+            ["--train-size 64", "--batch-size 128"],
+        ),
         "zero_steps": (["--steps", "0"], ["--steps must be > 0"]),
         "missing_pretrained": (["--pretrained", "nowhere.pt"], ["--pretrained nowhere.pt", "no such file"]),
-        "missing_val_csv": (["--data", "csv", "--csv", triplet_csv(tmp_path, 4), "--batch-size", "4",
-                             "--val-csv", "val_gone.csv"], ["--val-csv val_gone.csv", "no such file"]),
+        "missing_val_csv": (
+            ["--data", "csv", "--csv", triplet_csv(tmp_path, 4), "--batch-size", "4", "--val-csv", "val_gone.csv"],
+            ["--val-csv val_gone.csv", "no such file"],
+        ),
     }[case]
     status, stderr = exit_of(no_model.main, ["--out", out, *argv], capsys)
     assert status == 2
@@ -104,8 +120,16 @@ def test_train_flag_mistakes(case, tmp_path, no_model, capsys):
 
 @pytest.mark.parametrize("rows, batch, fails", [(3, 4, True), (4, 4, False), (9, 4, False)])
 def test_train_csv_smaller_than_one_batch(rows, batch, fails, tmp_path, no_model, capsys):
-    argv = ["--out", str(tmp_path / "run"), "--data", "csv", "--csv", triplet_csv(tmp_path, rows),
-            "--batch-size", str(batch)]
+    argv = [
+        "--out",
+        str(tmp_path / "run"),
+        "--data",
+        "csv",
+        "--csv",
+        triplet_csv(tmp_path, rows),
+        "--batch-size",
+        str(batch),
+    ]
     if fails:
         status, stderr = exit_of(no_model.main, argv, capsys)
         assert status == 2
@@ -152,8 +176,10 @@ def test_evaluate_does_not_claim_random_weights_while_loading_a_checkpoint(tmp_p
 
     torch.manual_seed(0)
     config = TrainConfig(val_size=16, synthetic_negations=1)
-    atomic_save({"model": build_model().model.state_dict(), "config": dataclasses.asdict(config), "step": 7},
-                str(tmp_path / "checkpoint.pt"))
+    atomic_save(
+        {"model": build_model().model.state_dict(), "config": dataclasses.asdict(config), "step": 7},
+        str(tmp_path / "checkpoint.pt"),
+    )
     caplog.clear()  # building the checkpoint's model above warned, rightly
     with caplog.at_level(logging.WARNING):
         metrics = evaluate_main(["--checkpoint", str(tmp_path / "checkpoint.pt"), "--batch-size", "16"])
@@ -165,11 +191,14 @@ def test_evaluate_does_not_claim_random_weights_while_loading_a_checkpoint(tmp_p
 # ----------------------------------------------------------------------------------------------- training.demo
 
 
-@pytest.mark.parametrize("argv, fragments", [
-    (["--steps", "0"], ["--steps must be > 0"]),
-    (["--train-size", "100", "--batch-size", "128"], ["--train-size 100", "--batch-size 128"]),
-    (["--threads", "-1"], ["--threads must be >= 0"]),
-])
+@pytest.mark.parametrize(
+    "argv, fragments",
+    [
+        (["--steps", "0"], ["--steps must be > 0"]),
+        (["--train-size", "100", "--batch-size", "128"], ["--train-size 100", "--batch-size 128"]),
+        (["--threads", "-1"], ["--threads must be >= 0"]),
+    ],
+)
 def test_demo_flag_mistakes(argv, fragments, monkeypatch, capsys):
     import training.demo as demo
 
@@ -202,8 +231,9 @@ def test_pretrained_demo_missing_packages_one_line_with_the_install_command(monk
 
 
 def write_pairs(path, count: int) -> None:
-    path.write_text("filepath,caption\n" + "".join(f"img{i}.png,a red square number {i}\n" for i in range(count)),
-                    encoding="utf-8")
+    path.write_text(
+        "filepath,caption\n" + "".join(f"img{i}.png,a red square number {i}\n" for i in range(count)), encoding="utf-8"
+    )
 
 
 def closed_port() -> int:
@@ -213,16 +243,35 @@ def closed_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.mark.parametrize("base_url", [f"http://127.0.0.1:{closed_port()}/v1", "http://no-such-host.invalid/v1"],
-                         ids=["connection-refused", "unknown-host"])
+@pytest.mark.parametrize(
+    "base_url",
+    [f"http://127.0.0.1:{closed_port()}/v1", "http://no-such-host.invalid/v1"],
+    ids=["connection-refused", "unknown-host"],
+)
 def test_llm_generator_stops_when_no_server_answers_whatever_the_fallback(base_url, tmp_path, capsys):
     from training.triplets.cli import main
 
     write_pairs(tmp_path / "pairs.csv", 40)
     out = tmp_path / "t.csv"
-    status = main(["--input", str(tmp_path / "pairs.csv"), "--output", str(out), "--generator", "llm",
-                   "--base-url", base_url, "--model", "m", "--fallback", "rules", "--concurrency", "4",
-                   "--no-progress"])
+    status = main(
+        [
+            "--input",
+            str(tmp_path / "pairs.csv"),
+            "--output",
+            str(out),
+            "--generator",
+            "llm",
+            "--base-url",
+            base_url,
+            "--model",
+            "m",
+            "--fallback",
+            "rules",
+            "--concurrency",
+            "4",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert status == 2
     assert f"stopped: cannot reach {base_url}/chat/completions" in err and "--base-url" in err
@@ -234,33 +283,64 @@ def test_llm_generator_stops_when_no_server_answers_whatever_the_fallback(base_u
 def test_triplets_missing_input_subprocess(tmp_path):
     done = run_module("training.triplets", "--input", "gone.csv", "--output", "t.csv", cwd=str(tmp_path))
     assert done.returncode == 2, done.stderr
-    assert_one_line(done.stderr, "gone.csv")
+    assert_one_line(done.stderr, "python -m training.triplets: error:", "gone.csv", "cannot read input")
+
+
+def test_triplet_measure_missing_input(tmp_path, capsys):
+    from training.triplets.measure import main
+
+    status, stderr = exit_of(main, ["--input", str(tmp_path / "gone.csv")], capsys)
+    assert status == 2
+    assert_one_line(stderr, "python -m training.triplets.measure: error: --input", "gone.csv")
 
 
 # ------------------------------------------------------------------------------------------ the open_clip trainer
 
 
 def open_clip_argv(csv_path: str, *extra: str) -> list[str]:
-    return ["--train-data", csv_path, "--csv-separator", ",", "--csv-img-key", "filepath", "--csv-caption-key",
-            "caption", "--model", "ViT-B-32", "--workers", "0", *extra]
+    return [
+        "--train-data",
+        csv_path,
+        "--csv-separator",
+        ",",
+        "--csv-img-key",
+        "filepath",
+        "--csv-caption-key",
+        "caption",
+        "--model",
+        "ViT-B-32",
+        "--workers",
+        "0",
+        *extra,
+    ]
 
 
 def test_open_clip_dataset_smaller_than_one_batch_subprocess(tmp_path):
     # The reported case: 8 rows with --batch-size 256 trained 0 steps and wrote ten ViT-B-32 checkpoints.
     data = triplet_csv(tmp_path, 8)
-    done = run_module("semclip_train.open_clip", *open_clip_argv(data, "--batch-size", "256", "--epochs", "10",
-                                                                 "--logs", str(tmp_path / "logs")), cwd=str(tmp_path))
+    done = run_module(
+        "semclip_train.open_clip",
+        *open_clip_argv(data, "--batch-size", "256", "--epochs", "10", "--logs", str(tmp_path / "logs")),
+        cwd=str(tmp_path),
+    )
     assert done.returncode == 2, done.stderr
-    assert_one_line(done.stderr, "python -m semclip_train.open_clip: error:", "--train-data", "has 8 row(s)",
-                    "--batch-size 256")
+    assert_one_line(
+        done.stderr, "python -m semclip_train.open_clip: error:", "--train-data", "has 8 row(s)", "--batch-size 256"
+    )
     assert not (tmp_path / "logs").exists()
 
 
-@pytest.mark.parametrize("rows, batch, accum, world, fails", [
-    (8, 9, 1, 1, True), (8, 8, 1, 1, False),  # one batch exactly is one step
-    (8, 4, 3, 1, True), (12, 4, 3, 1, False),  # --accum-freq: a step is accum micro-batches
-    (8, 5, 1, 2, True), (8, 4, 1, 2, False),  # under torchrun each rank gets ceil(rows / world)
-])
+@pytest.mark.parametrize(
+    "rows, batch, accum, world, fails",
+    [
+        (8, 9, 1, 1, True),
+        (8, 8, 1, 1, False),  # one batch exactly is one step
+        (8, 4, 3, 1, True),
+        (12, 4, 3, 1, False),  # --accum-freq: a step is accum micro-batches
+        (8, 5, 1, 2, True),
+        (8, 4, 1, 2, False),  # under torchrun each rank gets ceil(rows / world)
+    ],
+)
 def test_open_clip_steps_per_epoch(rows, batch, accum, world, fails, tmp_path, monkeypatch, capsys):
     import open_clip_train.main as open_clip_main
 
@@ -278,13 +358,16 @@ def test_open_clip_steps_per_epoch(rows, batch, accum, world, fails, tmp_path, m
         assert command.main(argv) == 0 and started
 
 
-@pytest.mark.parametrize("extra, fragments", [
-    (["--model", "ViT-B-3"], ["--model ViT-B-3: not an open_clip model"]),
-    (["--model-config", "gone.json"], ["--model-config gone.json: no such file"]),
-    (["--paraphrases-per-image", "-1"], ["--paraphrases-per-image must be an integer >= 0"]),
-    (["--val-data", "val_gone.csv"], ["--val-data val_gone.csv: no such file"]),
-    (["--accum-freq", "0"], ["--accum-freq must be >= 1, got 0"]),
-])
+@pytest.mark.parametrize(
+    "extra, fragments",
+    [
+        (["--model", "ViT-B-3"], ["--model ViT-B-3: not an open_clip model"]),
+        (["--model-config", "gone.json"], ["--model-config gone.json: no such file"]),
+        (["--paraphrases-per-image", "-1"], ["--paraphrases-per-image must be an integer >= 0"]),
+        (["--val-data", "val_gone.csv"], ["--val-data val_gone.csv: no such file"]),
+        (["--accum-freq", "0"], ["--accum-freq must be >= 1, got 0"]),
+    ],
+)
 def test_open_clip_flag_mistakes(extra, fragments, tmp_path, monkeypatch, capsys):
     import open_clip_train.main as open_clip_main
 

@@ -47,9 +47,12 @@ def check_model_name(parser: argparse.ArgumentParser, name: str, model_config: s
         return
     close = difflib.get_close_matches(name, known, n=3)
     hint = f"did you mean {' or '.join(close)}? " if close else ""
-    fail(parser, f"--model {name}: not an open_clip model ({hint}"
-                 "`python -c \"import open_clip; print(open_clip.list_models())\"` lists them; "
-                 "--model-config FILE registers your own)")
+    fail(
+        parser,
+        f"--model {name}: not an open_clip model ({hint}"
+        '`python -c "import open_clip; print(open_clip.list_models())"` lists them; '
+        "--model-config FILE registers your own)",
+    )
 
 
 def usable_triplet_rows(path: str) -> int | None:

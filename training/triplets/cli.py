@@ -260,8 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     check_args(parser, args)
     try:
         summary = run(args)
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
+    except InputError as error:  # names the file (and line): one line, exit status 2
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: answers received so far are in the cache; rerun the same command to continue",

@@ -16,7 +16,7 @@ import sys
 from collections import Counter
 
 from ..paths import SUGARCREPE_PP_CSV
-from .pairs import read_pairs
+from .pairs import InputError, read_pairs
 from .rules import RulesGenerator, negation_candidates, paraphrase_candidates
 
 
@@ -78,7 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             parser.error(f"--counts takes N,M pairs such as 1,1; got {item!r}")
         counts.append((n, m))
-    rows, _ = read_pairs(args.input, args.img_key, args.caption_key, args.separator, bad_rows="skip")
+    try:
+        rows, _ = read_pairs(args.input, args.img_key, args.caption_key, args.separator, bad_rows="skip")
+    except InputError as error:  # a missing file or column: one line, exit status 2
+        parser.exit(2, f"{parser.prog}: error: --input {error}\n")
     captions = list(dict.fromkeys(row.caption for row in rows))
     print(f"Input: {args.input}\n")
     print(measure(captions, counts, args.examples, args.seed))
