@@ -186,6 +186,7 @@ def regime_features(ex: Example) -> list[torch.Tensor | None]:
         return None if n is None else make(n)
 
     if ex.regime == "random":
+
         def feats(*shape: int) -> torch.Tensor:
             norms = torch.empty(*shape, 1, dtype=torch.float64).uniform_(0.3, 3.0, generator=gen)
             return randn(*shape) / math.sqrt(dim) * norms
@@ -194,6 +195,7 @@ def regime_features(ex: Example) -> list[torch.Tensor | None]:
                 extra(ex.n_neg, lambda n: feats(batch, n))]  # fmt: skip
     image = _unit(randn(batch))
     if ex.regime == "peaked":  # the filter's regime today: distances drawn on the unit sphere, not /√d
+
         def at(spread: float) -> torch.Tensor:
             return _unit(image + spread * _unit(randn(batch)))
 

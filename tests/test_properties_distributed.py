@@ -262,4 +262,3 @@ def test_every_rank_filters_at_least_08_of_single_process(worlds, drawn):
             f"world {world} rank {rank} {task}: skipped {skipped}/{tiles} = {skipped / tiles:.3f} of its tiles, "
             f"single process {single.skipped_fraction:.3f}"
         )
-
