@@ -59,3 +59,43 @@ def test_double_backward_raises_naming_the_backend(backend):
     assert max_norm_rel_err(grads[0].detach(), expected[0]) <= 1e-4  # first derivatives stay right
     with pytest.raises(RuntimeError, match=f"backend='{backend}' does not support double backward"):
         torch.autograd.grad(grads[0].square().sum(), [case.text])
+
+
+def _loss_and_grads(backend_options, gen_seed=0):
+    gen = torch.Generator().manual_seed(gen_seed)
+    leaves = [torch.randn(200, 24, generator=gen).requires_grad_() for _ in range(4)]
+    scale = torch.tensor(20.0, requires_grad=True)
+    loss = sk.semclip_loss(*leaves[:2], scale, *leaves[2:], backend="torch", **backend_options)
+    loss.backward()
+    return [loss.detach()] + [leaf.grad for leaf in leaves] + [scale.grad]
+
+
+def test_tile_rows_on_workers_give_the_serial_loops_bits(monkeypatch):
+    # The workers' column accumulations (col_lse, grad_C) take turns in row-tile order: the same additions in
+    # the same order as one serial loop of single-threaded ops, whichever worker finishes first.
+    tiles = {"block_rows": 16, "block_cols": 24}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(torch_tiled, "_tile_workers", lambda x: 1)
+            serial = _loss_and_grads(tiles)
+    finally:
+        torch.set_num_threads(threads)
+    for n_workers in (2, 3):
+        with monkeypatch.context() as patch:
+            patch.setattr(torch_tiled, "_tile_workers", lambda x, n=n_workers: n)
+            for _ in range(3):
+                threaded = _loss_and_grads(tiles)
+                assert all(torch.equal(a, b) for a, b in zip(serial, threaded)), n_workers
+
+
+def test_an_error_in_a_tile_row_is_raised_in_the_caller():
+    def row_tile(i, turns):
+        with turns.turn(i, 0):
+            if i == 1:
+                raise ValueError("tile row 1")
+
+    with pytest.raises(ValueError, match="tile row 1"):
+        torch_tiled._run_row_tiles(5, 2, row_tile, 2)
+    assert torch_tiled._run_row_tiles(3, 1, lambda i, turns: None, 2) is None  # the workers are still serving

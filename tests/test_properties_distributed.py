@@ -33,7 +33,7 @@ from property_regimes import (
     distributed_dtypes,
     distributed_regimes,
     examples,
-    filter_regimes,
+    filter_draw,
 )
 from test_properties import float64_run
 
@@ -237,12 +237,12 @@ def test_sigmoid_distributed_equals_single_process_and_float64(worlds, drawn):
 @st.composite
 def filter_tasks(draw):
     world = draw(st.sampled_from(WORLD_SIZES))
-    regime = draw(st.sampled_from(filter_regimes()))
+    what = filter_draw()
     ex = _global_example(draw, "softmax", "trained_like", "float32", "cpp", world)
-    # Enough tiles per rank for a fraction to mean something; τ of a trained model.
-    ex = replace(ex, batch=world * draw(st.integers(32, 64)), dim=draw(st.integers(16, 32)), n_para=1, n_neg=1,
-                 paraphrase_weight=1.0, hard_negative_weight=1.0, tau=100.0, block_rows=16, block_cols=16)  # fmt: skip
-    ex = replace(ex, regime=regime)
+    # τ of a trained model; one paraphrase and one negation per image.
+    ex = replace(ex, regime=draw(st.sampled_from(what.regimes)), batch=world * draw(st.integers(*what.local_batch)),
+                 dim=draw(st.integers(*what.dim)), n_para=1, n_neg=1, paraphrase_weight=1.0, hard_negative_weight=1.0,
+                 tau=100.0, block_rows=what.tiles[0], block_cols=what.tiles[1])  # fmt: skip
     mode = draw(st.sampled_from(SOFTMAX_MODES))
     group = world if mode == "hierarchical" else None
     return world, Task("softmax", ex, "cpp", mode, local_loss=draw(st.booleans()), group_size=group)
@@ -262,4 +262,3 @@ def test_every_rank_filters_at_least_08_of_single_process(worlds, drawn):
             f"world {world} rank {rank} {task}: skipped {skipped}/{tiles} = {skipped / tiles:.3f} of its tiles, "
             f"single process {single.skipped_fraction:.3f}"
         )
-

@@ -39,6 +39,7 @@ by a power of two before the cast so that small weights do not flush to zero
 from __future__ import annotations
 
 import math
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -207,6 +208,16 @@ _workers: dict[int, _SingleThreadedWorkers] = {}
 _workers_lock = threading.Lock()
 
 
+def _forget_workers_after_fork() -> None:
+    """A forked child (a DataLoader worker) has none of the parent's threads: it starts its own."""
+    global _workers_lock
+    _workers.clear()
+    _workers_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_workers_after_fork)
+
+
 def _single_threaded_workers(n: int) -> _SingleThreadedWorkers:
     with _workers_lock:
         if n not in _workers:
@@ -236,15 +247,17 @@ def _run_row_tiles(
     grad_enabled, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
     def drive() -> None:
-        with torch.inference_mode(inference), torch.set_grad_enabled(grad_enabled):
-            drive_rows()
+        try:
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad_enabled):
+                drive_rows()
+        finally:
+            finished.release()
 
     def drive_rows() -> None:
         while True:
             with lock:
                 i = None if errors else next(next_row, None)
             if i is None:
-                finished.release()
                 return
             try:
                 row_tile(i, turns)
