@@ -281,7 +281,7 @@ def inputs_folder(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("command", RUN_COMMANDS, ids=lambda c: f"{c.block.name}:{c.argv[2] if len(c.argv) > 2 else ''}")
+@pytest.mark.parametrize("command", RUN_COMMANDS, ids=lambda c: f"{c.block.name}:{' '.join(c.argv[:3])}")
 def test_shell_command_runs_at_a_small_size(command, inputs_folder):
     # One folder per page, the page's commands in order: a later command reads what an earlier one wrote
     # (training.evaluate the checkpoint of training.train).
@@ -293,3 +293,39 @@ def test_shell_command_runs_at_a_small_size(command, inputs_folder):
     env = {**os.environ, "PYTHONPATH": ROOT}
     result = subprocess.run(argv, cwd=folder, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, f"{command.block.name}: `{shlex.join(argv)}` failed:\n{result.stderr[-4000:]}"
+
+
+def load_refresh_docs():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("refresh_docs", os.path.join(ROOT, "tools", "refresh_docs.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_refresh_docs_quotes_what_the_command_printed(tmp_path):
+    tool = load_refresh_docs()
+    page = tmp_path / "page.md"
+    stale = ("<!-- output: python -c \"print('10%\\r100%'); print('table 1.0')\" -->\n"
+             "```text\nold\n```\n<!-- /output -->")
+    failing = "<!-- output: python -c 'import sys; sys.exit(3)' -->\n```text\nkept\n```\n<!-- /output -->"
+    page.write_text(f"# Page\n\n{stale}\n\ntext between\n\n{failing}\n", encoding="utf-8")
+    assert tool.main([str(page), "--only", "print"]) == 0
+    text = page.read_text(encoding="utf-8")
+    assert "```text\n100%\ntable 1.0\n```\n<!-- /output: " in text and "old" not in text  # a terminal's view
+    assert "load average" in text and "commit" in text and "text between" in text
+    assert tool.main([str(page), "--only", "sys.exit"]) == 1  # a failing command leaves its block as it was
+    assert "```text\nkept\n```\n<!-- /output -->" in page.read_text(encoding="utf-8")
+    assert [block.command for block in tool.quoted_outputs(page.read_text(encoding="utf-8"))] == [
+        "python -c \"print('10%\\r100%'); print('table 1.0')\"", "python -c 'import sys; sys.exit(3)'"]
+
+
+def test_every_quoted_output_states_its_expected_time():
+    tool = load_refresh_docs()
+    for page in pages():
+        with open(os.path.join(ROOT, page), encoding="utf-8") as handle:
+            for block in tool.quoted_outputs(handle.read()):
+                _, comment = split_comment(block.command)
+                assert DURATION.search(comment), f"{page}: `{block.command}` needs `# <expected time>`"

@@ -52,7 +52,7 @@ def quoted_outputs(text: str) -> list[QuotedOutput]:
 
 def terminal_view(stdout: str) -> str:
     """What a terminal shows of `stdout`: ANSI codes dropped, each line's text after its last carriage return."""
-    lines = [ANSI.sub("", line).rsplit("\r", 1)[-1].rstrip() for line in stdout.splitlines()]
+    lines = [ANSI.sub("", line).rstrip("\r").rsplit("\r", 1)[-1].rstrip() for line in stdout.split("\n")]
     while lines and not lines[-1]:
         lines.pop()
     return "\n".join(lines) + "\n"
@@ -72,14 +72,15 @@ def run(command: str) -> tuple[str, str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
-    result = subprocess.run(["bash", "-c", command], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    # bytes, decoded here: text mode would turn a progress bar's carriage returns into line breaks
+    result = subprocess.run(["bash", "-c", command], cwd=ROOT, env=env, stdout=subprocess.PIPE)
     seconds = time.perf_counter() - start
     if result.returncode != 0:
         raise RuntimeError(f"`{command}` exited with {result.returncode}; its block is left as it was")
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     footer = (f"{when}, commit {commit()}, {seconds:.0f} s, load average {load_before:.1f} before, "
               f"{os.getloadavg()[0]:.1f} after")
-    return result.stdout, footer
+    return result.stdout.decode("utf-8", errors="replace"), footer
 
 
 def refresh(path: str, only: str | None = None, saved: str | None = None) -> int:
@@ -92,7 +93,7 @@ def refresh(path: str, only: str | None = None, saved: str | None = None) -> int
     done = 0
     for command in selected:
         if saved is not None:
-            with open(saved, encoding="utf-8") as f:
+            with open(saved, encoding="utf-8", newline="") as f:
                 printed = f.read()
             footer = f"saved output {os.path.basename(saved)}, quoted {datetime.date.today()}"
         else:
