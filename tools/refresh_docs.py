@@ -10,7 +10,7 @@ A quoted output in a markdown page is the command, what it printed, and when it 
 
     python tools/refresh_docs.py docs/results.md                      # run every quoted command, rewrite its block
     python tools/refresh_docs.py docs/results.md --only bench_foundation  # the commands containing this text
-    python tools/refresh_docs.py README.md --only training.demo --saved demo.txt  # a run you already have
+    python tools/refresh_docs.py README.md --only "python -m training.demo" --saved demo.txt  # a run you have
     python tools/refresh_docs.py README.md docs/results.md --list     # the quoted commands, nothing run
 
 Commands run with `bash -c` from the repository root (PYTHONPATH set to it); stderr goes to the terminal,
@@ -87,7 +87,9 @@ def refresh(path: str, only: str | None = None, saved: str | None = None) -> int
     """Rewrite the selected blocks of the page at `path`; returns how many were rewritten."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    selected = [block.command for block in quoted_outputs(text) if only is None or only in block.command]
+    commands = [block.command for block in quoted_outputs(text)]
+    exact = [command for command in commands if only is not None and command.split("  #")[0].strip() == only]
+    selected = exact or [command for command in commands if only is None or only in command]
     if saved is not None and len(selected) != 1:
         raise SystemExit(f"--saved needs --only to select exactly one quoted command in {path}, got {len(selected)}")
     done = 0
@@ -113,7 +115,7 @@ def refresh(path: str, only: str | None = None, saved: str | None = None) -> int
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("pages", nargs="+", help="markdown pages (README.md, docs/results.md, ...)")
-    parser.add_argument("--only", help="only the quoted commands that contain this text")
+    parser.add_argument("--only", help="only the quoted command that is exactly this, else those that contain it")
     parser.add_argument("--saved", help="quote this file (a saved stdout) instead of running the one selected command")
     parser.add_argument("--list", action="store_true", help="list the quoted commands; run nothing")
     args = parser.parse_args(argv)
