@@ -74,7 +74,7 @@ def test_documented_install_commands_name_existing_extras():
 
     extras = set(extras_of_setup_py())
     docs = [path for path in glob.glob("docs/*.md", root_dir=REPO) if path != "docs/CHANGELOG.md"]  # not history
-    paths = [".ci/run", *docs, *glob.glob("training/**/*.py", root_dir=REPO, recursive=True)]
+    paths = [".ci/run", "README.md", *docs, *glob.glob("training/**/*.py", root_dir=REPO, recursive=True)]
     unknown = []
     for path in paths:
         with open(os.path.join(REPO, path), encoding="utf-8") as handle:
