@@ -22,9 +22,13 @@ The gradient of each travelling block travels with it and reaches its owner afte
 
 The positive logits `s(I_i, T_i)`, `s(I_i, P_ip)` are outputs of the same node (always local: a rank's
 images and its own captions), so that their gradients meet the softmax weights in float32 before each
-input's one cast (as in the single-process loss node): the image→text half enters the own block's row
-problem as positive bands of dS (folded into the kernel's dS where its panel is 16-bit), the text→image
-half is added to the float32 gradients (`add_positive_terms`).
+input's one cast (as in the single-process loss node). When the other ranks' features get gradients, the
+own group's step puts the diagonal block (own images against own columns) in one problem with both
+directions, own query columns first, and the positives enter it as positive bands of dS: both softmax
+weights and the positive cancel inside one dS entry, before a 16-bit panel's cast. With open_clip's
+one-sided gradients (local_loss without gather_with_grad) the two directions differentiate different
+inputs, so they stay apart: the image→text half of the positives is a band of the row problem, the
+text→image half is added to the text's float32 gradient (`add_positive_terms`).
 
 The gradient filter (cpp, triton) measures each weight against the mass of the gradients it feeds, as in
 one process. A column's gradient is made of every rank's row-softmax weights plus, for a caption or
