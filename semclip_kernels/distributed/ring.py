@@ -22,9 +22,13 @@ The gradient of each travelling block travels with it and reaches its owner afte
 
 The positive logits `s(I_i, T_i)`, `s(I_i, P_ip)` are outputs of the same node (always local: a rank's
 images and its own captions), so that their gradients meet the softmax weights in float32 before each
-input's one cast (as in the single-process loss node): the image→text half enters the own block's row
-problem as positive bands of dS (folded into the kernel's dS where its panel is 16-bit), the text→image
-half is added to the float32 gradients (`add_positive_terms`).
+input's one cast (as in the single-process loss node). When the other ranks' features get gradients, the
+own group's step puts the diagonal block (own images against own columns) in one problem with both
+directions, own query columns first, and the positives enter it as positive bands of dS: both softmax
+weights and the positive cancel inside one dS entry, before a 16-bit panel's cast. With open_clip's
+one-sided gradients (local_loss without gather_with_grad) the two directions differentiate different
+inputs, so they stay apart: the image→text half of the positives is a band of the row problem, the
+text→image half is added to the text's float32 gradient (`add_positive_terms`).
 
 The gradient filter (cpp, triton) measures each weight against the mass of the gradients it feeds, as in
 one process. A column's gradient is made of every rank's row-softmax weights plus, for a caption or
@@ -125,12 +129,10 @@ class RingPartitions(torch.autograd.Function):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         queries = cols[: config.n_query_cols]
         n_cols = cols.shape[0]
-        group_bias = col_bias.repeat(config.group_size)  # every rank's columns are laid out [T; P; N] alike
-        image_bias = _zero_bias(config.group_size * image.shape[0], col_bias)
         row_lse = torch.full((image.shape[0],), -float("inf"), dtype=scale.dtype, device=image.device)
         query_lse = torch.full((config.n_query_cols,), -float("inf"), dtype=scale.dtype, device=image.device)
         block = torch.cat([cols, image]).detach()  # what travels: [C_s; I_s]
-        step_stats = []
+        step_stats, step_owners = [], []
         for step in range(config.n_steps):
             incoming, works = None, []
             if step < config.n_steps - 1:
@@ -138,18 +140,24 @@ class RingPartitions(torch.autograd.Function):
             group_cols, group_images = _group_block(block, n_cols, config)
             if config.keep_gathered:
                 ctx.gathered = (group_cols, group_images)
-            row_stats = partitions(problem(image, group_cols, scale, group_bias, 0, config.options), config.backend)
-            query_stats = partitions(
-                problem(queries, group_images, scale, image_bias, 0, config.options), config.backend
-            )
+            row_problem, query_problem, owners = _step_problems(image, queries, group_cols, group_images, scale,
+                                                                col_bias, config, step)  # fmt: skip
+            row_stats = partitions(row_problem, config.backend)
+            query_stats = None if query_problem is None else partitions(query_problem, config.backend)
             torch.logaddexp(row_lse, row_stats.row_lse.to(row_lse.dtype), out=row_lse)
-            torch.logaddexp(query_lse, query_stats.row_lse.to(query_lse.dtype), out=query_lse)
+            if row_problem.n_query_cols:  # the diagonal block's column partitions
+                torch.logaddexp(query_lse, row_stats.query_lse.to(query_lse.dtype), out=query_lse)
+            if query_stats is not None:
+                torch.logaddexp(query_lse, query_stats.row_lse.to(query_lse.dtype), out=query_lse)
             step_stats.append((row_stats, query_stats))
+            step_owners.append(owners)
             wait(works, f"the ring's exchange of feature blocks (forward, step {step + 1} of {config.n_steps - 1})")
             block = incoming
         ctx.save_for_backward(image, cols, scale, col_bias, row_lse, query_lse)
         ctx.config = config
-        ctx.step_stats = [(rows.rebased(row_lse, rows.query_lse), queries.rebased(query_lse, queries.query_lse))
+        ctx.step_owners = step_owners
+        ctx.step_stats = [(rows.rebased(row_lse, query_lse if rows.query_lse.numel() else rows.query_lse),
+                           None if queries is None else queries.rebased(query_lse, queries.query_lse))
                           for rows, queries in step_stats]  # fmt: skip
         text_pos, para_pos = _positive_logits(image, cols, scale, config.n_query_cols)
         return row_lse, query_lse, text_pos, para_pos
@@ -159,6 +167,36 @@ class RingPartitions(torch.autograd.Function):
         # Every block's backward call adds to what `last_backward_stats` reports for this backward.
         with summed_backward_stats(ctx.config.backend, ctx.saved_tensors[0].device):
             return _backward(ctx, grad_row_lse, grad_query_lse, grad_text_pos, grad_para_pos)
+
+
+def _step_problems(image, queries, group_cols, group_images, scale, col_bias, config: RingConfig, step: int):
+    """A ring step's row problem (own images against the group's columns), its query problem (own queries
+    against the group's images, None if there are none) and the owner ranks of their column blocks, in order.
+
+    With `remote_grad`, step 0 holds the own block: its row problem takes the own columns first, with their
+    column partitions (the diagonal block in both directions in one problem, as in one process, so that a
+    positive's gradient cancels both softmax weights inside one dS entry, before any 16-bit cast), and the
+    query problem gets the other members' images only. Without `remote_grad` (open_clip's one-sided
+    gradients) the two directions of the diagonal block differentiate different inputs: kept apart.
+    """
+    size, n_cols, batch, options = config.group_size, col_bias.shape[0], image.shape[0], config.options
+    owners = config.owner_rank[step * size : (step + 1) * size]
+    row_bias = col_bias.repeat(size)  # every rank's columns are laid out [T; P; N] alike
+    if step > 0 or not config.remote_grad:
+        rows = problem(image, group_cols, scale, row_bias, 0, options)
+        query_problem = problem(queries, group_images, scale, _zero_bias(size * batch, col_bias), 0, options)
+        return rows, query_problem, (owners, owners)
+    own = config.position
+    before, after = slice(0, own), slice(own + 1, size)  # the other members, in member order
+    col_blocks = [group_cols[own * n_cols : (own + 1) * n_cols], group_cols[: own * n_cols],
+                  group_cols[(own + 1) * n_cols :]]  # fmt: skip
+    rows = problem(image, [b for b in col_blocks if b.shape[0]], scale, row_bias, config.n_query_cols, options)
+    others = (*owners[before], *owners[after])
+    if not others:
+        return rows, None, ((owners[own],), ())
+    image_blocks = [b for b in (group_images[: own * batch], group_images[(own + 1) * batch :]) if b.shape[0]]
+    query_problem = problem(queries, image_blocks, scale, _zero_bias(len(others) * batch, col_bias), 0, options)
+    return rows, query_problem, ((owners[own], *others), others)
 
 
 def _positive_logits(
@@ -190,8 +228,6 @@ def _backward(ctx, grad_row_lse, grad_query_lse, grad_text_pos, grad_para_pos):
     stat_dtype = scale.dtype
     n_query, n_cols, size = config.n_query_cols, cols.shape[0], config.group_size
     queries = cols[:n_query]
-    group_bias = col_bias.repeat(size)
-    image_bias = _zero_bias(size * image.shape[0], col_bias)
     no_stats = row_lse.new_empty(0)  # one direction per call: the other's statistics are empty
     name = config.backend
     grad_row_lse = torch.zeros_like(row_lse) if grad_row_lse is None else grad_row_lse
@@ -206,11 +242,14 @@ def _backward(ctx, grad_row_lse, grad_query_lse, grad_text_pos, grad_para_pos):
     grad_image = torch.zeros(image.shape, dtype=stat_dtype, device=image.device)
     grad_cols = torch.zeros(cols.shape, dtype=stat_dtype, device=cols.device)
     grad_scale = torch.zeros((), dtype=stat_dtype, device=scale.device)
-    step_stats = _global_bounds(ctx.step_stats, grad_row_lse, grad_query_lse, n_cols, batch, config)
-    # The image→text half of the positives: bands of the own block's row problem (step 0), in its dS.
-    own_first = config.position * n_cols
-    bands = (PositiveBand(own_first, 1, half_text),) + ((PositiveBand(own_first + batch, n_para, half_para),)
-                                                         if n_para else ())  # fmt: skip
+    step_stats = _global_bounds(ctx.step_stats, ctx.step_owners, grad_row_lse, grad_query_lse, n_cols, batch, config)
+    # The positives are bands of step 0's row problem: whole where it holds the diagonal block in both
+    # directions (own columns first), else the image→text half (the text→image half is added at the end).
+    diagonal = config.remote_grad
+    own_first = 0 if diagonal else config.position * n_cols
+    text_band, para_band = (2 * half_text, 2 * half_para) if diagonal else (half_text, half_para)
+    bands = (PositiveBand(own_first, 1, text_band),) + (
+        (PositiveBand(own_first + batch, n_para, para_band),) if n_para else ())  # fmt: skip
     block = torch.cat([cols, image]).detach()
     home, outgoing_works = None, []
     for step in range(config.n_steps):
@@ -229,36 +268,39 @@ def _backward(ctx, grad_row_lse, grad_query_lse, grad_text_pos, grad_para_pos):
             group_cols, group_images = ctx.gathered
         else:
             group_cols, group_images = _group_block(block, n_cols, config)
+        row_problem, query_problem, (row_owners, query_owners) = _step_problems(
+            image, queries, group_cols, group_images, scale, col_bias, config, step)  # fmt: skip
         row_stats, query_stats = step_stats[step]
+        both = row_problem.n_query_cols > 0  # the diagonal block: both directions in one call
         rows_grads = partitions_backward(
-            problem(image, group_cols, scale, group_bias, 0, config.options),
-            Stats(row_lse, no_stats, row_stats.col_mass_lb, row_stats.aux),
-            StatGrads(row=grad_row_lse, positives=bands if step == 0 else ()),
+            row_problem, Stats(row_lse, query_lse if both else no_stats, row_stats.col_mass_lb, row_stats.aux),
+            StatGrads(row=grad_row_lse, query=grad_query_lse if both else None,
+                      positives=bands if step == 0 else ()),
             Needs(need_image, remote_grad and need_cols, need_scale), name,
         )  # fmt: skip
-        query_grads = partitions_backward(
-            problem(queries, group_images, scale, image_bias, 0, config.options),
-            Stats(query_lse, no_stats, query_stats.col_mass_lb, query_stats.aux),
-            StatGrads(row=grad_query_lse), Needs(need_cols, remote_grad and need_image, need_scale), name,
-        )  # fmt: skip
-        g_image, g_scale_rows = rows_grads.rows, rows_grads.scale
-        g_group_cols = None if rows_grads.cols is None else rows_grads.cols[0]
-        g_queries, g_scale_queries = query_grads.rows, query_grads.scale
-        g_group_images = None if query_grads.cols is None else query_grads.cols[0]
-        if g_image is not None:
-            grad_image += g_image
-        if g_queries is not None:
-            grad_cols[:n_query] += g_queries
-        for g_scale in (g_scale_rows, g_scale_queries):
-            if g_scale is not None:
-                grad_scale += g_scale
+        query_grads = None
+        if query_problem is not None:
+            query_grads = partitions_backward(
+                query_problem, Stats(query_lse, no_stats, query_stats.col_mass_lb, query_stats.aux),
+                StatGrads(row=grad_query_lse), Needs(need_cols, remote_grad and need_image, need_scale), name,
+            )  # fmt: skip
+        if rows_grads.rows is not None:
+            grad_image += rows_grads.rows
+        if query_grads is not None and query_grads.rows is not None:
+            grad_cols[:n_query] += query_grads.rows
+        for grads in (rows_grads, query_grads):
+            if grads is not None and grads.scale is not None:
+                grad_scale += grads.scale
 
         if remote_grad:
             group_grad = torch.zeros((size, *block.shape), dtype=stat_dtype, device=block.device)
-            if g_group_cols is not None:
-                group_grad[:, :n_cols] = g_group_cols.view(size, n_cols, -1)
-            if g_group_images is not None:
-                group_grad[:, n_cols:] = g_group_images.view(size, image.shape[0], -1)
+            member = {rank: m for m, rank in enumerate(config.owner_rank[step * size : (step + 1) * size])}
+            if rows_grads.cols is not None:
+                index = [member[rank] for rank in row_owners]
+                group_grad[index, :n_cols] = torch.cat(rows_grads.cols).view(len(index), n_cols, -1)
+            if query_grads is not None and query_grads.cols is not None:
+                index = [member[rank] for rank in query_owners]
+                group_grad[index, n_cols:] = torch.cat(query_grads.cols).view(len(index), batch, -1)
             block_grad = _own_share(group_grad, config)
             if incoming_grad is not None:
                 wait(grad_works, f"the ring's exchange of gradient blocks (backward, step {step + 1})")
@@ -279,13 +321,20 @@ def _backward(ctx, grad_row_lse, grad_query_lse, grad_text_pos, grad_para_pos):
     if home is not None:
         grad_cols += home[:n_cols]
         grad_image += home[n_cols:]
-    # The text→image half of the positives, added to the float32 gradients (the image's only with remote_grad).
+    if diagonal:
+        return _cast_grads(grad_image, grad_cols, grad_scale, image, cols, scale, ctx.needs_input_grad)
+    # The text→image half of the positives, added to the float32 gradients of the text only.
     own = problem(image, cols[:n_query], scale, col_bias[:n_query], 0, config.options)
-    own_needs = Needs(need_image and config.remote_grad, need_cols, need_scale)
-    t2i = Grads(grad_image if own_needs.rows else None, (grad_cols[:n_query],) if need_cols else None,
-                grad_scale, counts(0))  # fmt: skip
+    own_needs = Needs(False, need_cols, need_scale)
+    t2i = Grads(None, (grad_cols[:n_query],) if need_cols else None, grad_scale, counts(0))
     t2i_bands = (PositiveBand(0, 1, half_text),) + ((PositiveBand(batch, n_para, half_para),) if n_para else ())
     grad_scale = add_positive_terms(own, t2i_bands, t2i, own_needs).scale
+    return _cast_grads(grad_image, grad_cols, grad_scale, image, cols, scale, ctx.needs_input_grad)
+
+
+def _cast_grads(grad_image, grad_cols, grad_scale, image, cols, scale, needs_input_grad):
+    """The float32 gradients cast once to the inputs' dtypes (None where not needed)."""
+    need_image, need_cols, need_scale = needs_input_grad[:3]
     return (
         grad_image.to(image.dtype) if need_image else None,
         grad_cols.to(cols.dtype) if need_cols else None,
@@ -295,23 +344,27 @@ def _backward(ctx, grad_row_lse, grad_query_lse, grad_text_pos, grad_para_pos):
     )
 
 
-def _global_bounds(step_stats, grad_row_lse, grad_query_lse, n_cols: int, batch: int, config: RingConfig):
+def _global_bounds(step_stats, step_owners, grad_row_lse, grad_query_lse, n_cols: int, batch: int,
+                   config: RingConfig):  # fmt: skip
     """Each step's `(row, query)` statistics with global mass bounds (see the module docstring).
 
     Masses, not their logs, are summed: `exp(bound)` of every column and image this rank saw, per block
-    owner, plus 1 on its own queries and images whose statistic receives a gradient (their own softmax);
-    a `[world_size, K + B]` float64 table, all-reduced by sum. A mass below float64's range adds 0, a NaN
-    bound stays NaN (never lets a tile be skipped). Backends without bounds (no filter) skip the exchange.
+    owner (`step_owners`: the owners of each step's row and query column blocks, in order), plus 1 on its own
+    queries and images whose statistic receives a gradient (their own softmax); a `[world_size, K + B]` float64
+    table, all-reduced by sum. A mass below float64's range adds 0, a NaN bound stays NaN (never lets a tile
+    be skipped). Backends without bounds (no filter) skip the exchange.
     """
-    if any(rows.col_mass_lb.numel() == 0 or queries.col_mass_lb.numel() == 0 for rows, queries in step_stats):
+    if any(rows.col_mass_lb.numel() == 0 or (queries is not None and queries.col_mass_lb.numel() == 0)
+           for rows, queries in step_stats):  # fmt: skip
         return step_stats
-    device, size = grad_row_lse.device, config.group_size
+    device = grad_row_lse.device
     table = torch.zeros((config.world_size, n_cols + batch), dtype=torch.float64, device=device)
-    for step, (rows, queries) in enumerate(step_stats):
-        owners = torch.tensor(config.owner_rank[step * size : (step + 1) * size], device=device)
-        masses = torch.cat([rows.col_mass_lb.double().view(size, n_cols),
-                            queries.col_mass_lb.double().view(size, batch)], dim=1).exp()  # fmt: skip
-        table.index_add_(0, owners, masses)
+    for (rows, queries), (row_owners, query_owners) in zip(step_stats, step_owners):
+        table[:, :n_cols].index_add_(0, torch.tensor(row_owners, device=device),
+                                     rows.col_mass_lb.double().view(len(row_owners), n_cols).exp())  # fmt: skip
+        if queries is not None:
+            table[:, n_cols:].index_add_(0, torch.tensor(query_owners, device=device),
+                                         queries.col_mass_lb.double().view(len(query_owners), batch).exp())  # fmt: skip
     rank = config.owner_rank[config.position]
     table[rank, : config.n_query_cols] += (grad_query_lse.detach() != 0).double()
     table[rank, n_cols:] += (grad_row_lse.detach() != 0).double()
@@ -319,12 +372,11 @@ def _global_bounds(step_stats, grad_row_lse, grad_query_lse, n_cols: int, batch:
         dist.all_reduce(table)
     bounds = table.log()
     result = []
-    for step, (rows, queries) in enumerate(step_stats):
-        owners = torch.tensor(config.owner_rank[step * size : (step + 1) * size], device=device)
-        mine = bounds[owners]  # [size, K + B]
-        result.append((
-            Stats(rows.row_lse, rows.query_lse, mine[:, :n_cols].reshape(-1).to(rows.col_mass_lb.dtype), rows.aux),
-            Stats(queries.row_lse, queries.query_lse, mine[:, n_cols:].reshape(-1).to(queries.col_mass_lb.dtype),
-                  queries.aux),
-        ))  # fmt: skip
+    for (rows, queries), (row_owners, query_owners) in zip(step_stats, step_owners):
+        row_bounds = bounds[list(row_owners), :n_cols].reshape(-1).to(rows.col_mass_lb.dtype)
+        query_stats = None
+        if queries is not None:
+            query_bounds = bounds[list(query_owners), n_cols:].reshape(-1).to(queries.col_mass_lb.dtype)
+            query_stats = Stats(queries.row_lse, queries.query_lse, query_bounds, queries.aux)
+        result.append((Stats(rows.row_lse, rows.query_lse, row_bounds, rows.aux), query_stats))
     return result
