@@ -18,14 +18,17 @@ from sigmoid_oracle import semsiglip_loss_float64
 import semclip_kernels as sk
 from semclip_kernels import backends
 from semclip_kernels.backends.sigmoid_values import PairSums
-from semclip_kernels.backends.values import Grads, Stats, column_mass_bounds, counts, split_cols
+from semclip_kernels.backends.values import Grads, Stats, column_mass_bounds, counts, positive_entries, split_cols
 
 # ----------------------------------------------------------------------------- a tiny backend, from outside
 
 
 def _logits(problem):
+    """`τ·A·Cᵀ` with the entries `problem.positives` leaves out of both partitions at -inf."""
     dtype = problem.stat_dtype
-    return problem.scale.to(dtype) * (problem.rows.to(dtype) @ problem.joined_cols().to(dtype).T)
+    logits = problem.scale.to(dtype) * (problem.rows.to(dtype) @ problem.joined_cols().to(dtype).T)
+    left_out = positive_entries(problem.positives, slice(0, problem.n_rows), slice(0, problem.n_cols), logits.device)
+    return logits if left_out is None else logits.masked_fill(left_out, -torch.inf)
 
 
 def _partitions_module() -> types.ModuleType:
@@ -60,7 +63,7 @@ def _partitions_module() -> types.ModuleType:
         return Grads(
             tau * d_logits @ c if needs.rows else None,
             split_cols(tau * d_logits.T @ a, problem) if needs.cols else None,
-            (d_logits * (a @ c.T)).sum() if needs.scale else None,
+            (d_logits * (a @ c.T)).sum() if needs.scale else None,  # d_logits is 0 where logits are -inf
             counts(1),
         )
 

@@ -196,7 +196,7 @@ def test_evaluate_does_not_claim_random_weights_while_loading_a_checkpoint(tmp_p
     [
         (["--steps", "0"], ["--steps must be > 0"]),
         (["--train-size", "100", "--batch-size", "128"], ["--train-size 100", "--batch-size 128"]),
-        (["--threads", "-1"], ["--threads must be >= 0"]),
+        (["--threads", "-1"], ["--threads must be 0 (torch's default) or more"]),
     ],
 )
 def test_demo_flag_mistakes(argv, fragments, monkeypatch, capsys):
