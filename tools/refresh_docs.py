@@ -83,7 +83,7 @@ def run(command: str) -> tuple[str, str]:
     return result.stdout.decode("utf-8", errors="replace"), footer
 
 
-def refresh(path: str, only: str | None = None, saved: str | None = None) -> int:
+def refresh(path: str, only: str | None = None, saved: str | None = None, note: str = "") -> int:
     """Rewrite the selected blocks of the page at `path`; returns how many were rewritten."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
@@ -98,6 +98,7 @@ def refresh(path: str, only: str | None = None, saved: str | None = None) -> int
             with open(saved, encoding="utf-8", newline="") as f:
                 printed = f.read()
             footer = f"saved output {os.path.basename(saved)}, quoted {datetime.date.today()}"
+            footer += f"; {note}" if note else ""
         else:
             print(f"{path}: running {command}", file=sys.stderr, flush=True)
             printed, footer = run(command)
@@ -117,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("pages", nargs="+", help="markdown pages (README.md, docs/results.md, ...)")
     parser.add_argument("--only", help="only the quoted command that is exactly this, else those that contain it")
     parser.add_argument("--saved", help="quote this file (a saved stdout) instead of running the one selected command")
+    parser.add_argument("--note", default="", help="with --saved: how that run was made (command, load, time)")
     parser.add_argument("--list", action="store_true", help="list the quoted commands; run nothing")
     args = parser.parse_args(argv)
     for page in args.pages:
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{page}: {block.command}")
             continue
         try:
-            count = refresh(page, args.only, args.saved)
+            count = refresh(page, args.only, args.saved, args.note)
         except RuntimeError as error:
             print(f"{page}: {error}", file=sys.stderr)
             return 1
