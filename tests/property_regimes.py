@@ -130,7 +130,7 @@ class FilterDraw:
 
 def filter_draw() -> FilterDraw:
     """The cross-rank filter holds today on the `peaked` batch (captions at cos ≈ 0.94, paraphrases ≈ 0.9,
-    negations ≈ 0.7 whatever d) at tests/test_distributed_filter.py's shape (local B = 96, d = 32, tiles
+    negations ≈ 0.7 whatever d) at tests/distributed/test_distributed_filter.py's shape (local B = 96, d = 32, tiles
     16 × 32); measured on main, smaller shapes of the same recipe already miss 0.8× (2 ranks, local B = 32,
     d = 18, tiles 16 × 16: a rank skips 0.35 where single process skips 0.46). The switch opens the property to
     any trained-like batch and shape."""

@@ -77,7 +77,7 @@ SPLIT_IDS = {"train": 0, "val": 1}
 # a low share "has an absence clause" alone would tell negations from captions (a shortcut: at 0.02
 # SemCLIP learned "absence clause = false" and failed every true one, `affirm` 0/8). At 0.6 the
 # share of texts with an "and no X" clause is the same among true captions and among negations
-# (measured 59% vs 59%, checked by tests/test_pretrained.py), so the clause carries no information
+# (measured 59% vs 59%, checked by tests/apps/test_pretrained.py), so the clause carries no information
 # about truth and only reading which object it names does.
 ABSENCE_PROB = 0.6
 # Share of training captions that leave one object out (validation captions describe every

@@ -23,6 +23,7 @@ import open_clip_train.main as open_clip_main
 import psutil
 import pytest
 import torch
+from harness import REPO_ROOT
 from oracle import semclip_loss_float64
 from PIL import Image
 
@@ -32,7 +33,7 @@ from semclip_kernels.integrations.open_clip import SemCLIPOptions, encode_text_g
 from semclip_train.open_clip.data import read_csv_triplets
 from semclip_train.open_clip.patches import CpuFriendlyDDP
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO_ROOT
 MODEL_CONFIG = os.path.join(ROOT, "tests", "fixtures", "semclip-oc-tiny.json")
 MODEL = "semclip-oc-tiny"
 BATCH, ROWS = 8, 24  # 3 steps per epoch

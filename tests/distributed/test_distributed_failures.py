@@ -13,12 +13,12 @@ import json
 import multiprocessing
 import os
 import signal
-import socket
 import time
 
 import pytest
 import torch
 import torch.distributed as dist
+from harness import free_port
 
 import semclip_kernels as sk
 
@@ -87,11 +87,6 @@ def _worker(scenario: str, rank: int, port: int, out_path: str) -> None:
     os._exit(0)  # skip destroy_process_group: its peer is gone or stuck
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory):
@@ -102,7 +97,7 @@ def outcomes(tmp_path_factory):
     processes = []
     try:
         for scenario in SCENARIOS:
-            port = _free_port()
+            port = free_port()
             for rank in (0, 1):
                 out_path = str(out_dir / f"{scenario}.json")
                 process = context.Process(target=_worker, args=(scenario, rank, port, out_path), daemon=True)

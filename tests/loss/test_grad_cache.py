@@ -12,13 +12,13 @@ from __future__ import annotations
 import copy
 import datetime
 import os
-import socket
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from harness import free_port
 from oracle import max_norm_rel_err, semclip_loss_float64
 from torch import nn
 
@@ -292,11 +292,6 @@ def step_seed(step: int, rank: int) -> int:
     return 1000 * step + rank
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _ddp_worker(rank: int, port: int, state: dict, micro_batches: list, out_dir: str, skip_no_sync: bool) -> None:
     try:
@@ -380,7 +375,7 @@ def _ddp_worker(rank: int, port: int, state: dict, micro_batches: list, out_dir:
 
 def run_ddp(tmp_path, state, micro_batches, skip_no_sync=False) -> list[dict]:
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     procs = [
         ctx.Process(target=_ddp_worker, args=(r, port, state, micro_batches, str(tmp_path), skip_no_sync))
         for r in range(WORLD)

@@ -10,7 +10,9 @@ import os
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from harness import REPO_ROOT
+
+REPO = REPO_ROOT
 
 
 def run_without(module: str, code: str) -> subprocess.CompletedProcess:

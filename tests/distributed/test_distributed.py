@@ -15,19 +15,15 @@ parent process against
 
 from __future__ import annotations
 
-import datetime
 import importlib.util
 import itertools
 import math
-import multiprocessing
 import os
-import socket
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from harness import capture, init_gloo, run_world
 from oracle import make_case, max_norm_rel_err, semclip_loss_float64
 
 import semclip_kernels as sk
@@ -78,13 +74,6 @@ def load_open_clip_loss():
 
 # --------------------------------------------------------------------------- the worker (one per rank)
 
-
-def _run(fn, *args):
-    """(loss, grads) of one evaluation, or the error text (so one bad config fails one test)."""
-    try:
-        return fn(*args)
-    except Exception:  # noqa: BLE001 - reported by the parent's assertion
-        return traceback.format_exc()
 
 
 def _semclip(rank, world_size, leaves, backend, mode, local_loss, gather_with_grad, extras,
@@ -194,22 +183,19 @@ def _traffic(rank, world_size, leaves, mode):
 
 def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-        timeout=datetime.timedelta(seconds=60),
-    )
+    init_gloo(rank, world_size, port, timeout_s=60)
     results = {}
     for extras in EXTRAS:
         case = global_case(world_size, extras)
         for backend, mode, (local_loss, gwg) in itertools.product(CPU_BACKENDS, MODES, COMBOS):
-            results[(backend, mode, local_loss, gwg, extras)] = _run(
+            results[(backend, mode, local_loss, gwg, extras)] = capture(
                 _semclip, rank, world_size, local_leaves(case, rank), backend, mode, local_loss, gwg, extras
             )
 
     open_clip_loss = load_open_clip_loss()
     plain = global_case(world_size, "plain")
     for local_loss, gwg in COMBOS:
-        results[("open_clip", local_loss, gwg)] = _run(
+        results[("open_clip", local_loss, gwg)] = capture(
             _open_clip, rank, world_size, open_clip_loss, local_leaves(plain, rank), local_loss, gwg
         )
 
@@ -218,7 +204,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     for mode, (local_loss, gwg) in itertools.product(MODES, FROZEN_COMBOS):
         leaves = local_leaves(extra, rank)
         leaves[0].requires_grad_(False)
-        results[("frozen_image", mode, local_loss, gwg)] = _run(
+        results[("frozen_image", mode, local_loss, gwg)] = capture(
             _semclip, rank, world_size, leaves, "torch", mode, local_loss, gwg, "extras"
         )
 
@@ -226,21 +212,23 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     for mode, (local_loss, gwg) in itertools.product(MODES, [(False, False), (True, True)]):
         leaves = [None if t is None else t.detach().bfloat16().requires_grad_() for t in local_leaves(extra, rank)[:4]]
         leaves.append(extra.logit_scale.detach().clone().requires_grad_())
-        results[("bfloat16", mode, local_loss, gwg)] = _run(
+        results[("bfloat16", mode, local_loss, gwg)] = capture(
             _semclip, rank, world_size, leaves, "torch", mode, local_loss, gwg, "extras"
         )
 
     # The ring's backward uses the primitive's backward-only entry: no forward recomputed.
     for mode in ("ring", "hierarchical"):
-        results[("primitive_calls", mode)] = _run(_primitive_calls, rank, world_size, local_leaves(extra, rank), mode)
+        results[("primitive_calls", mode)] = capture(
+            _primitive_calls, rank, world_size, local_leaves(extra, rank), mode
+        )
 
     # What each mode sends, for the scale model (benchmarks/distributed_model.py).
     for mode in MODES:
-        results[("traffic", mode)] = _run(_traffic, rank, world_size, local_leaves(extra, rank), mode)
+        results[("traffic", mode)] = capture(_traffic, rank, world_size, local_leaves(extra, rank), mode)
 
     # "hierarchical" without group_size: the local world size that torchrun sets.
     os.environ["LOCAL_WORLD_SIZE"] = str(GROUP_SIZE)
-    results[("hierarchical_default_group_size",)] = _run(
+    results[("hierarchical_default_group_size",)] = capture(
         _semclip, rank, world_size, local_leaves(extra, rank), "torch", "hierarchical", True, True, "extras", None
     )
     del os.environ["LOCAL_WORLD_SIZE"]
@@ -251,42 +239,28 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         if rank == 0:
             with torch.no_grad():
                 leaves[0][0, 0] = float("nan")
-        results[("nan", mode, local_loss, gwg)] = _run(
+        results[("nan", mode, local_loss, gwg)] = capture(
             _semclip, rank, world_size, leaves, "torch", mode, local_loss, gwg, "extras"
         )
 
     # Bad layouts are rejected on every rank with a clear error (and nobody hangs).
     for mode in MODES:
-        results[("uneven", mode)] = _run(_bad_layout, rank, world_size, mode, BATCH + rank, 1)
-        results[("paraphrase_count", mode)] = _run(_bad_layout, rank, world_size, mode, BATCH, 1 + rank)
+        results[("uneven", mode)] = capture(_bad_layout, rank, world_size, mode, BATCH + rank, 1)
+        results[("paraphrase_count", mode)] = capture(_bad_layout, rank, world_size, mode, BATCH, 1 + rank)
     # τ and β must agree across ranks (docs/contract.md §5): checked in the layout all-gather.
-    results["scale_differs"] = _run(_bad_layout, rank, world_size, "gather", BATCH, 1, 10.0 + rank)
-    results["beta_differs"] = _run(_bad_layout, rank, world_size, "gather", BATCH, 1, 10.0, 1.0 + rank)
+    results["scale_differs"] = capture(_bad_layout, rank, world_size, "gather", BATCH, 1, 10.0 + rank)
+    results["beta_differs"] = capture(_bad_layout, rank, world_size, "gather", BATCH, 1, 10.0, 1.0 + rank)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world{w}")
 def world(request, tmp_path_factory):
     world_size = request.param
     out_dir = tmp_path_factory.mktemp(f"world{world_size}")
-    # A fork server that has imported torch once forks every rank: importing torch in each
-    # fresh process is what makes spawning slow on a small machine.
-    # semclip_kernels.loss: `import semclip_kernels` alone loads the loss stack lazily, on first use
-    multiprocessing.get_context("forkserver").set_forkserver_preload(["torch", "semclip_kernels.loss", __name__])
-    mp.start_processes(
-        _worker, args=(world_size, _free_port(), str(out_dir)), nprocs=world_size, join=True,
-        start_method="forkserver",
-    )
-    ranks = [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
-    return world_size, ranks
+    return world_size, run_world(_worker, world_size, out_dir, preload=[__name__])
 
 
 # --------------------------------------------------------------------------- float64 expectations

@@ -251,7 +251,7 @@ def test_bad_arguments_name_what_they_expected(backend):
 
 
 def test_triton_request_explains_and_auto_never_fails():
-    """backend="triton" itself is tested in tests/test_siglip_triton.py (CPU tensors: the interpreter)."""
+    """backend="triton" itself is tested in tests/kernels/test_siglip_triton.py (CPU tensors: the interpreter)."""
     ok, reason = sigmoid_backend_status("triton", torch.device("meta"))
     assert not ok and "meta" in reason
     assert sigmoid_dispatch.resolve_sigmoid_backend("auto", torch.device("cpu")) in FUSED

@@ -8,19 +8,18 @@ materialized here (independent of the code under test).
 
 from __future__ import annotations
 
-import datetime
 import itertools
 import math
 import multiprocessing
 import os
-import socket
 import traceback
 
+import harness
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from harness import init_gloo
 from oracle import max_norm_rel_err
 
 import semclip_kernels as sk
@@ -47,10 +46,9 @@ def global_batch(dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
     return [t.to(dtype) for t in features]
 
 
-def _rank(rank: int, port: int, out_dir: str, backends: list[str]) -> None:
+def _rank(rank: int, world_size: int, port: int, out_dir: str, backends: list[str]) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=120))  # fmt: skip
+    init_gloo(rank, world_size, port)
     results = {}
     rows = slice(rank * BATCH, (rank + 1) * BATCH)
     for dtype, backend, mode, (local_loss, gwg) in itertools.product(DTYPES, backends, MODES, SETTINGS):
@@ -72,11 +70,7 @@ def _rank(rank: int, port: int, out_dir: str, backends: list[str]) -> None:
 
 def run_world(out_dir: str, backends: list[str]) -> list[dict]:
     """Every rank's `{(dtype, backend, mode, local_loss, gather_with_grad): (loss, grads) or error text}`."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.start_processes(_rank, args=(port, out_dir, backends), nprocs=WORLD, start_method="spawn", join=True)
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+    return harness.run_world(_rank, WORLD, out_dir, backends)
 
 
 # --------------------------------------------------------------------------- float64 truth (open_clip's semantics)

@@ -29,7 +29,7 @@ if not triton_fused.is_available(torch.device(DEVICE))[0]:
 
 from semclip_kernels.triton_kernels import tl_utils  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
+pytestmark = pytest.mark.needs_triton
 TILES = {"block_rows": 16, "block_cols": 16}
 interpreted_only = pytest.mark.skipif(not tl_utils.INTERPRETED, reason="counts operations of Triton's interpreter")
 

@@ -25,6 +25,7 @@ import open_clip_train.train as open_clip_train_loop
 import psutil
 import pytest
 import torch
+from harness import REPO_ROOT
 from oracle import max_norm_rel_err, semclip_loss_float64
 from PIL import Image
 
@@ -33,7 +34,7 @@ import semclip_train.open_clip.grad_cache as open_clip_grad_cache
 from semclip_kernels import SemCLIPLoss
 from semclip_kernels.integrations.open_clip import semclip_forward
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO_ROOT
 MODEL = "semclip-oc-tiny-patch-dropout"
 CONFIG = {
     "embed_dim": 32,

@@ -23,8 +23,9 @@ import sys
 from dataclasses import dataclass
 
 import pytest
+from harness import REPO_ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO_ROOT
 SETUPS_SCRIPT = os.path.join(ROOT, "tests", "docs_setups.py")
 
 SHELL_FENCES = {"bash", "sh", "shell", "console"}

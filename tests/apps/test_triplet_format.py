@@ -4,12 +4,12 @@ batch, the text-tower views, the CSV reader with custom columns, and that it loa
 from __future__ import annotations
 
 import io
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from harness import REPO_ROOT
 
 from semclip_kernels.triplets import (
     SEPARATOR,
@@ -24,7 +24,7 @@ from semclip_kernels.triplets import (
     text_views,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO_ROOT
 
 
 def test_cells_split_on_the_spaced_separator_only():

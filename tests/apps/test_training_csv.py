@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 # training/ lives at the repository root and is not part of the installed package.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from semclip_kernels.triplets import BadRowsError, read_triplet_csv  # noqa: E402
 from training.csv_data import CsvTriplets, read_rows  # noqa: E402
 

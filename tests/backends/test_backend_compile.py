@@ -8,7 +8,6 @@ cores: one small compiled test per backend.
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from primitive import opcheck_forward_and_backward, partitions
 
 from semclip_kernels.backends.options import PartitionOptions
 
-pytestmark = pytest.mark.skipif(os.environ.get("SEMCLIP_SKIP_CPP") == "1", reason="SEMCLIP_SKIP_CPP=1")
+pytestmark = pytest.mark.needs_cpp
 
 
 def primitive_args(n_rows=12, n_cols=20, n_query=12, dim=8, tau=5.0, seed=0):

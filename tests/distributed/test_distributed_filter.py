@@ -12,24 +12,22 @@ stay within docs/contract.md §4 of the float64 evaluation of the global loss.
 
 from __future__ import annotations
 
-import datetime
 import itertools
 import math
 import multiprocessing
 import os
-import socket
 import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from harness import init_gloo, run_world
 from oracle import max_norm_rel_err, semclip_loss_float64
 
 import semclip_kernels as sk
 
-pytestmark = pytest.mark.skipif(not sk.backend_status("cpp", "cpu")[0], reason="the cpp backend is not built")
+pytestmark = pytest.mark.needs_cpp
 
 TAU = 100.0
 # name: (ranks, local batch, d, tile)
@@ -52,11 +50,10 @@ def global_batch(batch: int, dim: int, alignment: str, seed: int = 0) -> list[to
     return [image, near(spread), near(spread)[:, None], near(0.8)[:, None]]
 
 
-def _rank(rank: int, port: int, out_dir: str, regime: str) -> None:
+def _rank(rank: int, world_size: int, port: int, out_dir: str, regime: str) -> None:
     world, batch, dim, tile = REGIMES[regime]
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))  # fmt: skip
+    init_gloo(rank, world_size, port)
     results = {}
     rows = slice(rank * batch, (rank + 1) * batch)
     for alignment, mode, (local_loss, gwg) in itertools.product(ALIGNMENTS, MODES, SETTINGS):
@@ -81,11 +78,7 @@ def regime(request, tmp_path_factory):
     name = request.param
     world = REGIMES[name][0]
     out_dir = str(tmp_path_factory.mktemp("filter"))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.start_processes(_rank, args=(port, out_dir, name), nprocs=world, start_method="spawn", join=True)
-    return name, [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+    return name, run_world(_rank, world, out_dir, name)
 
 
 def single_process_fraction(regime: str, alignment: str) -> float:

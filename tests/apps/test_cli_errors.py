@@ -16,9 +16,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from harness import REPO_ROOT
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO_ROOT
 
 
 def run_module(module: str, *args: str, cwd: str) -> subprocess.CompletedProcess:

@@ -10,17 +10,13 @@ gradients of r's texts travel home), its τ and b gradients those of L_r (DDP av
 
 from __future__ import annotations
 
-import datetime
 import itertools
-import multiprocessing
 import os
-import socket
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from harness import capture, init_gloo, run_world
 from oracle import make_case, max_norm_rel_err
 from sigmoid_oracle import semsiglip_loss_float64
 from test_distributed import load_open_clip_loss
@@ -51,12 +47,6 @@ def local_leaves(case, rank: int) -> list[torch.Tensor | None]:
     return out
 
 
-def _run(fn, *args):
-    try:
-        return fn(*args)
-    except Exception:  # noqa: BLE001 - reported by the parent's assertion
-        return traceback.format_exc()
-
 
 def _ours(rank, world_size, leaves, backend, extras, mode=None, dist_impl=None):
     _, _, w, beta = EXTRAS[extras]
@@ -85,53 +75,40 @@ def _uneven(rank, world_size, mode):
 
 def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-        timeout=datetime.timedelta(seconds=60),
-    )  # fmt: skip
+    init_gloo(rank, world_size, port, timeout_s=60)
     results = {}
     for extras, backend, mode in itertools.product(EXTRAS, CPU_BACKENDS, MODES):
         case = global_case(world_size, extras)
-        results[(backend, mode, extras)] = _run(
+        results[(backend, mode, extras)] = capture(
             _ours, rank, world_size, local_leaves(case, rank), backend, extras, mode
         )
     plain = global_case(world_size, "plain")
     open_clip_loss = load_open_clip_loss()
     for dist_impl in DIST_IMPLS:
-        results[("dist_impl", dist_impl)] = _run(
+        results[("dist_impl", dist_impl)] = capture(
             _ours, rank, world_size, local_leaves(global_case(world_size, "extras"), rank), "torch", "extras",
             None, dist_impl,
         )  # fmt: skip
-        results[("open_clip", dist_impl)] = _run(
+        results[("open_clip", dist_impl)] = capture(
             _open_clip, rank, world_size, open_clip_loss, local_leaves(plain, rank), dist_impl
         )
-        results[("ours_plain", dist_impl)] = _run(
+        results[("ours_plain", dist_impl)] = capture(
             _ours, rank, world_size, local_leaves(plain, rank), "cpp" if "cpp" in CPU_BACKENDS else "torch", "plain",
             None, dist_impl,
         )  # fmt: skip
     for mode in MODES:
-        results[("uneven", mode)] = _run(_uneven, rank, world_size, mode)
+        results[("uneven", mode)] = capture(_uneven, rank, world_size, mode)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
 def world(request, tmp_path_factory):
     world_size = request.param
     out_dir = tmp_path_factory.mktemp(f"siglip_world{world_size}")
-    multiprocessing.get_context("forkserver").set_forkserver_preload(["torch", "semclip_kernels", __name__])
-    mp.start_processes(
-        _worker, args=(world_size, _free_port(), str(out_dir)), nprocs=world_size, join=True,
-        start_method="forkserver",
-    )  # fmt: skip
-    return world_size, [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+    return world_size, run_world(_worker, world_size, out_dir, preload=[__name__])
 
 
 def expected_per_rank(world_size: int, extras: str):

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 import torch
 
 # training/ lives at the repository root and is not part of the installed package.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from training.checkpoint import atomic_save, load_checkpoint  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.train import train  # noqa: E402

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime
 import queue
-import socket
 import traceback
 from dataclasses import dataclass, replace
 
@@ -24,6 +23,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from harness import free_port
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from oracle import max_norm_rel_err
@@ -108,9 +108,7 @@ class World:
 
     def __init__(self, size: int) -> None:
         context = mp.get_context("spawn")
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = free_port()
         self.size = size
         self.tasks = [context.Queue() for _ in range(size)]
         self.results = context.Queue()

@@ -13,6 +13,7 @@ import time
 
 import pytest
 from fake_openai_server import FakeOpenAIServer, Reply
+from harness import REPO_ROOT
 
 from semclip_kernels.triplets import SEPARATOR, read_triplet_csv
 from training.paths import SUGARCREPE_PP_CSV
@@ -34,7 +35,7 @@ from training.triplets.rules import (
 )
 from training.triplets.validate import word_key
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = REPO_ROOT
 
 
 def real_captions() -> list[str]:

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 
 import numpy as np
 import pytest
 import torch
+from harness import REPO_ROOT
 
 # training/ lives at the repository root and is not part of the installed package.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from training.data import batch_indices  # noqa: E402
 from training.evaluate import negation_accuracy, paraphrase_recall_at_1, recall_at_k  # noqa: E402
 from training.synthetic import SyntheticTriplets, layout_key  # noqa: E402
@@ -169,7 +167,7 @@ def training_import_graph() -> dict[str, set[str]]:
     """module -> training modules it imports anywhere in its source (lazy imports inside functions count too)."""
     import ast
 
-    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "training")
+    folder = os.path.join(REPO_ROOT, "training")
     names = {f[:-3] for f in os.listdir(folder) if f.endswith(".py") and f != "__init__.py"}
     graph: dict[str, set[str]] = {}
     for name in names:

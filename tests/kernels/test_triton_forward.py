@@ -28,7 +28,7 @@ if not triton_fused.is_available(torch.device(DEVICE))[0]:
                 allow_module_level=True)
 
 # log(0) = -inf is the intended value of an empty partition; numpy (the interpreter) warns about it.
-pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
+pytestmark = pytest.mark.needs_triton
 TILES = {"block_rows": 16, "block_cols": 16}  # several ragged tiles at the sizes below
 
 

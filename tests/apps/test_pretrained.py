@@ -11,7 +11,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 
 import pytest
 import torch
@@ -19,8 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 
 # training/ lives at the repository root and is not part of the installed package.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from training import pretrained  # noqa: E402
 from training.paper_loss import PaperLoss, orthonormal_basis  # noqa: E402
 from training.pretrained import (  # noqa: E402
