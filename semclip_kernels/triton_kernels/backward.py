@@ -31,17 +31,20 @@ it keeps every weight within 2^-38 of the largest normal.
 
 Gradient filtering (FILTER): a tile is skipped (not stored, not multiplied) when every
 weight of the tile, measured against the softmax mass its row or column gradient is
-made of, is below `filter_eps`:
+made of and times its line's |g|, is below `filter_eps·G` (G = the largest |g_row|, |g_col|):
 
-    p_ic               (row i's mass Σ_c p_ic is 1)
-    q_ic               (query column c's mass Σ_i q_ic is 1)
-    p_ic / mass_lb_c   (column c's row-direction mass Σ_i p_ic ≥ mass_lb_c = exp(col_mass_lb_c),
-                        the lower bound `Stats.col_mass_lb` carries, see backends/values.py)
+    |g_row_i|·p_ic               (row i's mass Σ_c p_ic is 1)
+    |g_col_c|·q_ic               (query column c's mass Σ_i q_ic is 1)
+    |g_row_i|·p_ic / mass_lb_c   (column c's row-direction mass Σ_i p_ic ≥ mass_lb_c = exp(col_mass_lb_c),
+                                  the lower bound `Stats.col_mass_lb` carries, see backends/values.py;
+                                  a query column with a column gradient counts mass 1, as in cpp)
 
 The third term protects columns that are nobody's query (negations): their gradient is
 made only of row-softmax weights, which may all be tiny. The factor 1/mass_lb_c is
-clamped at e^80 (so p_ic·factor cannot overflow float32). NaN weights compare false and
-are never filtered. The filter needs g_row and every column's mass bound.
+clamped at e^80 (so p_ic·factor cannot overflow float32). The |g| factor lets a line whose
+gradient is negligible next to the others' (a query column's off-positive share, e^-45 of
+the rows' in a trained batch) be skipped. NaN weights compare false and are never
+filtered. The filter needs g_row and every column's mass bound.
 
 Excluded entries (`Problem.positives`: the loss's positives, left out of the partitions by
 the forward) get dS = 0 here; the loss's own gradient of those logits is added to the
@@ -78,6 +81,7 @@ def ds_panel_kernel(
     row_lse_ptr,
     query_lse_ptr,  # [n_query_cols]: column partitions of the query columns
     col_mass_lb_ptr,  # [n_cols]: lower bounds of log Σ_i p_ic (FILTER only)
+    grad_max_ptr,  # [1]: G = max(|g_row|, |g_col|) (FILTER only)
     grad_row_lse_ptr,
     grad_col_lse_ptr,
     ds_scale_ptr,  # [1]: 2^e
@@ -151,7 +155,8 @@ def ds_panel_kernel(
             # Relative to a lower bound of column c's row-softmax mass, exp(col_mass_lb):
             # the factor is clamped at e^80 so that the product stays finite.
             inv_mass = tl.exp(tl.minimum(-mass_lb, 80.0))
-            max_weight = tl.maximum(max_weight, tl.max(row_softmax * tl.maximum(inv_mass, 1.0)[None, :]))
+            weight = row_softmax * tl.maximum(inv_mass, 1.0)[None, :] * tl.abs(g_row)[:, None]
+            max_weight = tl.maximum(max_weight, tl.max(weight))
         else:
             max_weight = tl.maximum(max_weight, tl.max(row_softmax))
     if HAS_COL_GRAD:
@@ -161,14 +166,14 @@ def ds_panel_kernel(
         col_softmax = tl.exp(logits - query_lse[None, :])
         col_softmax = tl.where(live & is_query[None, :], col_softmax, 0.0)
         grad_logits += g_col[None, :] * col_softmax
-        max_weight = tl.maximum(max_weight, tl.max(col_softmax))
+        max_weight = tl.maximum(max_weight, tl.max(col_softmax * tl.abs(g_col)[None, :]))
     tile = row_block * panel_blocks + panel_block
     if NEED_GRAD_SCALE:  # every tile, kept or not: grad_τ never depends on the filter
         tl.store(grad_scale_parts_ptr + tile, tl.sum(grad_logits * dots))
     # (The caller sets FILTER only with HAS_ROW_GRAD, which defines row_softmax and col_bias.)
     skip = False
     if FILTER:
-        skip = max_weight < filter_eps
+        skip = max_weight < filter_eps * tl.load(grad_max_ptr).to(ACC_DTYPE)
     if skip:
         tl.store(keep_ptr + tile, 0)
     else:
@@ -274,6 +279,16 @@ def partitions_backward(
     keep = torch.empty((n_row_blocks, panel_width), dtype=torch.int32, device=device)
     grad_scale_parts = torch.empty((n_row_blocks, panel_width), dtype=stat, device=device)
     ds_scale = ds_scale_for(grad_row_lse, grad_col_lse, rows)
+    mass_lb, grad_max = col_mass_lb, scale
+    if filtering:
+        # A query column with a column gradient: its column softmax alone has mass 1 (as in cpp).
+        mass_lb = col_mass_lb.clone()
+        if has_col_grad:
+            mass_lb[:n_query_cols] = torch.where(grad_col_lse != 0, 0.0, mass_lb[:n_query_cols])
+        grad_max = grad_row_lse.detach().abs().amax().float()
+        if has_col_grad:
+            grad_max = torch.maximum(grad_max, grad_col_lse.detach().abs().amax().float())
+        grad_max = grad_max.to(stat).reshape(1)
     factor = (scale.detach().float() / ds_scale).to(stat)  # τ·2^-e
     dummy = scale  # stands in for pointers a constexpr flag keeps unused
     bands = [*excluded, (0, 1), (0, 1)][:2]  # unused slots: any valid band (the constexpr skips them)
@@ -285,7 +300,7 @@ def partitions_backward(
         blocks = min(panel_width, n_col_blocks - first_block)
         ds_panel_kernel[(n_row_blocks * blocks,)](
             rows, cols, scale, col_bias, row_lse, query_lse if query_lse.numel() else dummy,
-            col_mass_lb if filtering else dummy,
+            mass_lb if filtering else dummy, grad_max if filtering else dummy,
             grad_row_lse.contiguous() if has_row_grad else dummy,
             grad_col_lse.contiguous() if has_col_grad else dummy,
             ds_scale, panel if need_panel else dummy, keep, grad_scale_parts, filter_eps,
