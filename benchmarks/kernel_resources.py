@@ -212,9 +212,10 @@ def kernel_variants(dtype: torch.dtype, dim: int, defaults_only: bool = False, t
         for name, filtering, need_panel in _DS_VARIANTS:
             if defaults_only and name != "default":
                 continue
+            # 16-bit panels also store each row's rounding residual.
             launch = ds_panel_launch(tile, dtype, precision, has_row_grad=True, has_col_grad=True,
                                      need_panel=need_panel, need_grad_scale=True, filtering=filtering,
-                                     n_excluded=2)  # fmt: skip
+                                     n_excluded=2, row_residual=need_panel and dtype.itemsize == 2)  # fmt: skip
             yield "ds_panel", name + tag, ds_panel_kernel, launch, tile_shape
         for sparse in (True, False):
             if defaults_only and not sparse:

@@ -15,14 +15,16 @@
 // underflow, or exp(M − lse) could overflow) is recomputed exactly with its own
 // shift; that happens only in tiles whose logits span > ~50 nats.
 //
-// Gradient filtering: every softmax weight of a tile, relative to the mass of the gradient it feeds, is
-// at most exp(M + max b − min row_lse − min log column mass) (rows; the column-mass term matters for
-// negation columns, whose gradient is made of row weights only) and exp(M − min col_lse) (columns); when
-// both bounds are below eps the tile's gradient work is skipped entirely: M is the tile max the forward
-// recorded (one number per tile), so a skipped tile costs neither its recomputation nor its two gradient
-// products. The default eps = 2^-24 / max(M, K) (float32; 2^-53 for float64, set in backends/cpp.py)
-// keeps the total dropped weight of any row or column below float resolution of its mass, i.e. the
-// default is exact. Statistics enter the backward in float64. The design: docs/cpu_kernel.md.
+// Gradient filtering: every softmax weight of a tile, relative to the mass of the gradient it feeds and
+// times its line's |g| over the largest |g| of the problem (G), is at most
+// exp(M + max b − min row_lse − min log column mass) · max|g_row|/G (rows; the column-mass term matters for
+// negation columns, whose gradient is made of row weights only) and exp(M − min col_lse) · max|g_col|/G
+// (columns); when both bounds are below eps the tile's gradient work is skipped entirely: M is the tile max
+// the forward recorded (one number per tile), so a skipped tile costs neither its recomputation nor its two
+// gradient products. The default eps = 2^-24 / max(M, K) (float32; 2^-53 for float64, set in
+// backends/cpp.py) keeps the total dropped weight of any row or column below float resolution of G times its
+// mass, i.e. the default is exact per gradient tensor. Statistics enter the backward in float64. The design:
+// docs/cpu_kernel.md.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -253,31 +255,49 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& rows, const Columns& cols
 // softmax alone has mass 1; else col_mass_lb_c ≤ log Σ_i p_ic, the lower bound the caller computed (see
 // backends/values.py: Stats.col_mass_lb), or −inf without it: such a column's mass is unknown and its tiles
 // are never skipped).
+// Each weight counts with its line's gradient |g| against the largest |g| of the problem, G: a line whose
+// gradient is e^-45 of the others' (a query column's off-positive share, once the loss leaves its positives
+// out of the partitions) has nothing to add where the weights of a line of gradient G would be dropped.
+// Per block, max over its lines of log|g| − lse: |g_i|·p_ic ≤ exp(S_ic + b_c + that), tighter than pairing the
+// largest |g| with the smallest lse when the lines' partitions differ (off-positive partitions do).
 struct FilterBounds {
-  std::vector<double> rb_min_lse, cb_max_bias, cb_min_col_lse, cb_min_col_mass;
-  double log_eps;
+  std::vector<double> rb_max_g_lse, cb_max_bias, cb_max_g_lse, cb_min_col_mass;
+  double log_eps;  // log(eps·G)
 
-  // Whether every weight of tile (rb, cb) with max logit tile_max is below eps of the mass of the gradient
-  // it feeds. NaN bounds compare false: NaN always reaches the gradients.
+  // Whether every weight of tile (rb, cb) with max logit tile_max, times its line's |g|, is below eps·G of the
+  // mass of the gradient it feeds. NaN bounds compare false: NaN always reaches the gradients.
   bool skippable(const Tile& t, int64_t rb, int64_t cb, double tile_max) const {
-    const double row_bound = tile_max + cb_max_bias[cb] - rb_min_lse[rb] - cb_min_col_mass[cb];
-    const double col_bound = t.nq > 0 ? tile_max - cb_min_col_lse[cb] : -std::numeric_limits<double>::infinity();
+    const double row_bound = tile_max + cb_max_bias[cb] + rb_max_g_lse[rb] - cb_min_col_mass[cb];
+    const double col_bound = t.nq > 0 ? tile_max + cb_max_g_lse[cb] : -std::numeric_limits<double>::infinity();
     return row_bound < log_eps && col_bound < log_eps;
   }
 };
 
+// log|g| − lse of one line: −inf for a line without gradient, also when its lse is −inf (every entry left
+// out); NaN stays NaN.
+inline double log_g_minus_lse(double g, double lse) {
+  const double inf = std::numeric_limits<double>::infinity();
+  return g == 0 && lse == -inf ? -inf : std::log(std::abs(g)) - lse;
+}
+
 template <typename T>
-FilterBounds filter_bounds(const double* rl, const double* cl, const double* mass_lb, const T* bias, const T* gc,
-                           int64_t M, const Columns& cols, int64_t Kq, int64_t br, double eps) {
+FilterBounds filter_bounds(const double* rl, const double* cl, const double* mass_lb, const T* bias, const T* gr,
+                           const T* gc, int64_t M, const Columns& cols, int64_t Kq, int64_t br, double eps) {
   const double inf = std::numeric_limits<double>::infinity();
   const int64_t n_rb = ceil_div(M, br), n_cb = cols.n_tiles(), K = cols.K;
-  FilterBounds f{std::vector<double>(n_rb, inf), std::vector<double>(n_cb, -inf), std::vector<double>(n_cb, inf),
-                 std::vector<double>(n_cb, 0.0), eps > 0 ? std::log(eps) : -inf};
-  for (int64_t r = 0; r < M; ++r) f.rb_min_lse[r / br] = nan_min(f.rb_min_lse[r / br], rl[r]);
+  FilterBounds f{std::vector<double>(n_rb, -inf), std::vector<double>(n_cb, -inf), std::vector<double>(n_cb, -inf),
+                 std::vector<double>(n_cb, 0.0), -inf};
+  double largest_g = 0;  // G (NaN-propagating)
+  for (int64_t r = 0; r < M; ++r) {
+    f.rb_max_g_lse[r / br] = nan_max(f.rb_max_g_lse[r / br], log_g_minus_lse(double(gr[r]), rl[r]));
+    largest_g = nan_max(largest_g, std::abs(double(gr[r])));
+  }
+  for (int64_t c = 0; c < Kq; ++c) largest_g = nan_max(largest_g, std::abs(double(gc[c])));
+  if (eps > 0) f.log_eps = std::log(eps) + std::log(largest_g);
   for (int64_t c = 0; c < K; ++c) {
     const int64_t cb = cols.tile_of[c];
     f.cb_max_bias[cb] = nan_max(f.cb_max_bias[cb], double(bias[c]));
-    if (c < Kq) f.cb_min_col_lse[cb] = nan_min(f.cb_min_col_lse[cb], cl[c]);
+    if (c < Kq) f.cb_max_g_lse[cb] = nan_max(f.cb_max_g_lse[cb], log_g_minus_lse(double(gc[c]), cl[c]));
     if (c < Kq && gc[c] != 0) continue;
     double log_mass = -inf;
     if (mass_lb) log_mass = std::isnan(mass_lb[c]) ? mass_lb[c] : std::min(0.0, mass_lb[c]);
@@ -380,7 +400,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& rows, const Columns& col
   const T* fwd_tile_max = tile_max.numel() > 0 ? tile_max.data_ptr<T>() : nullptr;
   const FilterBounds filter = filter_bounds(gw.row_lse, gw.col_lse,
                                             col_mass_lb.numel() > 0 ? col_mass_lb.data_ptr<double>() : nullptr,
-                                            gw.bias, gw.g_col, M, cols, Kq, br, eps);
+                                            gw.bias, gw.g_row, gw.g_col, M, cols, Kq, br, eps);
   ColumnDeposits deposits(parts.count, n_cb);
   parts.run([&](int64_t part) {
     try {

@@ -113,7 +113,15 @@ def backward(problem: Problem, stats: Stats, grads: StatGrads, needs: Needs) -> 
             stat_vector(stats.query_lse), stat_vector(stats.col_mass_lb), stat_vector(grads.row),
             stat_vector(grads.query), (needs.rows, needs.cols, needs.scale), dot_precision(rows.dtype), float(eps),
             tile, gemm_config(dim, rows.dtype), excluded=problem.positives,
+            row_residual=bool(problem.positives) and problem.positives[0][1] >= 1,
         )  # fmt: skip
+    if result.row_residual is not None:
+        # What the 16-bit panel lost of each row's weights, added back in float32 along the row's first left-out
+        # column (the loss's caption): every column that carries weight in a near-converged row is within a
+        # few percent of it, so the rounding's sum is what did not cancel (a hard negative at cosine 0.98).
+        first, per_row = problem.positives[0]
+        reference = cols[first + torch.arange(n_rows, device=rows.device) * per_row].to(stat)
+        result.grad_rows.add_(reference * (result.row_residual.to(stat) * problem.scale.detach().to(stat))[:, None])
     tiles = triton.cdiv(n_rows, tile.block_m) * triton.cdiv(n_cols, tile.block_n)
     skipped = tiles - result.kept_tiles
     counts = torch.stack([torch.full_like(skipped, tiles), skipped, torch.zeros_like(skipped)])

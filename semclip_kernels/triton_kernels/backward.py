@@ -31,17 +31,20 @@ it keeps every weight within 2^-38 of the largest normal.
 
 Gradient filtering (FILTER): a tile is skipped (not stored, not multiplied) when every
 weight of the tile, measured against the softmax mass its row or column gradient is
-made of, is below `filter_eps`:
+made of and times its line's |g|, is below `filter_eps·G` (G = the largest |g_row|, |g_col|):
 
-    p_ic               (row i's mass Σ_c p_ic is 1)
-    q_ic               (query column c's mass Σ_i q_ic is 1)
-    p_ic / mass_lb_c   (column c's row-direction mass Σ_i p_ic ≥ mass_lb_c = exp(col_mass_lb_c),
-                        the lower bound `Stats.col_mass_lb` carries, see backends/values.py)
+    |g_row_i|·p_ic               (row i's mass Σ_c p_ic is 1)
+    |g_col_c|·q_ic               (query column c's mass Σ_i q_ic is 1)
+    |g_row_i|·p_ic / mass_lb_c   (column c's row-direction mass Σ_i p_ic ≥ mass_lb_c = exp(col_mass_lb_c),
+                                  the lower bound `Stats.col_mass_lb` carries, see backends/values.py;
+                                  a query column with a column gradient counts mass 1, as in cpp)
 
 The third term protects columns that are nobody's query (negations): their gradient is
 made only of row-softmax weights, which may all be tiny. The factor 1/mass_lb_c is
-clamped at e^80 (so p_ic·factor cannot overflow float32). NaN weights compare false and
-are never filtered. The filter needs g_row and every column's mass bound.
+clamped at e^80 (so p_ic·factor cannot overflow float32). The |g| factor lets a line whose
+gradient is negligible next to the others' (a query column's off-positive share, e^-45 of
+the rows' in a trained batch) be skipped. NaN weights compare false and are never
+filtered. The filter needs g_row and every column's mass bound.
 
 Excluded entries (`Problem.positives`: the loss's positives, left out of the partitions by
 the forward) get dS = 0 here; the loss's own gradient of those logits is added to the
@@ -78,6 +81,8 @@ def ds_panel_kernel(
     row_lse_ptr,
     query_lse_ptr,  # [n_query_cols]: column partitions of the query columns
     col_mass_lb_ptr,  # [n_cols]: lower bounds of log Σ_i p_ic (FILTER only)
+    grad_max_ptr,  # [1]: G = max(|g_row|, |g_col|) (FILTER only)
+    row_residual_ptr,  # [panel_blocks, n_rows]: Σ_c (dS − panel entry) per tile row (ROW_RESIDUAL only)
     grad_row_lse_ptr,
     grad_col_lse_ptr,
     ds_scale_ptr,  # [1]: 2^e
@@ -113,6 +118,7 @@ def ds_panel_kernel(
     NEED_GRAD_SCALE: tl.constexpr,
     FILTER: tl.constexpr,
     N_EXCLUDED: tl.constexpr,  # bands of entries left out of the partitions: dS = 0 there (0, 1 or 2)
+    ROW_RESIDUAL: tl.constexpr,  # store each tile row's rounding residual of the 16-bit panel
 ):
     row_block, panel_block = grouped_tile_ids(n_rows, panel_blocks * BLOCK_N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -151,7 +157,8 @@ def ds_panel_kernel(
             # Relative to a lower bound of column c's row-softmax mass, exp(col_mass_lb):
             # the factor is clamped at e^80 so that the product stays finite.
             inv_mass = tl.exp(tl.minimum(-mass_lb, 80.0))
-            max_weight = tl.maximum(max_weight, tl.max(row_softmax * tl.maximum(inv_mass, 1.0)[None, :]))
+            weight = row_softmax * tl.maximum(inv_mass, 1.0)[None, :] * tl.abs(g_row)[:, None]
+            max_weight = tl.maximum(max_weight, tl.max(weight))
         else:
             max_weight = tl.maximum(max_weight, tl.max(row_softmax))
     if HAS_COL_GRAD:
@@ -161,14 +168,14 @@ def ds_panel_kernel(
         col_softmax = tl.exp(logits - query_lse[None, :])
         col_softmax = tl.where(live & is_query[None, :], col_softmax, 0.0)
         grad_logits += g_col[None, :] * col_softmax
-        max_weight = tl.maximum(max_weight, tl.max(col_softmax))
+        max_weight = tl.maximum(max_weight, tl.max(col_softmax * tl.abs(g_col)[None, :]))
     tile = row_block * panel_blocks + panel_block
     if NEED_GRAD_SCALE:  # every tile, kept or not: grad_τ never depends on the filter
         tl.store(grad_scale_parts_ptr + tile, tl.sum(grad_logits * dots))
     # (The caller sets FILTER only with HAS_ROW_GRAD, which defines row_softmax and col_bias.)
     skip = False
     if FILTER:
-        skip = max_weight < filter_eps
+        skip = max_weight < filter_eps * tl.load(grad_max_ptr).to(ACC_DTYPE)
     if skip:
         tl.store(keep_ptr + tile, 0)
     else:
@@ -176,17 +183,28 @@ def ds_panel_kernel(
         if NEED_PANEL:
             ds_scale = tl.load(ds_scale_ptr).to(ACC_DTYPE)
             panel_ptrs = panel_ptr + offs_m[:, None].to(tl.int64) * stride_panel + offs_p[None, :]
-            tl.store(panel_ptrs, (grad_logits * ds_scale).to(panel_ptr.dtype.element_ty), mask=row_in[:, None])
+            scaled = grad_logits * ds_scale
+            if panel_ptr.dtype.element_ty.primitive_bitwidth == 16:
+                # Round to nearest even, stated: the interpreter's default cast truncates (a bias of one sign
+                # in every weight); on the GPU this is the cast it compiles anyway.
+                panel_tile = scaled.to(panel_ptr.dtype.element_ty, fp_downcast_rounding="rtne")
+            else:
+                panel_tile = scaled.to(panel_ptr.dtype.element_ty)
+            tl.store(panel_ptrs, panel_tile, mask=row_in[:, None])
+            if ROW_RESIDUAL:  # what the 16-bit cast lost, summed per row (float32): see partitions_backward
+                residual = tl.sum(scaled - panel_tile.to(ACC_DTYPE), axis=1) / ds_scale
+                tl.store(row_residual_ptr + panel_block * n_rows + offs_m, residual, mask=row_in)
 
 
 def ds_panel_launch(
     tile: TileConfig, dtype: torch.dtype, precision: str, *, has_row_grad: bool, has_col_grad: bool,
-    need_panel: bool, need_grad_scale: bool, filtering: bool, n_excluded: int = 0,
+    need_panel: bool, need_grad_scale: bool, filtering: bool, n_excluded: int = 0, row_residual: bool = False,
 ) -> Launch:  # fmt: skip
     """The launch of `ds_panel_kernel` for one combination of its feature flags."""
     return tile_launch(
         tile, dtype, precision, GROUP_M=tile.group_m, HAS_ROW_GRAD=has_row_grad, HAS_COL_GRAD=has_col_grad,
         NEED_PANEL=need_panel, NEED_GRAD_SCALE=need_grad_scale, FILTER=filtering, N_EXCLUDED=n_excluded,
+        ROW_RESIDUAL=row_residual,
     )  # fmt: skip
 
 
@@ -196,6 +214,7 @@ class BackwardResult:
     grad_cols: torch.Tensor | None  # statistics dtype
     grad_scale: torch.Tensor | None  # 0-dim, statistics dtype
     tiles: int
+    row_residual: torch.Tensor | None  # [M] float32: Σ_c (dS − its 16-bit panel entry), when asked for
     kept_tiles: torch.Tensor  # 0-dim int64 on the device (read lazily: reading synchronizes)
 
 
@@ -238,13 +257,17 @@ def partitions_backward(
     gemm: GemmConfig,
     panel_cols: int | None = None,
     excluded: tuple[tuple[int, int], ...] = (),
+    row_residual: bool = False,
 ) -> BackwardResult:
     """Gradients of `Σ g_row·row_lse + Σ g_col·query_lse` for rows, cols and scale.
 
     `scale` [1] and `col_bias` [K] in the statistics dtype; `query_lse` [Kq]; `col_mass_lb` [K] (the filter's
     column-mass bounds; empty: no filtering); `excluded`: up to two bands `(first_col, per_row)` left out of
     the partitions (the forward's; dS = 0 there). `precision` must be the forward's (bitwise recompute).
-    Gradients in the statistics dtype.
+    Gradients in the statistics dtype. `row_residual` (16-bit panels, rows wanted): also return, per row, the
+    sum of what the 16-bit cast of its dS entries lost, in float32 (the caller adds it back along a column the
+    row's weights concentrate on: a near-duplicate hard negative's weight is O(1) and its columns are all
+    within a few percent of the image, so that sum is the part of the rounding that does not cancel).
     """
     need_rows, need_cols, need_scale = needs
     n_rows, dim = rows.shape
@@ -263,7 +286,7 @@ def partitions_backward(
     if not (has_row_grad or has_col_grad) or tiles == 0 or not any(needs):
         if need_cols:
             grad_cols.zero_()
-        return BackwardResult(grad_rows, grad_cols, grad_scale, tiles, kept_tiles)
+        return BackwardResult(grad_rows, grad_cols, grad_scale, tiles, None, kept_tiles)
 
     # The filter needs every column's mass bound (unknown: nothing is skipped).
     filtering = filter_eps > 0 and has_row_grad and col_mass_lb.shape[0] >= n_cols
@@ -274,18 +297,32 @@ def partitions_backward(
     keep = torch.empty((n_row_blocks, panel_width), dtype=torch.int32, device=device)
     grad_scale_parts = torch.empty((n_row_blocks, panel_width), dtype=stat, device=device)
     ds_scale = ds_scale_for(grad_row_lse, grad_col_lse, rows)
+    mass_lb, grad_max = col_mass_lb, scale
+    if filtering:
+        # A query column with a column gradient: its column softmax alone has mass 1 (as in cpp).
+        mass_lb = col_mass_lb.clone()
+        if has_col_grad:
+            mass_lb[:n_query_cols] = torch.where(grad_col_lse != 0, 0.0, mass_lb[:n_query_cols])
+        grad_max = grad_row_lse.detach().abs().amax().float()
+        if has_col_grad:
+            grad_max = torch.maximum(grad_max, grad_col_lse.detach().abs().amax().float())
+        grad_max = grad_max.to(stat).reshape(1)
     factor = (scale.detach().float() / ds_scale).to(stat)  # τ·2^-e
     dummy = scale  # stands in for pointers a constexpr flag keeps unused
     bands = [*excluded, (0, 1), (0, 1)][:2]  # unused slots: any valid band (the constexpr skips them)
+    row_residual = row_residual and need_rows and rows.dtype.itemsize == 2
+    residual_parts = torch.zeros((panel_width, n_rows), dtype=torch.float32, device=device) if row_residual else None
+    residual = torch.zeros(n_rows, dtype=torch.float32, device=device) if row_residual else None
     launch = ds_panel_launch(
         tile, rows.dtype, precision, has_row_grad=has_row_grad, has_col_grad=has_col_grad, need_panel=need_panel,
-        need_grad_scale=need_scale, filtering=filtering, n_excluded=len(excluded),
+        need_grad_scale=need_scale, filtering=filtering, n_excluded=len(excluded), row_residual=row_residual,
     )  # fmt: skip
     for first_block in range(0, n_col_blocks, panel_width):
         blocks = min(panel_width, n_col_blocks - first_block)
         ds_panel_kernel[(n_row_blocks * blocks,)](
             rows, cols, scale, col_bias, row_lse, query_lse if query_lse.numel() else dummy,
-            col_mass_lb if filtering else dummy,
+            mass_lb if filtering else dummy, grad_max if filtering else dummy,
+            residual_parts if row_residual else dummy,
             grad_row_lse.contiguous() if has_row_grad else dummy,
             grad_col_lse.contiguous() if has_col_grad else dummy,
             ds_scale, panel if need_panel else dummy, keep, grad_scale_parts, filter_eps,
@@ -296,6 +333,9 @@ def partitions_backward(
         # The kernel indexes tiles as row_block·blocks + panel_block: the first n_row_blocks·blocks entries.
         panel_keep = keep.view(-1)[: n_row_blocks * blocks].view(n_row_blocks, blocks)
         kept_tiles += panel_keep.sum()
+        if row_residual:  # a skipped tile leaves its zeros; summed in a fixed order
+            residual += residual_parts[:blocks].sum(0)
+            residual_parts.zero_()
         if need_scale:
             grad_scale += grad_scale_parts.view(-1)[: n_row_blocks * blocks].sum()
         sparse_keep = panel_keep if filtering else None
@@ -304,4 +344,4 @@ def partitions_backward(
             write_grad_cols(grad_cols, panel, rows, factor, sparse_keep, first_col, blocks, tile, gemm, precision)
         if need_rows:
             add_grad_rows(grad_rows, panel, cols, factor, sparse_keep, first_col, blocks, tile, gemm, precision)
-    return BackwardResult(grad_rows, grad_cols, grad_scale, tiles, kept_tiles)
+    return BackwardResult(grad_rows, grad_cols, grad_scale, tiles, residual, kept_tiles)
