@@ -198,8 +198,7 @@ class SemCLIPRankingLoss(nn.Module):
             embeddings = [F.normalize(e, p=2, dim=-1) for e in embeddings]
         anchor, positive, rest = embeddings[0], embeddings[1], list(embeddings[2:])
         n_para = self.n_paraphrase_columns
-        paraphrases = torch.stack(rest[:n_para], dim=1) if n_para else None
-        negatives = torch.stack(rest[n_para:], dim=1) if len(rest) > n_para else None
+        paraphrases, negatives = _per_anchor(rest[:n_para]), _per_anchor(rest[n_para:])
         return self._loss()(anchor, positive, self.scale, paraphrase_features=paraphrases, negation_features=negatives)
 
     def _check_columns(self, n_columns: int) -> None:
@@ -242,6 +241,13 @@ class SemCLIPRankingLoss(nn.Module):
     @property
     def temperature(self) -> float:
         return 1.0 / self.scale
+
+
+def _per_anchor(columns: list[Tensor]) -> Tensor | None:
+    """Columns `[B, d]` as the loss's `[B, n, d]` (one column as itself, `[B, d]`: no copy)."""
+    if not columns:
+        return None
+    return columns[0] if len(columns) == 1 else torch.stack(columns, dim=1)
 
 
 def _is_int_at_least(value: object, minimum: int) -> bool:
