@@ -34,9 +34,15 @@ class Columns:
 
     blocks: tuple[torch.Tensor, ...]  # [B, d] captions, then [B·Pn, d] paraphrases, [B·Mn, d] negations
     col_bias: torch.Tensor  # [K], statistics dtype: 0 on captions and paraphrases, log β on negations
-    n_query_cols: int  # captions and paraphrases: the queries of the text → image direction
+    n_positive_cols: int  # captions and paraphrases (the columns that are some image's positive)
     paraphrase_weight: float = 1.0  # w, β: the weights of the blocks kept (an extra of weight 0 is left out)
     hard_negative_weight: float = 1.0
+    directions: str = "both"  # "image_to_text": no text → image half
+
+    @property
+    def n_query_cols(self) -> int:
+        """The queries of the text → image direction: the positive columns, none with `"image_to_text"`."""
+        return self.n_positive_cols if self.directions == "both" else 0
 
     @property
     def n_cols(self) -> int:
@@ -49,17 +55,17 @@ class Columns:
     def col_weight(self) -> torch.Tensor:
         """`[K]`, statistics dtype: 1 on captions, `w` on paraphrases, `β` on negations."""
         weight = torch.ones_like(self.col_bias)
-        weight[self.batch : self.n_query_cols] = self.paraphrase_weight
-        weight[self.n_query_cols :] = self.hard_negative_weight
+        weight[self.batch : self.n_positive_cols] = self.paraphrase_weight
+        weight[self.n_positive_cols :] = self.hard_negative_weight
         return weight
 
     def col_owner(self) -> torch.Tensor:
         """`[K]` int64: the image whose positive each column is (`NO_OWNER` for negations)."""
         owner = torch.full((self.n_cols,), NO_OWNER, dtype=torch.long, device=self.col_bias.device)
-        per_image = self.n_query_cols // self.batch  # 1 + Pn
+        per_image = self.n_positive_cols // self.batch  # 1 + Pn
         rows = torch.arange(self.batch, device=owner.device)
         owner[: self.batch] = rows
-        owner[self.batch : self.n_query_cols] = rows.repeat_interleave(per_image - 1)
+        owner[self.batch : self.n_positive_cols] = rows.repeat_interleave(per_image - 1)
         return owner
 
     def joined(self) -> torch.Tensor:
@@ -67,24 +73,28 @@ class Columns:
         return self.blocks[0] if len(self.blocks) == 1 else torch.cat(self.blocks, dim=0)
 
 
-def build_columns(inputs: SemCLIPInputs, paraphrase_weight: float, hard_negative_weight: float) -> Columns:
+def build_columns(
+    inputs: SemCLIPInputs, paraphrase_weight: float, hard_negative_weight: float, directions: str = "both"
+) -> Columns:
     """Lay out the text columns `[T; P; N]`, query columns first; negations carry the bias `log β`.
 
     Extras whose weight is 0 are left out entirely (docs/contract.md §1: "w = 0 removes paraphrases"; in the
     sigmoid loss every pair is weighted, so leaving them out and weighting them 0 are the same loss, §8).
+    `directions="image_to_text"` has no text → image half: no column is a query (no column partition
+    is computed at all).
     """
     dim = inputs.image.shape[1]
     blocks = [inputs.text]
     if inputs.paraphrase is not None and paraphrase_weight > 0:
         blocks.append(inputs.paraphrase.reshape(-1, dim))
-    n_query_cols = sum(block.shape[0] for block in blocks)
+    n_positive_cols = sum(block.shape[0] for block in blocks)
     if inputs.negation is not None and hard_negative_weight > 0:
         blocks.append(inputs.negation.reshape(-1, dim))
     n_cols = sum(block.shape[0] for block in blocks)
     col_bias = torch.zeros(n_cols, dtype=inputs.logit_scale.dtype, device=inputs.image.device)
-    if n_cols > n_query_cols:
-        col_bias[n_query_cols:] = math.log(hard_negative_weight)
-    return Columns(tuple(blocks), col_bias, n_query_cols, paraphrase_weight, hard_negative_weight)
+    if n_cols > n_positive_cols:
+        col_bias[n_positive_cols:] = math.log(hard_negative_weight)
+    return Columns(tuple(blocks), col_bias, n_positive_cols, paraphrase_weight, hard_negative_weight, directions)
 
 
 def positive_bands(batch: int, n_para: int) -> tuple[tuple[int, int], ...]:
@@ -152,6 +162,7 @@ def off_positive_gradients(
     text_pos: torch.Tensor,
     para_pos: torch.Tensor | None,
     paraphrase_weight: float,
+    directions: str = "both",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The gradient of `combine_partitions(..., positives_excluded=True)` per unit of the loss, in closed form:
     `(d/d row_lse [B], d/d query_lse [B·(1 + Pn)], d/d text_pos [B], d/d para_pos [B, Pn] or None)`.
@@ -160,7 +171,8 @@ def off_positive_gradients(
     (`E = e^{off} + Σ_q e^{s_q}`, one softmax), the row's weighted terms `Σ_p w_p·term_p` have
     `d/d off = W·π_off` and `d/d s_q = W·π_q − w_q = −w_q·π_off + Σ_{p≠q} (w_p·π_q − w_q·π_p)`: written as that
     sum of small terms, not as a difference near `w_q` (which keeps nothing of it near convergence). A query's
-    term `log1p(e^{off − s})` has `d/d off = −d/d s = sigmoid(off − s)`.
+    term `log1p(e^{off − s})` has `d/d off = −d/d s = sigmoid(off − s)`. With `"image_to_text"` there are no
+    query terms (`d/d query_lse` is `[0]`) and the rows' terms are not halved.
     """
     batch = text_pos.shape[0]
     positives = text_pos[:, None] if para_pos is None else torch.cat([text_pos[:, None], para_pos], dim=1)
@@ -168,11 +180,15 @@ def off_positive_gradients(
     weights = torch.full((n_para + 1,), paraphrase_weight, dtype=positives.dtype, device=positives.device)
     weights[0] = 1.0
     total = 1.0 + paraphrase_weight * n_para
-    unit = 1.0 / (2.0 * total * batch)
+    halves = 2.0 if directions == "both" else 1.0
+    unit = 1.0 / (halves * total * batch)
     shares = torch.softmax(torch.cat([row_lse[:, None], positives], dim=1), dim=1)
     off_share, pos_share = shares[:, 0], shares[:, 1:]
     pairs = weights[None, None, :] * pos_share[:, :, None] - weights[None, :, None] * pos_share[:, None, :]
     grad_pos = unit * (pairs.sum(2) - weights * off_share[:, None])  # [B, 1 + Pn]
+    if directions != "both":
+        grad_para = None if para_pos is None else grad_pos[:, 1:]
+        return unit * total * off_share, query_lse.new_zeros((0,)), grad_pos[:, 0], grad_para
     query_pos = positives[:, 0] if para_pos is None else torch.cat([text_pos, para_pos.reshape(-1)])
     query_weights = torch.cat([weights[:1].expand(batch), weights[1:].repeat(batch)])
     query_share = torch.sigmoid(query_lse - query_pos)
@@ -191,13 +207,16 @@ def combine_partitions(
     text_pos: torch.Tensor,
     para_pos: torch.Tensor | None,
     paraphrase_weight: float,
+    directions: str = "both",
     *,
     positives_excluded: bool = False,
 ) -> torch.Tensor:
-    """docs/contract.md §1's `L = (L_i2t + L_t2i) / 2` from the partitions of this batch's rows and queries.
+    """docs/contract.md §1's `L = (L_i2t + L_t2i) / 2` (`directions="both"`) or `L = L_i2t`
+    (`"image_to_text"`) from the partitions of this batch's rows and queries.
 
-    row_lse [B]: Z_i. query_lse [B·(1 + Pn)]: Y(T_j) for the B captions, then Y(P_jp) image-major.
-    text_pos [B], para_pos [B, Pn]: the positive logits (`positive_logits`).
+    row_lse [B]: Z_i. query_lse [B·(1 + Pn)]: Y(T_j) for the B captions, then Y(P_jp) image-major
+    (`[0]` with `"image_to_text"`: not computed). text_pos [B], para_pos [B, Pn]: the positive logits
+    (`positive_logits`).
 
     positives_excluded: row_lse and query_lse are the partitions WITHOUT the positive entries
     (`Problem.positives`): each row's mass off its own caption and paraphrases, each query's off its own
@@ -213,21 +232,28 @@ def combine_partitions(
         if para_pos is not None:
             row_positives = torch.cat([row_positives, para_pos], dim=1)
         row_terms = _off_positive_terms(row_lse, row_positives)  # [B, 1 + Pn]
-        query_positives = text_pos if para_pos is None else torch.cat([text_pos, para_pos.reshape(-1)])
-        query_terms = log1p_sum_exp((query_lse - query_positives)[:, None])
+        if directions == "both":
+            query_positives = text_pos if para_pos is None else torch.cat([text_pos, para_pos.reshape(-1)])
+            query_terms = log1p_sum_exp((query_lse - query_positives)[:, None])
         image_to_text = row_terms[:, 0]
-        text_to_image = query_terms[:batch]
         if para_pos is not None:
             image_to_text = image_to_text + paraphrase_weight * row_terms[:, 1:].sum(1)
-            text_to_image = text_to_image + paraphrase_weight * query_terms[batch:].view(batch, -1).sum(1)
             n_positives += paraphrase_weight * para_pos.shape[1]
+        if directions == "image_to_text":
+            return image_to_text.mean() / n_positives
+        text_to_image = query_terms[:batch]
+        if para_pos is not None:
+            text_to_image = text_to_image + paraphrase_weight * query_terms[batch:].view(batch, -1).sum(1)
         return (image_to_text.mean() + text_to_image.mean()) / (2.0 * n_positives)
     image_to_text = _at_least_zero(row_lse - text_pos)
-    text_to_image = _at_least_zero(query_lse[:batch] - text_pos)
     n_positives = 1.0
     if para_pos is not None:
-        para_query_lse = query_lse[batch:].view(batch, -1)
         image_to_text = image_to_text + paraphrase_weight * _at_least_zero(row_lse[:, None] - para_pos).sum(1)
-        text_to_image = text_to_image + paraphrase_weight * _at_least_zero(para_query_lse - para_pos).sum(1)
         n_positives += paraphrase_weight * para_pos.shape[1]
+    if directions == "image_to_text":
+        return image_to_text.mean() / n_positives
+    text_to_image = _at_least_zero(query_lse[:batch] - text_pos)
+    if para_pos is not None:
+        para_query_lse = query_lse[batch:].view(batch, -1)
+        text_to_image = text_to_image + paraphrase_weight * _at_least_zero(para_query_lse - para_pos).sum(1)
     return (image_to_text.mean() + text_to_image.mean()) / (2.0 * n_positives)

@@ -38,7 +38,7 @@ from torch import nn
 
 Features = torch.Tensor | Sequence[torch.Tensor] | dict[str, torch.Tensor]
 
-__all__ = ["Features", "RandomState", "grad_cache_backward"]
+__all__ = ["CachedStep", "Features", "RandomState", "grad_cache_backward", "grad_cache_forward"]
 
 
 class RandomState:
@@ -134,6 +134,27 @@ def grad_cache_backward(
     The random state (CPU, and CUDA once initialized) ends where the first passes left it, as after one
     forward over the micro-batches; the second passes replay their first pass's draws.
     """
+    step = grad_cache_forward(micro_batches, encode, loss_fn, model=model, scale_loss=scale_loss, same_size=True)
+    step.replay()
+    return step.loss
+
+
+def grad_cache_forward(
+    micro_batches: Sequence[Any],
+    encode: Callable[[Any], Features],
+    loss_fn: Callable[[Features], torch.Tensor],
+    *,
+    model: nn.Module | None = None,
+    scale_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    same_size: bool = False,
+) -> CachedStep:
+    """Steps 1 and 2 of `grad_cache_backward` (first passes, the loss once, its backward to the features);
+    `CachedStep.replay` is step 3. For a caller whose backward comes later, from outside (a trainer that
+    calls `loss.backward()` on what its loss module returned): replay from a hook on that loss.
+
+    Arguments as `grad_cache_backward`'s, except that micro-batches may differ in size unless `same_size`
+    (the last one of a ragged global batch is usually smaller).
+    """
     if isinstance(micro_batches, (str, bytes)) or not isinstance(micro_batches, Sequence):
         raise TypeError(
             f"micro_batches must be a sequence (a list) of micro-batches, got {type(micro_batches).__name__}"
@@ -149,7 +170,7 @@ def grad_cache_backward(
     first: list[list[torch.Tensor]] = []
     keys: list[Any] = []
     template: Features | None = None
-    rows = 0
+    sizes: list[int] = []
     with torch.no_grad():
         for index, micro_batch in enumerate(micro_batches):
             where = f"micro_batches[{index}]"
@@ -158,7 +179,7 @@ def grad_cache_backward(
             out_keys, tensors = _flatten(out, where)
             size = _micro_batch_size(out_keys, tensors, where)
             if index == 0:
-                keys, template, rows = out_keys, out, size
+                keys, template = out_keys, out
             else:
                 if out_keys != keys:
                     raise ValueError(f"{where}: encode returned outputs {out_keys}, micro_batches[0] gave {keys}")
@@ -168,13 +189,13 @@ def grad_cache_backward(
                             f"{where}: encode's output {key!r} has shape {tuple(tensor.shape)}, "
                             f"micro_batches[0]'s has {tuple(ref.shape)}"
                         )
-                if size != rows:
+                if same_size and size != sizes[0]:
                     raise ValueError(
-                        f"{where} has {size} rows, micro_batches[0] has {rows}: every micro-batch "
+                        f"{where} has {size} rows, micro_batches[0] has {sizes[0]}: every micro-batch "
                         "of a step must have the same size"
                     )
+            sizes.append(size)
             first.append([t.detach() for t in tensors])
-    after_first_passes = RandomState()
 
     # 2. The loss, once, on leaves holding the global batch's features.
     leaves = []
@@ -193,38 +214,69 @@ def grad_cache_backward(
         if loss.requires_grad:
             (scale_loss(loss) if scale_loss is not None else loss).backward()
     cached = [leaf.grad for leaf in leaves]
-    del leaves
-    if no_sync is None and all(grad is None for grad in cached):
-        return loss.detach()  # nothing to backpropagate into the towers (all frozen, or the loss uses none)
+    return CachedStep(loss.detach(), list(micro_batches), encode, states, cached, sizes, no_sync)
 
-    # 3. Second passes: the same draws again, with grad, each backpropagating its slice of the cached gradient.
-    last = len(micro_batches) - 1
-    try:
-        for index, micro_batch in enumerate(micro_batches):
-            states[index].restore()
-            sync = contextlib.nullcontext() if no_sync is None or index == last else no_sync()
-            with sync:
-                _, tensors = _flatten(encode(micro_batch), f"micro_batches[{index}]")
-                outputs, grads = [], []
-                for tensor, grad in zip(tensors, cached):
-                    if grad is None or not tensor.requires_grad:
-                        continue  # unused by the loss, or a frozen tower
-                    if tensor.dim() > 0:
-                        if tensor.shape[0] != rows:
-                            raise RuntimeError(
-                                f"micro_batches[{index}]: encode's second pass returned "
-                                f"{tensor.shape[0]} rows, its first pass {rows}"
-                            )
-                        outputs.append(tensor)
-                        grads.append(grad[index * rows : (index + 1) * rows])
-                    elif index == last:  # a shared output: its gradient once per step
-                        outputs.append(tensor)
-                        grads.append(grad)
-                if outputs:
-                    torch.autograd.backward(outputs, grads)
-    finally:
-        after_first_passes.restore()
-    return loss.detach()
+
+class CachedStep:
+    """A gradient-cached step after its loss: the loss (detached) and each feature's cached gradient.
+
+    `replay(grad_output)` runs step 3: every micro-batch encoded again with grad, under the random state of
+    its first pass, backpropagating `grad_output ×` its slice of the cached gradient. Call it once.
+    """
+
+    def __init__(
+        self,
+        loss: torch.Tensor,
+        micro_batches: list[Any],
+        encode: Callable[[Any], Features],
+        states: list[RandomState],
+        cached: list[torch.Tensor | None],
+        sizes: list[int],
+        no_sync: Callable[[], contextlib.AbstractContextManager] | None,
+    ) -> None:
+        self.loss = loss
+        self.micro_batches, self.encode, self.states = micro_batches, encode, states
+        self.cached, self.sizes, self.no_sync = cached, sizes, no_sync
+
+    def replay(self, grad_output: torch.Tensor | None = None) -> None:
+        """Step 3; the random state ends where it was when this was called."""
+        cached, sizes, no_sync = self.cached, self.sizes, self.no_sync
+        if no_sync is None and all(grad is None for grad in cached):
+            return  # nothing to backpropagate into the towers (all frozen, or the loss uses none)
+        if grad_output is not None:
+            cached = [None if grad is None else grad * grad_output.to(grad.dtype) for grad in cached]
+        last = len(self.micro_batches) - 1
+        before = RandomState()
+        try:
+            offset = 0
+            for index, micro_batch in enumerate(self.micro_batches):
+                rows = sizes[index]
+                self.states[index].restore()
+                sync = contextlib.nullcontext() if no_sync is None or index == last else no_sync()
+                # enable_grad: called from a backward hook, this runs where autograd turned grad mode off.
+                with sync, torch.enable_grad():
+                    _, tensors = _flatten(self.encode(micro_batch), f"micro_batches[{index}]")
+                    outputs, grads = [], []
+                    for tensor, grad in zip(tensors, cached):
+                        if grad is None or not tensor.requires_grad:
+                            continue  # unused by the loss, or a frozen tower
+                        if tensor.dim() > 0:
+                            if tensor.shape[0] != rows:
+                                raise RuntimeError(
+                                    f"micro_batches[{index}]: encode's second pass returned "
+                                    f"{tensor.shape[0]} rows, its first pass {rows}"
+                                )
+                            outputs.append(tensor)
+                            grads.append(grad[offset : offset + rows])
+                        elif index == last:  # a shared output: its gradient once per step
+                            outputs.append(tensor)
+                            grads.append(grad)
+                    if outputs:
+                        torch.autograd.backward(outputs, grads)
+                offset += rows
+        finally:
+            before.restore()
+        self.micro_batches, self.cached = [], []  # once: free the inputs and the cached gradients
 
 
 class _DirectParameterUse:

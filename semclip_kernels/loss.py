@@ -45,6 +45,7 @@ def semclip_loss(
     block_rows: int | None = None,
     block_cols: int | None = None,
     grad_filter_eps: float | None = None,
+    directions: str = "both",
 ) -> torch.Tensor:
     """The SemCLIP loss of one (single-process) batch, as a float32 scalar.
 
@@ -58,8 +59,11 @@ def semclip_loss(
         hard_negative_weight: `β ≥ 0`; scales the negations' mass in `Z_i`; 0 removes them.
         backend: one of `"auto"`, `"triton"`, `"cpp"`, `"torch"`, `"reference"`.
         block_rows, block_cols, grad_filter_eps: tiling options (see `PartitionOptions`).
+        directions: `"both"` (CLIP's `(L_i2t + L_t2i) / 2`) or `"image_to_text"` (`L_i2t` alone: each image
+            against every column, as MultipleNegativesRankingLoss, LiT and Inf-CL compute it).
     """
-    config = LossConfig.of(paraphrase_weight, hard_negative_weight, backend, block_rows, block_cols, grad_filter_eps)
+    config = LossConfig.of(paraphrase_weight, hard_negative_weight, backend, block_rows, block_cols, grad_filter_eps,
+                           directions)  # fmt: skip
     return _loss(config, None, image_features, text_features, logit_scale, paraphrase_features, negation_features)
 
 
@@ -88,12 +92,13 @@ class SemCLIPLoss(nn.Module):
         grad_filter_eps: float | None = None,
         distributed_mode: str = "gather",
         group_size: int | None = None,
+        directions: str = "both",
     ) -> None:
         super().__init__()
         if use_horovod:
             raise ValueError("use_horovod is not supported: SemCLIPLoss runs on torch.distributed")
         self.config = LossConfig.of(paraphrase_weight, hard_negative_weight, backend, block_rows, block_cols,
-                                    grad_filter_eps)  # fmt: skip
+                                    grad_filter_eps, directions)  # fmt: skip
         # group_size: ranks per all-gather group of distributed_mode="hierarchical" (default: LOCAL_WORLD_SIZE).
         group = RankGroup(rank, world_size, local_loss, gather_with_grad, distributed_mode, group_size)
         self.group = group if world_size > 1 else None
@@ -135,7 +140,7 @@ def _loss(
     with autocast_off(inputs.image.device):
         if group is None:
             return _single_process_loss(inputs, config)
-        columns = build_columns(inputs, config.paraphrase_weight, config.hard_negative_weight)
+        columns = build_columns(inputs, config.paraphrase_weight, config.hard_negative_weight, config.directions)
         return distributed_loss(inputs, columns, config, group)
 
 
@@ -143,7 +148,7 @@ def _single_process_loss(inputs: SemCLIPInputs, config: LossConfig) -> torch.Ten
     name = resolve_backend(config.backend, inputs.image.device)
     w, beta = config.paraphrase_weight, config.hard_negative_weight
     if not backend_module(name, inputs.image.device).differentiable:
-        return node_loss(inputs, w, beta, config.options, name)
+        return node_loss(inputs, w, beta, config.options, name, config.directions)
     # Plain autograd (the reference backend: second derivatives). Each input is cast to the statistics dtype
     # once, so that every path's gradient meets the others in float32 and is cast back once.
     stat = inputs.logit_scale.dtype
@@ -152,12 +157,12 @@ def _single_process_loss(inputs: SemCLIPInputs, config: LossConfig) -> torch.Ten
         paraphrase=None if inputs.paraphrase is None else inputs.paraphrase.to(stat),
         negation=None if inputs.negation is None else inputs.negation.to(stat),
     )  # fmt: skip
-    columns = build_columns(inputs, w, beta)
+    columns = build_columns(inputs, w, beta, config.directions)
     text_pos, para_pos = positive_logits(inputs, w, torch.float64)  # as the loss node: float64 positives
     n_para = 0 if para_pos is None else para_pos.shape[1]
     problem = Problem(inputs.image, columns.blocks, inputs.logit_scale, columns.col_bias, columns.n_query_cols,
                       config.options, positive_bands(text_pos.shape[0], n_para))  # fmt: skip
     stats = backend_forward(problem, name)  # the partitions without the positives: the loss in log1p form
     loss = combine_partitions(stats.row_lse.double(), stats.query_lse.double(), text_pos, para_pos, w,
-                              positives_excluded=True)  # fmt: skip
+                              config.directions, positives_excluded=True)  # fmt: skip
     return loss.to(stat)

@@ -23,6 +23,8 @@ from .backends.dtypes import stat_dtype
 from .backends.options import PartitionOptions
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# The directions of the softmax loss (docs/contract.md §1): both halves, or image → text alone.
+DIRECTIONS = ("both", "image_to_text")
 
 
 @dataclass(frozen=True)
@@ -154,12 +156,14 @@ class LossConfig:
     hard_negative_weight: `β ≥ 0`; scales the negations' mass in `Z_i`; 0 removes them.
     backend: `"auto"`, `"triton"`, `"cpp"`, `"torch"` or `"reference"`.
     options: the tiling options of the backends.
+    directions: `"both"` (`L = (L_i2t + L_t2i) / 2`) or `"image_to_text"` (`L = L_i2t`).
     """
 
     paraphrase_weight: float = 1.0
     hard_negative_weight: float = 1.0
     backend: str = "auto"
     options: PartitionOptions = field(default_factory=PartitionOptions)
+    directions: str = "both"
 
     def __post_init__(self) -> None:
         # frozen: normalise through object.__setattr__, once.
@@ -168,6 +172,8 @@ class LossConfig:
             self, "hard_negative_weight", check_weight("hard_negative_weight", self.hard_negative_weight)
         )
         check_backend_name(self.backend)
+        if self.directions not in DIRECTIONS:
+            raise ValueError(f"directions must be one of {DIRECTIONS}, got {self.directions!r}")
 
     @staticmethod
     def of(
@@ -177,10 +183,11 @@ class LossConfig:
         block_rows: object,
         block_cols: object,
         grad_filter_eps: object,
+        directions: object = "both",
     ) -> LossConfig:
         """From the keyword arguments every loss takes (the one place they are read)."""
         options = PartitionOptions(block_rows, block_cols, grad_filter_eps)
-        return LossConfig(paraphrase_weight, hard_negative_weight, backend, options)
+        return LossConfig(paraphrase_weight, hard_negative_weight, backend, options, directions)
 
 
 def check_rank_and_world_size(rank: object, world_size: object) -> None:

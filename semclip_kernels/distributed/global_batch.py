@@ -61,7 +61,7 @@ def distributed_loss(inputs: SemCLIPInputs, columns: Columns, config: LossConfig
 
     row_lse, query_lse, text_pos, para_pos = _ring_partitions(inputs, columns, config, group)
     para_pos = para_pos if para_pos.shape[1] else None
-    loss_r = combine_partitions(row_lse, query_lse, text_pos, para_pos, config.paraphrase_weight)
+    loss_r = combine_partitions(row_lse, query_lse, text_pos, para_pos, config.paraphrase_weight, config.directions)
     if group.local_loss:
         return loss_r
     return MeanOverRanks.apply(loss_r, group.world_size, group.grad_weight)
@@ -88,6 +88,7 @@ def _ring_partitions(
         prev_rank=(group_index - 1) % n_groups * size + position,
         n_steps=n_groups,
         n_query_cols=columns.n_query_cols,
+        n_positive_cols=columns.n_positive_cols,
         backend=config.backend,
         options=_global_filter_eps(config.options, inputs, columns, group.world_size),
         remote_grad=group.remote_grad,

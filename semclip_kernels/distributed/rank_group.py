@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from ..algebra import Columns
-from ..validation import SUPPORTED_DTYPES, LossConfig, SemCLIPInputs, check_rank_and_world_size
+from ..validation import DIRECTIONS, SUPPORTED_DTYPES, LossConfig, SemCLIPInputs, check_rank_and_world_size
 from .collectives import gather
 
 # "gather": all-gather the columns (open_clip's way); "ring": column blocks travel rank to rank (Inf-CL's way);
@@ -119,6 +119,7 @@ def check_layout_across_ranks(
         "feature dim d": inputs.image.shape[1],
         "paraphrases per image Pn": inputs.n_paraphrases,
         "negations per image Mn": inputs.n_negations,
+        "directions": DIRECTIONS.index(config.directions),  # before the query columns, which it decides
         "text columns K": columns.n_cols,
         "query columns": columns.n_query_cols,
         "feature dtype": SUPPORTED_DTYPES.index(inputs.image.dtype),
@@ -152,4 +153,6 @@ def check_layout_across_ranks(
             )
         if name == "distributed_mode":
             values = [MODES[value] for value in values]
+        if name == "directions":
+            values = [DIRECTIONS[value] for value in values]
         raise ValueError(f"distributed {loss}: {name} differs across ranks: {values}")

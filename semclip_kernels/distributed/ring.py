@@ -63,7 +63,8 @@ class RingConfig:
     next_rank: int  # global ranks of the neighbours in the ring
     prev_rank: int
     n_steps: int  # blocks around the ring (ranks in "ring" mode, groups in "hierarchical" mode)
-    n_query_cols: int  # this rank's query columns: the first rows of its `cols`
+    n_query_cols: int  # this rank's query columns: the first rows of its `cols` (0: no text → image half)
+    n_positive_cols: int  # this rank's captions and paraphrases, `cols[:n_positive_cols]`
     backend: str
     options: PartitionOptions
     remote_grad: bool  # gradients of the other ranks' blocks travel home (else: own rows only)
@@ -159,7 +160,7 @@ class RingPartitions(torch.autograd.Function):
         ctx.step_stats = [(rows.rebased(row_lse, query_lse if rows.query_lse.numel() else rows.query_lse),
                            None if queries is None else queries.rebased(query_lse, queries.query_lse))
                           for rows, queries in step_stats]  # fmt: skip
-        text_pos, para_pos = _positive_logits(image, cols, scale, config.n_query_cols)
+        text_pos, para_pos = _positive_logits(image, cols, scale, config.n_positive_cols)
         return row_lse, query_lse, text_pos, para_pos
 
     @staticmethod
@@ -184,6 +185,8 @@ def _step_problems(image, queries, group_cols, group_images, scale, col_bias, co
     row_bias = col_bias.repeat(size)  # every rank's columns are laid out [T; P; N] alike
     if step > 0 or not config.remote_grad:
         rows = problem(image, group_cols, scale, row_bias, 0, options)
+        if not queries.shape[0]:  # directions="image_to_text": no text → image half
+            return rows, None, (owners, ())
         query_problem = problem(queries, group_images, scale, _zero_bias(size * batch, col_bias), 0, options)
         return rows, query_problem, (owners, owners)
     own = config.position
@@ -192,7 +195,7 @@ def _step_problems(image, queries, group_cols, group_images, scale, col_bias, co
                   group_cols[(own + 1) * n_cols :]]  # fmt: skip
     rows = problem(image, [b for b in col_blocks if b.shape[0]], scale, row_bias, config.n_query_cols, options)
     others = (*owners[before], *owners[after])
-    if not others:
+    if not others or not queries.shape[0]:
         return rows, None, ((owners[own],), ())
     image_blocks = [b for b in (group_images[: own * batch], group_images[(own + 1) * batch :]) if b.shape[0]]
     query_problem = problem(queries, image_blocks, scale, _zero_bias(len(others) * batch, col_bias), 0, options)
@@ -200,24 +203,26 @@ def _step_problems(image, queries, group_cols, group_images, scale, col_bias, co
 
 
 def _positive_logits(
-    image: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, n_query_cols: int
+    image: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, n_positive_cols: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`τ<I_i, T_i>` `[B]` and `τ<I_i, P_ip>` `[B, Pn]` (Pn may be 0), in the statistics dtype."""
     batch, dim = image.shape
     stat = scale.dtype
     image = image.detach().to(stat)
     text = cols[:batch].detach().to(stat)
-    paraphrase = cols[batch:n_query_cols].detach().to(stat).view(batch, -1, dim)
+    paraphrase = cols[batch:n_positive_cols].detach().to(stat).view(batch, -1, dim)
     tau = scale.detach()
     return tau * (image * text).sum(-1), tau * torch.einsum("bd,bpd->bp", image, paraphrase)
 
 
-def _half_positive_grads(grad_text_pos, grad_para_pos, batch: int, n_para: int, like: torch.Tensor):
-    """Each positive's gradient, halved (its image→text or text→image share), as `[B, 1]` and `[B, Pn]`."""
+def _direction_share(grad_text_pos, grad_para_pos, batch: int, n_para: int, n_directions: int, like: torch.Tensor):
+    """Each positive's gradient divided by the number of directions (its image→text share, and as much again
+    for text→image when there are two), as `[B, 1]` and `[B, Pn]`."""
     text = torch.zeros(batch, dtype=like.dtype, device=like.device) if grad_text_pos is None else grad_text_pos
     para = (torch.zeros(batch, n_para, dtype=like.dtype, device=like.device) if grad_para_pos is None
             else grad_para_pos)  # fmt: skip
-    return (text.detach().to(like.dtype) / 2)[:, None].contiguous(), (para.detach().to(like.dtype) / 2).contiguous()
+    text, para = text.detach().to(like.dtype) / n_directions, para.detach().to(like.dtype) / n_directions
+    return text[:, None].contiguous(), para.contiguous()
 
 
 def _backward(ctx, grad_row_lse, grad_query_lse, grad_text_pos, grad_para_pos):
@@ -233,8 +238,9 @@ def _backward(ctx, grad_row_lse, grad_query_lse, grad_text_pos, grad_para_pos):
     grad_row_lse = torch.zeros_like(row_lse) if grad_row_lse is None else grad_row_lse
     grad_query_lse = torch.zeros_like(query_lse) if grad_query_lse is None else grad_query_lse
     batch = image.shape[0]
-    n_para = n_query // batch - 1
-    half_text, half_para = _half_positive_grads(grad_text_pos, grad_para_pos, batch, n_para, row_lse)
+    n_para = config.n_positive_cols // batch - 1
+    n_directions = 2 if n_query else 1
+    share_text, share_para = _direction_share(grad_text_pos, grad_para_pos, batch, n_para, n_directions, row_lse)
     # The other ranks' blocks need gradients only for the inputs that require them here
     # (every rank has the same requires_grad flags: checked in distributed_loss), so all agree.
     remote_grad = config.remote_grad and (need_image or need_cols)
@@ -247,7 +253,8 @@ def _backward(ctx, grad_row_lse, grad_query_lse, grad_text_pos, grad_para_pos):
     # directions (own columns first), else the image→text half (the text→image half is added at the end).
     diagonal = config.remote_grad
     own_first = 0 if diagonal else config.position * n_cols
-    text_band, para_band = (2 * half_text, 2 * half_para) if diagonal else (half_text, half_para)
+    whole = n_directions if diagonal else 1
+    text_band, para_band = whole * share_text, whole * share_para
     bands = (PositiveBand(own_first, 1, text_band),) + (
         (PositiveBand(own_first + batch, n_para, para_band),) if n_para else ())  # fmt: skip
     block = torch.cat([cols, image]).detach()
@@ -321,13 +328,13 @@ def _backward(ctx, grad_row_lse, grad_query_lse, grad_text_pos, grad_para_pos):
     if home is not None:
         grad_cols += home[:n_cols]
         grad_image += home[n_cols:]
-    if diagonal:
+    if diagonal or not n_query:
         return _cast_grads(grad_image, grad_cols, grad_scale, image, cols, scale, ctx.needs_input_grad)
     # The text→image half of the positives, added to the float32 gradients of the text only.
     own = problem(image, cols[:n_query], scale, col_bias[:n_query], 0, config.options)
     own_needs = Needs(False, need_cols, need_scale)
     t2i = Grads(None, (grad_cols[:n_query],) if need_cols else None, grad_scale, counts(0))
-    t2i_bands = (PositiveBand(0, 1, half_text),) + ((PositiveBand(batch, n_para, half_para),) if n_para else ())
+    t2i_bands = (PositiveBand(0, 1, share_text),) + ((PositiveBand(batch, n_para, share_para),) if n_para else ())
     grad_scale = add_positive_terms(own, t2i_bands, t2i, own_needs).scale
     return _cast_grads(grad_image, grad_cols, grad_scale, image, cols, scale, ctx.needs_input_grad)
 
