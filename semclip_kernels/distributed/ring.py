@@ -195,8 +195,10 @@ def _step_problems(image, queries, group_cols, group_images, scale, col_bias, co
                   group_cols[(own + 1) * n_cols :]]  # fmt: skip
     rows = problem(image, [b for b in col_blocks if b.shape[0]], scale, row_bias, config.n_query_cols, options)
     others = (*owners[before], *owners[after])
-    if not others or not queries.shape[0]:
+    if not others:
         return rows, None, ((owners[own],), ())
+    if not queries.shape[0]:  # directions="image_to_text": no text → image half
+        return rows, None, ((owners[own], *others), ())
     image_blocks = [b for b in (group_images[: own * batch], group_images[(own + 1) * batch :]) if b.shape[0]]
     query_problem = problem(queries, image_blocks, scale, _zero_bias(len(others) * batch, col_bias), 0, options)
     return rows, query_problem, ((owners[own], *others), others)

@@ -16,7 +16,7 @@ the anchors as its rows ("images") and the documents as its columns:
     mini_batch_size         gradient caching (semclip_kernels.grad_cache): the model runs on mini-batches, the
                             fused loss once per step on the whole batch's embeddings
 
-With no paraphrase column the loss and its gradients are theirs (tests/test_sentence_transformers.py).
+With no paraphrase column the loss and its gradients are theirs (tests/integrations/test_sentence_transformers.py).
 """
 
 from __future__ import annotations
