@@ -122,6 +122,19 @@ def open_clip_loop() -> dict:
             "tokens": torch.randint(1, 1000, (2, 4, 77))}
 
 
+def sentence_transformer() -> dict:
+    """A tiny random BERT `SentenceTransformer` for blocks that load a hub model by name (no download here),
+    and a scratch working folder (a trainer writes its output there)."""
+    import tempfile
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "integrations"))
+    from st_tiny import load_model, tiny_model_dir
+
+    folder = tempfile.mkdtemp(prefix="docs-st-")
+    os.chdir(folder)
+    return {"tiny_sentence_transformer": load_model(tiny_model_dir(os.path.join(folder, "model")), torch.float32)}
+
+
 SETUPS: dict[str, Callable[[], dict]] = {
     "open_clip_loop": open_clip_loop,
     "none": dict,
@@ -129,9 +142,11 @@ SETUPS: dict[str, Callable[[], dict]] = {
     "open_clip_model": open_clip_model,
     "grad_cache": grad_cache,
     "distributed": distributed,
+    "sentence_transformer": sentence_transformer,
 }
 SOURCE_EDITS: dict[str, list[tuple[str, str]]] = {
     "distributed": [('"nccl"', '"gloo"')],  # no GPU on a test machine; the rest of the block runs as written
+    "sentence_transformer": [('SentenceTransformer("all-MiniLM-L6-v2")', "tiny_sentence_transformer")],
 }
 
 
