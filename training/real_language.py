@@ -14,7 +14,7 @@ paraphrases and negations. Objectives, all at the same step count and batch of c
   paraphrase as its text, the other paraphrases as extra positives and the negations as hard negatives.
 
 The frozen bottom layers' token states of every text are computed once and cached on disk
-(`FeatureCache`); each finished (objective, seed) run is stored as its own JSON file, so a rerun with
+(a cache that grows by the texts it lacks); each finished (objective, seed) run is stored as its own JSON file, so a rerun with
 the same settings skips it (resumable). See docs/real_language.md.
 """
 
@@ -37,8 +37,9 @@ from torch import nn
 from tqdm import tqdm
 
 from .atomic_files import atomic_write_text
+from .checkpoint import atomic_save
 from .pretrained import (
-    FeatureCache,
+    RECIPE_VERSION,
     TokenStates,
     bottom_states,
     load_minilm,
@@ -322,13 +323,36 @@ def evaluate(top: nn.Module, states: TokenStates, triplets: TextTriplets) -> dic
 # ----------------------------------------------------------------------------- the comparison
 
 
-def text_states(model: nn.Module, tokenizer, texts: list[str], n_frozen: int, cache: FeatureCache,
+def merge_states(first: TokenStates, second: TokenStates) -> TokenStates:
+    """One `TokenStates` holding the texts of both (disjoint) sets."""
+    index = dict(first.index)
+    index.update({text: row + len(first.index) for text, row in second.index.items()})
+    offsets = torch.cat([first.offsets, second.offsets[1:] + first.offsets[-1]])
+    return TokenStates(torch.cat([first.flat, second.flat]), offsets, index)
+
+
+def text_states(model: nn.Module, tokenizer, texts: list[str], n_frozen: int, folder: str | None,
                 progress: bool) -> TokenStates:
+    """Token states after the frozen `n_frozen` layers for `texts`, from a per-(model, depth) cache that grows:
+    only texts it lacks are computed (an ablation that adds paraphrases computes just those)."""
     vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
-    key = {"model": module_fingerprint(model), "texts": texts_fingerprint(texts), "n_frozen": n_frozen,
+    key = {"model": module_fingerprint(model), "n_frozen": n_frozen, "recipe": RECIPE_VERSION,
            "tokenizer": hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()}
-    return cache.get("real_language_states", key, lambda: bottom_states(
-        model, tokenizer, texts, n_frozen, progress=progress, desc=f"MiniLM layers 1-{n_frozen} (cached once)"))
+    path = os.path.join(folder or "", "states-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode())
+                        .hexdigest()[:20] + ".pt")
+    cached = None
+    if folder and os.path.exists(path):
+        stored = torch.load(path, map_location="cpu", weights_only=False)
+        if isinstance(stored, dict) and stored.get("key") == key:  # else stale or foreign: recompute
+            cached = stored["value"]
+    missing = [t for t in dict.fromkeys(texts) if cached is None or t not in cached.index]
+    if missing:
+        computed = bottom_states(model, tokenizer, missing, n_frozen, progress=progress,
+                                 desc=f"MiniLM layers 1-{n_frozen} ({len(missing)} new texts, cached)")
+        cached = computed if cached is None else merge_states(cached, computed)
+        if folder:
+            atomic_save({"key": key, "value": cached}, path)
+    return cached
 
 
 def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
@@ -444,8 +468,8 @@ def run(config: RealLanguageConfig, model_and_tokenizer: tuple[nn.Module, Any] |
     texts = list(dict.fromkeys(
         data.captions + [t for ts in data.paraphrases for t in ts] + [t for ts in data.negations for t in ts]
         + eval_set.captions + eval_set.paraphrases + eval_set.negations))
-    cache = FeatureCache(os.path.join(config.out, "cache") if config.cache_dir is None else (config.cache_dir or None))
-    states = text_states(model, tokenizer, texts, n_frozen, cache, config.progress)
+    cache_dir = os.path.join(config.out, "cache") if config.cache_dir is None else (config.cache_dir or None)
+    states = text_states(model, tokenizer, texts, n_frozen, cache_dir, config.progress)
     base_top = model.encoder.layer[n_frozen:]
     seconds["frozen_states"] = time.perf_counter() - mark
 
