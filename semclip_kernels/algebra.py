@@ -27,7 +27,7 @@ class Columns:
 
     blocks: tuple[torch.Tensor, ...]  # [B, d] captions, then [B·Pn, d] paraphrases, [B·Mn, d] negations
     col_bias: torch.Tensor  # [K]: 0 on captions and paraphrases, log β on negations
-    n_query_cols: int  # captions and paraphrases: the queries of the text → image direction
+    n_query_cols: int  # captions and paraphrases: the queries of the text → image direction (0 without it)
 
     @property
     def n_cols(self) -> int:
@@ -38,24 +38,28 @@ class Columns:
         return self.blocks[0] if len(self.blocks) == 1 else torch.cat(self.blocks, dim=0)
 
 
-def build_columns(inputs: SemCLIPInputs, paraphrase_weight: float, hard_negative_weight: float) -> Columns:
+def build_columns(
+    inputs: SemCLIPInputs, paraphrase_weight: float, hard_negative_weight: float, directions: str = "both"
+) -> Columns:
     """Lay out the text columns `[T; P; N]`, query columns first.
 
     Paraphrase `p` of image `j` is column `B + j·Pn + p`; negations carry the bias `log β`.
     Extras whose weight is 0 are left out entirely (docs/contract.md §1: "w = 0 removes paraphrases").
+    `directions="image_to_text"` has no text → image half: no column is a query (no column partition
+    is computed at all).
     """
     dim = inputs.image.shape[1]
     blocks = [inputs.text]
     if inputs.paraphrase is not None and paraphrase_weight > 0:
         blocks.append(inputs.paraphrase.reshape(-1, dim))
-    n_query_cols = sum(block.shape[0] for block in blocks)
+    n_positive_cols = sum(block.shape[0] for block in blocks)
     if inputs.negation is not None and hard_negative_weight > 0:
         blocks.append(inputs.negation.reshape(-1, dim))
     n_cols = sum(block.shape[0] for block in blocks)
     col_bias = torch.zeros(n_cols, dtype=inputs.logit_scale.dtype, device=inputs.image.device)
-    if n_cols > n_query_cols:
-        col_bias[n_query_cols:] = math.log(hard_negative_weight)
-    return Columns(tuple(blocks), col_bias, n_query_cols)
+    if n_cols > n_positive_cols:
+        col_bias[n_positive_cols:] = math.log(hard_negative_weight)
+    return Columns(tuple(blocks), col_bias, n_positive_cols if directions == "both" else 0)
 
 
 def positive_logits(inputs: SemCLIPInputs, paraphrase_weight: float) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -87,19 +91,25 @@ def combine_partitions(
     text_pos: torch.Tensor,
     para_pos: torch.Tensor | None,
     paraphrase_weight: float,
+    directions: str = "both",
 ) -> torch.Tensor:
-    """docs/contract.md §1's `L = (L_i2t + L_t2i) / 2` from the partitions of this batch's rows and queries.
+    """docs/contract.md §1's `L = (L_i2t + L_t2i) / 2` (`directions="both"`) or `L = L_i2t`
+    (`"image_to_text"`) from the partitions of this batch's rows and queries.
 
-    row_lse [B]: Z_i. query_lse [B·(1 + Pn)]: Y(T_j) for the B captions, then Y(P_jp) image-major.
-    text_pos [B], para_pos [B, Pn]: the positive logits (`positive_logits`).
+    row_lse [B]: Z_i. query_lse [B·(1 + Pn)]: Y(T_j) for the B captions, then Y(P_jp) image-major
+    (`[0]` with `"image_to_text"`: not computed). text_pos [B], para_pos [B, Pn]: the positive logits
+    (`positive_logits`).
     """
     batch = text_pos.shape[0]
     image_to_text = _at_least_zero(row_lse - text_pos)
-    text_to_image = _at_least_zero(query_lse[:batch] - text_pos)
     n_positives = 1.0
     if para_pos is not None:
-        para_query_lse = query_lse[batch:].view(batch, -1)
         image_to_text = image_to_text + paraphrase_weight * _at_least_zero(row_lse[:, None] - para_pos).sum(1)
-        text_to_image = text_to_image + paraphrase_weight * _at_least_zero(para_query_lse - para_pos).sum(1)
         n_positives += paraphrase_weight * para_pos.shape[1]
+    if directions == "image_to_text":
+        return image_to_text.mean() / n_positives
+    text_to_image = _at_least_zero(query_lse[:batch] - text_pos)
+    if para_pos is not None:
+        para_query_lse = query_lse[batch:].view(batch, -1)
+        text_to_image = text_to_image + paraphrase_weight * _at_least_zero(para_query_lse - para_pos).sum(1)
     return (image_to_text.mean() + text_to_image.mean()) / (2.0 * n_positives)

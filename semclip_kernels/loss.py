@@ -47,6 +47,7 @@ def semclip_loss(
     block_rows: int | None = None,
     block_cols: int | None = None,
     grad_filter_eps: float | None = None,
+    directions: str = "both",
 ) -> torch.Tensor:
     """The SemCLIP loss of one (single-process) batch, as a float32 scalar.
 
@@ -60,10 +61,11 @@ def semclip_loss(
         hard_negative_weight: `β ≥ 0`; scales the negations' mass in `Z_i`; 0 removes them.
         backend: one of `"auto"`, `"triton"`, `"cpp"`, `"torch"`, `"reference"`.
         block_rows, block_cols, grad_filter_eps: tiling options (see `PartitionOptions`).
+        directions: `"both"` (CLIP's `(L_i2t + L_t2i) / 2`) or `"image_to_text"` (`L_i2t` alone: each image
+            against every column, as MultipleNegativesRankingLoss, LiT and Inf-CL compute it).
     """
-    config = LossConfig(
-        paraphrase_weight, hard_negative_weight, backend, PartitionOptions(block_rows, block_cols, grad_filter_eps)
-    )
+    options = PartitionOptions(block_rows, block_cols, grad_filter_eps)
+    config = LossConfig(paraphrase_weight, hard_negative_weight, backend, options, directions)
     return _loss(config, None, image_features, text_features, logit_scale, paraphrase_features, negation_features)
 
 
@@ -92,13 +94,13 @@ class SemCLIPLoss(nn.Module):
         grad_filter_eps: float | None = None,
         distributed_mode: str = "gather",
         group_size: int | None = None,
+        directions: str = "both",
     ) -> None:
         super().__init__()
         if use_horovod:
             raise ValueError("use_horovod is not supported: SemCLIPLoss runs on torch.distributed")
-        self.config = LossConfig(
-            paraphrase_weight, hard_negative_weight, backend, PartitionOptions(block_rows, block_cols, grad_filter_eps)
-        )
+        options = PartitionOptions(block_rows, block_cols, grad_filter_eps)
+        self.config = LossConfig(paraphrase_weight, hard_negative_weight, backend, options, directions)
         # group_size: ranks per all-gather group of distributed_mode="hierarchical" (default: LOCAL_WORLD_SIZE).
         group = RankGroup(rank, world_size, local_loss, gather_with_grad, distributed_mode, group_size)
         self.group = group if world_size > 1 else None
@@ -140,7 +142,7 @@ def _loss(
     with _autocast_off(inputs.image.device):
         if group is None:
             return _single_process_loss(inputs, config)
-        columns = build_columns(inputs, config.paraphrase_weight, config.hard_negative_weight)
+        columns = build_columns(inputs, config.paraphrase_weight, config.hard_negative_weight, config.directions)
         return distributed_loss(inputs, columns, config, group)
 
 
@@ -156,7 +158,7 @@ def _single_process_loss(inputs: SemCLIPInputs, config: LossConfig) -> torch.Ten
     name = resolve_backend(config.backend, inputs.image.device)
     w, beta = config.paraphrase_weight, config.hard_negative_weight
     if not backend_module(name, inputs.image.device).differentiable:
-        return node_loss(inputs, w, beta, config.options, name)
+        return node_loss(inputs, w, beta, config.options, name, config.directions)
     # Plain autograd (the reference backend: second derivatives). Each input is cast to the statistics dtype
     # once, so that every path's gradient meets the others in float32 and is cast back once.
     stat = inputs.logit_scale.dtype
@@ -165,9 +167,9 @@ def _single_process_loss(inputs: SemCLIPInputs, config: LossConfig) -> torch.Ten
         paraphrase=None if inputs.paraphrase is None else inputs.paraphrase.to(stat),
         negation=None if inputs.negation is None else inputs.negation.to(stat),
     )  # fmt: skip
-    columns = build_columns(inputs, w, beta)
+    columns = build_columns(inputs, w, beta, config.directions)
     problem = Problem(inputs.image, columns.blocks, inputs.logit_scale, columns.col_bias, columns.n_query_cols,
                       config.options)  # fmt: skip
     stats = backend_forward(problem, name)
     text_pos, para_pos = positive_logits(inputs, w)
-    return combine_partitions(stats.row_lse, stats.query_lse, text_pos, para_pos, w)
+    return combine_partitions(stats.row_lse, stats.query_lse, text_pos, para_pos, w, config.directions)

@@ -45,6 +45,11 @@ def _col_bias(batch: int, n_para: int, n_neg: int, beta: float, like: torch.Tens
     return col_bias
 
 
+def _n_query_cols(batch: int, n_para: int, directions: str) -> int:
+    """The captions and paraphrases are queries of the text → image half; without it there are none."""
+    return batch * (1 + n_para) if directions == "both" else 0
+
+
 class SemCLIPNode(torch.autograd.Function):
     """`L` of docs/contract.md §1 for one batch; `paraphrase`/`negation` already None where their weight is 0."""
 
@@ -60,30 +65,30 @@ class SemCLIPNode(torch.autograd.Function):
         hard_negative_weight: float,
         options: PartitionOptions,
         backend: str,
+        directions: str,
     ) -> torch.Tensor:
         batch = image.shape[0]
         n_para = 0 if paraphrase is None else paraphrase.shape[1]
         n_neg = 0 if negation is None else negation.shape[1]
         problem = Problem(image, _blocks(text, paraphrase, negation), scale,
-                          _col_bias(batch, n_para, n_neg, hard_negative_weight, scale), batch * (1 + n_para),
-                          options)  # fmt: skip
+                          _col_bias(batch, n_para, n_neg, hard_negative_weight, scale),
+                          _n_query_cols(batch, n_para, directions), options)  # fmt: skip
         stats = backend_forward(problem, backend)
         inputs = SemCLIPInputs(image, text, paraphrase, negation, scale)
         text_pos, para_pos = positive_logits(inputs, paraphrase_weight)
-        loss = combine_partitions(
-            stats.row_lse.to(scale.dtype), stats.query_lse.to(scale.dtype), text_pos, para_pos, paraphrase_weight
-        )
+        row_lse, query_lse = stats.row_lse.to(scale.dtype), stats.query_lse.to(scale.dtype)
+        loss = combine_partitions(row_lse, query_lse, text_pos, para_pos, paraphrase_weight, directions)
         present = [t for t in (paraphrase, negation) if t is not None]
         ctx.save_for_backward(image, text, *present, scale, stats.row_lse, stats.query_lse, stats.col_mass_lb,
                               *stats.aux)  # fmt: skip
         ctx.layout = (paraphrase is not None, negation is not None, n_para, len(stats.aux))
-        ctx.settings = (paraphrase_weight, hard_negative_weight, options, backend)
+        ctx.settings = (paraphrase_weight, hard_negative_weight, options, backend, directions)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         has_para, has_neg, n_para, n_aux = ctx.layout
-        paraphrase_weight, hard_negative_weight, options, backend = ctx.settings
+        paraphrase_weight, hard_negative_weight, options, backend, directions = ctx.settings
         saved = list(ctx.saved_tensors)
         image, text = saved[0], saved[1]
         paraphrase = saved.pop(2) if has_para else None
@@ -92,20 +97,23 @@ class SemCLIPNode(torch.autograd.Function):
         stats = Stats(row_lse, query_lse, col_mass_lb, tuple(aux))
         batch = image.shape[0]
         n_neg = 0 if negation is None else negation.shape[1]
+        n_query = _n_query_cols(batch, n_para, directions)
         problem = Problem(image, _blocks(text, paraphrase, negation), scale,
-                          _col_bias(batch, n_para, n_neg, hard_negative_weight, scale), batch * (1 + n_para),
+                          _col_bias(batch, n_para, n_neg, hard_negative_weight, scale), n_query,
                           options)  # fmt: skip
 
         # L = (mean_i i2t_i + mean_j t2i_j) / (2n), n = 1 + w·Pn (algebra.combine_partitions): per unit of L,
         # dZ_i = n/(2nB), dY(T_j) = 1/(2nB), dY(P_jp) = w/(2nB), d s(I_i,T_i) = −2/(2nB), d s(I_i,P_ip) = −2w/(2nB).
+        # With one direction, L = mean_i i2t_i / n: the same with 2 → 1 and no Y terms.
+        n_directions = 2.0 if n_query else 1.0
         stat = scale.dtype
-        unit = grad_loss.to(stat) / (2.0 * (1.0 + paraphrase_weight * n_para) * batch)
+        unit = grad_loss.to(stat) / (n_directions * (1.0 + paraphrase_weight * n_para) * batch)
         g_row = (unit * (1.0 + paraphrase_weight * n_para)).expand(batch).contiguous()
-        g_query = unit.expand(batch * (1 + n_para)).clone()
+        g_query = unit.expand(n_query).clone()
         g_query[batch:] *= paraphrase_weight
-        bands = [PositiveBand(0, 1, (-2.0 * unit).expand(batch, 1).contiguous())]
+        bands = [PositiveBand(0, 1, (-n_directions * unit).expand(batch, 1).contiguous())]
         if n_para:
-            para_grad = (-2.0 * paraphrase_weight * unit).expand(batch, n_para).contiguous()
+            para_grad = (-n_directions * paraphrase_weight * unit).expand(batch, n_para).contiguous()
             bands.append(PositiveBand(batch, n_para, para_grad))
         need_image, need_text, need_para, need_neg, need_scale = ctx.needs_input_grad[:5]
         needs = Needs(rows=need_image, cols=need_text or need_para or need_neg, scale=need_scale)
@@ -120,14 +128,14 @@ class SemCLIPNode(torch.autograd.Function):
         grad_neg = cast(cols.pop(0), negation, need_neg) if has_neg else None
         return (
             cast(grads.rows, image, need_image), grad_text, grad_para, grad_neg,
-            cast(grads.scale, scale, need_scale), None, None, None, None,
+            cast(grads.scale, scale, need_scale), None, None, None, None, None,
         )  # fmt: skip
 
 
 def node_loss(inputs: SemCLIPInputs, paraphrase_weight: float, hard_negative_weight: float,
-              options: PartitionOptions, backend: str) -> torch.Tensor:  # fmt: skip
+              options: PartitionOptions, backend: str, directions: str = "both") -> torch.Tensor:  # fmt: skip
     """The loss through `SemCLIPNode` (extras of weight 0 left out, docs/contract.md §1)."""
     paraphrase = inputs.paraphrase if paraphrase_weight > 0 else None
     negation = inputs.negation if hard_negative_weight > 0 else None
     return SemCLIPNode.apply(inputs.image, inputs.text, paraphrase, negation, inputs.logit_scale,
-                             paraphrase_weight, hard_negative_weight, options, backend)  # fmt: skip
+                             paraphrase_weight, hard_negative_weight, options, backend, directions)  # fmt: skip

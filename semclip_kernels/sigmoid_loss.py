@@ -40,6 +40,7 @@ def semsiglip_loss(
     block_rows: int | None = None,
     block_cols: int | None = None,
     grad_filter_eps: float | None = None,
+    directions: None = None,
 ) -> torch.Tensor:
     """The sigmoid SemCLIP loss of one (single-process) batch, as a float32 scalar (docs/contract.md §8).
 
@@ -55,7 +56,9 @@ def semsiglip_loss(
         backend: one of `"auto"`, `"triton"`, `"cpp"`, `"torch"`, `"reference"` (`"triton"` has no sigmoid
             kernels yet: `"auto"` picks `"torch"` on GPUs).
         block_rows, block_cols, grad_filter_eps: tiling options (see `PartitionOptions`).
+        directions: not accepted (an error if given): every pair is its own binary term, there is no direction.
     """
+    _reject_directions(directions)
     config = LossConfig(
         paraphrase_weight, hard_negative_weight, backend, PartitionOptions(block_rows, block_cols, grad_filter_eps)
     )
@@ -88,8 +91,10 @@ class SemSigLipLoss(nn.Module):
         block_cols: int | None = None,
         grad_filter_eps: float | None = None,
         distributed_mode: str | None = None,
+        directions: None = None,
     ) -> None:
         super().__init__()
+        _reject_directions(directions)
         self.config = LossConfig(
             paraphrase_weight, hard_negative_weight, backend, PartitionOptions(block_rows, block_cols, grad_filter_eps)
         )
@@ -116,6 +121,17 @@ class SemSigLipLoss(nn.Module):
             paraphrase_features, negation_features,
         )  # fmt: skip
         return {"contrastive_loss": loss} if output_dict else loss
+
+
+def _reject_directions(directions: object) -> None:
+    """The softmax loss's `directions` has no meaning here: a pairwise sigmoid term is symmetric in its image
+    and its text, so the loss has no image → text or text → image half to drop."""
+    if directions is not None:
+        raise TypeError(
+            f"directions={directions!r} does not apply to the sigmoid loss: each (image, text) pair is its own "
+            "binary term, with no image → text or text → image direction; use semclip_loss / SemCLIPLoss "
+            "(the softmax loss) for directions='image_to_text'"
+        )
 
 
 def _distributed_mode(dist_impl: str | None, distributed_mode: str | None) -> str:

@@ -20,6 +20,8 @@ from .backends.dtypes import stat_dtype
 from .backends.options import PartitionOptions
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# The directions of the softmax loss (docs/contract.md §1): both halves, or image → text alone.
+DIRECTIONS = ("both", "image_to_text")
 
 
 @dataclass(frozen=True)
@@ -151,12 +153,14 @@ class LossConfig:
     hard_negative_weight: `β ≥ 0`; scales the negations' mass in `Z_i`; 0 removes them.
     backend: `"auto"`, `"triton"`, `"cpp"`, `"torch"` or `"reference"`.
     options: the tiling options of the backends.
+    directions: `"both"` (`L = (L_i2t + L_t2i) / 2`) or `"image_to_text"` (`L = L_i2t`).
     """
 
     paraphrase_weight: float = 1.0
     hard_negative_weight: float = 1.0
     backend: str = "auto"
     options: PartitionOptions = field(default_factory=PartitionOptions)
+    directions: str = "both"
 
     def __post_init__(self) -> None:
         # frozen: normalise through object.__setattr__, once.
@@ -165,6 +169,8 @@ class LossConfig:
             self, "hard_negative_weight", check_weight("hard_negative_weight", self.hard_negative_weight)
         )
         check_backend_name(self.backend)
+        if self.directions not in DIRECTIONS:
+            raise ValueError(f"directions must be one of {DIRECTIONS}, got {self.directions!r}")
 
 
 def check_inputs(

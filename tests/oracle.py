@@ -20,7 +20,9 @@ def semclip_loss_float64(
     negation: torch.Tensor | None = None,
     paraphrase_weight: float = 1.0,
     hard_negative_weight: float = 1.0,
+    directions: str = "both",
 ) -> torch.Tensor:
+    """docs/contract.md §1's `L`: `(L_i2t + L_t2i) / 2`, or `L_i2t` alone with `directions="image_to_text"`."""
     image, text = image.double(), text.double()
     if not isinstance(logit_scale, torch.Tensor):
         logit_scale = torch.tensor(float(logit_scale))
@@ -56,6 +58,8 @@ def semclip_loss_float64(
         i2t = i2t + w * (z[:, None] - own).sum(1)
         t2i = t2i + w * (torch.logsumexp(s_para, dim=0) - own).sum(1)  # Y(P_jp) - s(I_j, P_jp)
     norm = 1.0 + w * n_para
+    if directions == "image_to_text":
+        return (i2t / norm).mean()
     return ((i2t / norm).mean() + (t2i / norm).mean()) / 2
 
 

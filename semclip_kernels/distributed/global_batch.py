@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from ..algebra import Columns, combine_partitions, positive_logits
-from ..validation import SUPPORTED_DTYPES, LossConfig, SemCLIPInputs
+from ..validation import DIRECTIONS, SUPPORTED_DTYPES, LossConfig, SemCLIPInputs
 from .collectives import MeanOverRanks, SumScaleGradOverRanks, gather, group_timeout
 from .ring import RingConfig, RingPartitions
 
@@ -125,16 +125,16 @@ def distributed_loss(inputs: SemCLIPInputs, columns: Columns, config: LossConfig
         scale = SumScaleGradOverRanks.apply(inputs.logit_scale, 1.0 / (group.grad_weight * group.world_size))
         inputs = dataclasses.replace(inputs, logit_scale=scale)
 
-    text_pos, para_pos = _positive_logits(inputs, config.paraphrase_weight, group.remote_grad)
+    text_pos, para_pos = _positive_logits(inputs, config.paraphrase_weight, group.remote_grad, config.directions)
     row_lse, query_lse = _ring_partitions(inputs, columns, config, group)
-    loss_r = combine_partitions(row_lse, query_lse, text_pos, para_pos, config.paraphrase_weight)
+    loss_r = combine_partitions(row_lse, query_lse, text_pos, para_pos, config.paraphrase_weight, config.directions)
     if group.local_loss:
         return loss_r
     return MeanOverRanks.apply(loss_r, group.world_size, group.grad_weight)
 
 
 def _positive_logits(
-    inputs: SemCLIPInputs, paraphrase_weight: float, remote_grad: bool
+    inputs: SemCLIPInputs, paraphrase_weight: float, remote_grad: bool, directions: str
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     if remote_grad:
         return positive_logits(inputs, paraphrase_weight)
@@ -146,6 +146,8 @@ def _positive_logits(
     image_side = positive_logits(
         dataclasses.replace(inputs, text=inputs.text.detach(), paraphrase=paraphrase), paraphrase_weight
     )
+    if directions == "image_to_text":
+        return image_side
     text_side = positive_logits(dataclasses.replace(inputs, image=inputs.image.detach()), paraphrase_weight)
     text_pos = (image_side[0] + text_side[0]) / 2
     para_pos = None if image_side[1] is None else (image_side[1] + text_side[1]) / 2
@@ -232,6 +234,7 @@ def _check_layout_across_ranks(inputs: SemCLIPInputs, columns: Columns, config: 
         "feature dim d": inputs.image.shape[1],
         "paraphrases per image Pn": inputs.n_paraphrases,
         "negations per image Mn": inputs.n_negations,
+        "directions": DIRECTIONS.index(config.directions),  # before the query columns, which it decides
         "text columns K": columns.n_cols,
         "query columns": columns.n_query_cols,
         "feature dtype": SUPPORTED_DTYPES.index(inputs.image.dtype),
@@ -264,4 +267,6 @@ def _check_layout_across_ranks(inputs: SemCLIPInputs, columns: Columns, config: 
             )
         if name == "distributed_mode":
             values = [MODES[value] for value in values]
+        if name == "directions":
+            values = [DIRECTIONS[value] for value in values]
         raise ValueError(f"distributed SemCLIP loss: {name} differs across ranks: {values}")
