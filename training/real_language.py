@@ -260,11 +260,10 @@ def objective_loss(method: str, config: RealLanguageConfig, caption: torch.Tenso
     if method == "semclip":
         from semclip_kernels import semclip_loss
 
-        options = {} if config.directions == "both" else {"directions": config.directions}
         extra = paraphrases[:, 1:] if paraphrases.shape[1] > 1 else None
         return semclip_loss(caption, paraphrases[:, 0], config.scale, extra, negations,
                             paraphrase_weight=config.paraphrase_weight,
-                            hard_negative_weight=config.hard_negative_weight, **options)
+                            hard_negative_weight=config.hard_negative_weight, directions=config.directions)
     raise ValueError(f"no loss for method {method!r}")
 
 
