@@ -133,7 +133,8 @@ def test_program_end_to_end_on_a_tiny_bert_and_resumes(tmp_path, capsys):
         assert os.path.getsize(tmp_path / "out" / name) > 0
     split = json.loads((tmp_path / "out" / "split.json").read_text())
     assert split["eval_rows"] > 0 and split["train_captions"] > 0
-    assert not set(split["eval_images"]) & set(split["train_images"])
+    assert split["eval_images"] == len(split["eval_image_files"]) > 0
+    assert not set(split["eval_image_files"]) & set(split["train_image_files"])
     runs = sorted(os.listdir(tmp_path / "out" / "runs"))
     assert len(runs) == 1 + 3 * 2
     for name in runs:  # the trained weights moved: every trained run logged its losses

@@ -455,12 +455,11 @@ def run(config: RealLanguageConfig, model_and_tokenizer: tuple[nn.Module, Any] |
     eval_set = TextTriplets(*([getattr(triplets, name)[i] for i in split.eval_rows]
                               for name in ("captions", "paraphrases", "negations")))
     data = rules_triplets(split.train_captions, config.paraphrases, config.negations, config.negation_families)
-    atomic_write_text(json.dumps({"rule": Split.__doc__.split("Rule: ")[1].strip(), **split.counts(),
-                                  "train_captions_with_rules_triplets": len(data),
-                                  "train_captions_skipped_no_rules_output": data.skipped,
-                                  "eval_images": split.eval_images, "train_images": split.train_images,
-                                  "train_captions_dropped_as_in_eval": split.dropped_captions}, indent=1) + "\n",
-                      os.path.join(config.out, "split.json"))
+    record = {"rule": " ".join(Split.__doc__.split("Rule: ")[1].split()), **split.counts(),
+              "train_captions_with_rules_triplets": len(data), "train_captions_skipped_no_rules_output": data.skipped,
+              "eval_image_files": split.eval_images, "train_image_files": split.train_images,
+              "dropped_captions": split.dropped_captions}
+    atomic_write_text(json.dumps(record, indent=1) + "\n", os.path.join(config.out, "split.json"))
 
     mark = time.perf_counter()
     n_frozen = n_layers - config.layers
