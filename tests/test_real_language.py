@@ -56,7 +56,8 @@ def test_split_of_the_shipped_file_groups_images_and_shares_no_caption():
     # the training captions are exactly the training images' captions minus the evaluation texts
     train_rows = [i for i in range(len(images)) if images[i] in set(split.train_images)]
     expected = {triplets.captions[i] for i in train_rows} - {
-        t for i in split.eval_rows for t in (triplets.captions[i], triplets.paraphrases[i], triplets.negations[i])}
+        t for i in split.eval_rows for t in (triplets.captions[i], triplets.paraphrases[i], triplets.negations[i])
+    }
     assert set(split.train_captions) == expected and len(split.train_captions) == len(expected)
     assert split.dropped_captions, "the file has captions shared across images: some must be dropped"
     # deterministic and independent of row order
@@ -81,11 +82,13 @@ def test_a_caption_of_two_images_on_both_sides_is_dropped_from_training(tmp_path
     evaluating = next(n for n in names if image_evaluates(n, 0.5))
     training = [n for n in names if not image_evaluates(n, 0.5)][:2]
     csv = tmp_path / "t.csv"
-    csv.write_text("filename,caption,paraphrased,negation\n"
-                   f"{evaluating},a dog on a bench,a bench with a dog on it,a cat on a bench\n"
-                   f"{training[0]},a dog on a bench,there is a dog on a bench,a dog under a bench\n"
-                   f"{training[0]},a red car,a car that is red,a blue car\n"
-                   f"{training[1]},a cat on a bench,a bench with a cat,a cat under a bench\n")
+    csv.write_text(
+        "filename,caption,paraphrased,negation\n"
+        f"{evaluating},a dog on a bench,a bench with a dog on it,a cat on a bench\n"
+        f"{training[0]},a dog on a bench,there is a dog on a bench,a dog under a bench\n"
+        f"{training[0]},a red car,a car that is red,a blue car\n"
+        f"{training[1]},a cat on a bench,a bench with a cat,a cat under a bench\n"
+    )
     images, triplets = load_triplets_with_images(str(csv))
     split = split_by_image(images, triplets, 0.5)
     assert split.eval_rows == [0]
@@ -113,8 +116,14 @@ def tiny_bert(tmp_path, texts):
     vocab_file = tmp_path / "vocab.txt"
     vocab_file.write_text("\n".join(vocab) + "\n")
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
     return BertModel(config).eval().requires_grad_(False), BertTokenizerFast(vocab_file=str(vocab_file))
 
 
@@ -122,8 +131,17 @@ def test_program_end_to_end_on_a_tiny_bert_and_resumes(tmp_path, capsys):
     pytest.importorskip("sentence_transformers")
     _, triplets = load_triplets_with_images(DEFAULT_PATH, limit=60)
     model = tiny_bert(tmp_path, triplets.captions + triplets.paraphrases + triplets.negations)
-    config = RealLanguageConfig(out=str(tmp_path / "out"), limit_rows=60, steps=2, batch_size=4, layers=1,
-                                seeds=(0, 1), paraphrases=2, negations=2, progress=False)
+    config = RealLanguageConfig(
+        out=str(tmp_path / "out"),
+        limit_rows=60,
+        steps=2,
+        batch_size=4,
+        layers=1,
+        seeds=(0, 1),
+        paraphrases=2,
+        negations=2,
+        progress=False,
+    )
     results = real_language.run(config, model)
     assert list(results["table"]) == list(real_language.METHODS)
     assert results["table"]["untouched"]["seeds"] == 1 and results["table"]["semclip"]["seeds"] == 2

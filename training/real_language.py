@@ -13,9 +13,9 @@ paraphrases and negations. Objectives, all at the same step count and batch of c
 - `semclip`: `semclip_kernels.semclip_loss` with the caption as the row ("image"), the first
   paraphrase as its text, the other paraphrases as extra positives and the negations as hard negatives.
 
-The frozen bottom layers' token states of every text are computed once and cached on disk
-(a cache that grows by the texts it lacks); each finished (objective, seed) run is stored as its own JSON file, so a rerun with
-the same settings skips it (resumable). See docs/real_language.md.
+The frozen bottom layers' token states of every text are computed once and cached on disk (a
+cache that grows by the texts it lacks); each finished (objective, seed) run is stored as its own
+JSON file, so a rerun with the same settings skips it (resumable). See docs/real_language.md.
 """
 
 from __future__ import annotations
@@ -78,9 +78,13 @@ class Split:
     dropped_captions: list[str] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
-        return {"eval_rows": len(self.eval_rows), "eval_images": len(self.eval_images),
-                "train_images": len(self.train_images), "train_captions": len(self.train_captions),
-                "train_captions_dropped_as_in_eval": len(self.dropped_captions)}
+        return {
+            "eval_rows": len(self.eval_rows),
+            "eval_images": len(self.eval_images),
+            "train_images": len(self.train_images),
+            "train_captions": len(self.train_captions),
+            "train_captions_dropped_as_in_eval": len(self.dropped_captions),
+        }
 
 
 def image_evaluates(image: str, eval_fraction: float) -> bool:
@@ -95,8 +99,9 @@ def split_by_image(images: Sequence[str], triplets: TextTriplets, eval_fraction:
         raise ValueError(f"images has {len(images)} rows, triplets {len(triplets)}")
     evaluates = {image: image_evaluates(image, eval_fraction) for image in images}
     eval_rows = [i for i, image in enumerate(images) if evaluates[image]]
-    eval_texts = {text for i in eval_rows
-                  for text in (triplets.captions[i], triplets.paraphrases[i], triplets.negations[i])}
+    eval_texts = {
+        text for i in eval_rows for text in (triplets.captions[i], triplets.paraphrases[i], triplets.negations[i])
+    }
     candidates = list(dict.fromkeys(triplets.captions[i] for i, image in enumerate(images) if not evaluates[image]))
     return Split(
         eval_fraction=eval_fraction,
@@ -116,8 +121,9 @@ def split_problems(images: Sequence[str], triplets: TextTriplets, split: Split) 
     train_images = {images[i] for i in range(len(images)) if i not in eval_rows}
     if both := eval_images & train_images:
         problems.append(f"{len(both)} image(s) on both sides, e.g. {sorted(both)[0]}")
-    eval_texts = {text for i in eval_rows
-                  for text in (triplets.captions[i], triplets.paraphrases[i], triplets.negations[i])}
+    eval_texts = {
+        text for i in eval_rows for text in (triplets.captions[i], triplets.paraphrases[i], triplets.negations[i])
+    }
     if leaked := eval_texts & set(split.train_captions):
         problems.append(f"{len(leaked)} training caption(s) occur in the evaluation part, e.g. {sorted(leaked)[0]!r}")
     train_image_captions = {triplets.captions[i] for i in range(len(images)) if images[i] in train_images}
@@ -143,14 +149,17 @@ class TrainingTriplets:
         return len(self.captions)
 
 
-def rules_triplets(captions: Sequence[str], n_paraphrases: int, n_negations: int,
-                   negation_families: Sequence[str] = NEGATION_FAMILIES) -> TrainingTriplets:
+def rules_triplets(
+    captions: Sequence[str], n_paraphrases: int, n_negations: int, negation_families: Sequence[str] = NEGATION_FAMILIES
+) -> TrainingTriplets:
     """Paraphrases and negations of `captions` by the rules generator (negations of the chosen families only)."""
     from .triplets import rules, select_texts
 
     unknown = sorted(set(negation_families) - set(NEGATION_FAMILIES))
     if unknown or not negation_families:
-        raise ValueError(f"negation_families must be a non-empty subset of {NEGATION_FAMILIES}, got {negation_families}")
+        raise ValueError(
+            f"negation_families must be a non-empty subset of {NEGATION_FAMILIES}, got {negation_families}"
+        )
     generator = RulesGenerator()
     all_families = set(negation_families) == set(NEGATION_FAMILIES)
     kept, paraphrases, negations, skipped = [], [], [], 0
@@ -247,8 +256,9 @@ def check_config(config: RealLanguageConfig, n_layers: int) -> None:
 # ----------------------------------------------------------------------------- objectives
 
 
-def objective_loss(method: str, config: RealLanguageConfig, caption: torch.Tensor, paraphrases: torch.Tensor,
-                   negations: torch.Tensor) -> torch.Tensor:
+def objective_loss(
+    method: str, config: RealLanguageConfig, caption: torch.Tensor, paraphrases: torch.Tensor, negations: torch.Tensor
+) -> torch.Tensor:
     """The loss of one batch: `caption [B, h]`, `paraphrases [B, P, h]`, `negations [B, N, h]`, all normalised."""
     if method in ("mnrl", "mnrl_hard"):
         from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
@@ -261,9 +271,16 @@ def objective_loss(method: str, config: RealLanguageConfig, caption: torch.Tenso
         from semclip_kernels import semclip_loss
 
         extra = paraphrases[:, 1:] if paraphrases.shape[1] > 1 else None
-        return semclip_loss(caption, paraphrases[:, 0], config.scale, extra, negations,
-                            paraphrase_weight=config.paraphrase_weight,
-                            hard_negative_weight=config.hard_negative_weight, directions=config.directions)
+        return semclip_loss(
+            caption,
+            paraphrases[:, 0],
+            config.scale,
+            extra,
+            negations,
+            paraphrase_weight=config.paraphrase_weight,
+            hard_negative_weight=config.hard_negative_weight,
+            directions=config.directions,
+        )
     raise ValueError(f"no loss for method {method!r}")
 
 
@@ -274,8 +291,15 @@ def learning_rate(config: RealLanguageConfig, step: int) -> float:
     return config.lr * max(0.0, (config.steps - step) / max(1, config.steps - warmup))
 
 
-def train(method: str, seed: int, config: RealLanguageConfig, base_top: nn.Module, states: TokenStates,
-          data: TrainingTriplets, bar: tqdm) -> tuple[nn.Module, list[float]]:
+def train(
+    method: str,
+    seed: int,
+    config: RealLanguageConfig,
+    base_top: nn.Module,
+    states: TokenStates,
+    data: TrainingTriplets,
+    bar: tqdm,
+) -> tuple[nn.Module, list[float]]:
     """Fine-tune a copy of `base_top` with `method` for `config.steps` steps; (layers, losses)."""
     torch.manual_seed(seed)
     top = copy.deepcopy(base_top).train().requires_grad_(True)
@@ -313,8 +337,10 @@ def evaluate(top: nn.Module, states: TokenStates, triplets: TextTriplets) -> dic
     """SugarCrepe++ text accuracy (TOT: caption-paraphrase closer than caption-negation and paraphrase-negation),
     and the caption-side half alone (caption closer to its paraphrase than to its negation)."""
     with torch.inference_mode():
-        c, p, n = (encode(top, states, texts, chunk=256) for texts in
-                   (triplets.captions, triplets.paraphrases, triplets.negations))
+        c, p, n = (
+            encode(top, states, texts, chunk=256)
+            for texts in (triplets.captions, triplets.paraphrases, triplets.negations)
+        )
     caption_side = ((c * p).sum(-1) > (c * n).sum(-1)).double().mean().item()
     return {"text_accuracy": text_only_correct(c, p, n).double().mean().item(), "caption_accuracy": caption_side}
 
@@ -330,15 +356,21 @@ def merge_states(first: TokenStates, second: TokenStates) -> TokenStates:
     return TokenStates(torch.cat([first.flat, second.flat]), offsets, index)
 
 
-def text_states(model: nn.Module, tokenizer, texts: list[str], n_frozen: int, folder: str | None,
-                progress: bool) -> TokenStates:
+def text_states(
+    model: nn.Module, tokenizer, texts: list[str], n_frozen: int, folder: str | None, progress: bool
+) -> TokenStates:
     """Token states after the frozen `n_frozen` layers for `texts`, from a per-(model, depth) cache that grows:
     only texts it lacks are computed (an ablation that adds paraphrases computes just those)."""
     vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
-    key = {"model": module_fingerprint(model), "n_frozen": n_frozen, "recipe": RECIPE_VERSION,
-           "tokenizer": hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()}
-    path = os.path.join(folder or "", "states-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode())
-                        .hexdigest()[:20] + ".pt")
+    key = {
+        "model": module_fingerprint(model),
+        "n_frozen": n_frozen,
+        "recipe": RECIPE_VERSION,
+        "tokenizer": hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest(),
+    }
+    path = os.path.join(
+        folder or "", "states-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20] + ".pt"
+    )
     cached = None
     if folder and os.path.exists(path):
         stored = torch.load(path, map_location="cpu", weights_only=False)
@@ -346,8 +378,14 @@ def text_states(model: nn.Module, tokenizer, texts: list[str], n_frozen: int, fo
             cached = stored["value"]
     missing = [t for t in dict.fromkeys(texts) if cached is None or t not in cached.index]
     if missing:
-        computed = bottom_states(model, tokenizer, missing, n_frozen, progress=progress,
-                                 desc=f"MiniLM layers 1-{n_frozen} ({len(missing)} new texts, cached)")
+        computed = bottom_states(
+            model,
+            tokenizer,
+            missing,
+            n_frozen,
+            progress=progress,
+            desc=f"MiniLM layers 1-{n_frozen} ({len(missing)} new texts, cached)",
+        )
         cached = computed if cached is None else merge_states(cached, computed)
         if folder:
             atomic_save({"key": key, "value": cached}, path)
@@ -360,19 +398,29 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, floa
     for method, results in runs.items():
         values = [r["text_accuracy"] for r in results]
         caption_side = [r["caption_accuracy"] for r in results]
-        table[method] = {"mean": statistics.fmean(values), "std": statistics.pstdev(values), "min": min(values),
-                         "max": max(values), "seeds": len(values), "caption_accuracy_mean": statistics.fmean(caption_side),
-                         "train_seconds_mean": statistics.fmean(r.get("train_seconds", 0.0) for r in results)}
+        table[method] = {
+            "mean": statistics.fmean(values),
+            "std": statistics.pstdev(values),
+            "min": min(values),
+            "max": max(values),
+            "seeds": len(values),
+            "caption_accuracy_mean": statistics.fmean(caption_side),
+            "train_seconds_mean": statistics.fmean(r.get("train_seconds", 0.0) for r in results),
+        }
     return table
 
 
 def format_table(table: dict[str, dict[str, float]]) -> str:
-    lines = [f"{'method':<10}  {'text acc %':>10}  {'± std':>6}  {'min':>5}  {'max':>5}  {'caption-side %':>14}  "
-             f"{'train s':>7}"]
+    lines = [
+        f"{'method':<10}  {'text acc %':>10}  {'± std':>6}  {'min':>5}  {'max':>5}  {'caption-side %':>14}  "
+        f"{'train s':>7}"
+    ]
     for method, row in table.items():
-        lines.append(f"{method:<10}  {100 * row['mean']:>10.1f}  {100 * row['std']:>6.1f}  {100 * row['min']:>5.1f}  "
-                     f"{100 * row['max']:>5.1f}  {100 * row['caption_accuracy_mean']:>14.1f}  "
-                     f"{row['train_seconds_mean']:>7.0f}")
+        lines.append(
+            f"{method:<10}  {100 * row['mean']:>10.1f}  {100 * row['std']:>6.1f}  {100 * row['min']:>5.1f}  "
+            f"{100 * row['max']:>5.1f}  {100 * row['caption_accuracy_mean']:>14.1f}  "
+            f"{row['train_seconds_mean']:>7.0f}"
+        )
     return "\n".join(lines)
 
 
@@ -386,7 +434,8 @@ def verdict(table: dict[str, dict[str, float]]) -> list[str]:
     lead = 100 * (semclip["mean"] - hard["mean"])
     spread = 100 * max(semclip["max"] - semclip["min"], hard["max"] - hard["min"])
     return [
-        f"SemCLIP vs untouched: {gain:+.1f} points (goal ≥ +5.0): {'met' if gain >= 5 else f'missed by {5 - gain:.1f}'}",
+        f"SemCLIP vs untouched: {gain:+.1f} points (goal ≥ +5.0): "
+        + ("met" if gain >= 5 else f"missed by {5 - gain:.1f}"),
         f"SemCLIP vs MNRL+hard negatives: {lead:+.1f} points, seeds' spread {spread:.1f}: "
         + ("met" if lead > spread else f"missed by {spread - lead:.1f}"),
         f"moonshot 83 %: SemCLIP {100 * semclip['mean']:.1f} %",
@@ -402,20 +451,30 @@ def plot(table: dict[str, dict[str, float]], runs: dict[str, list[dict[str, Any]
     fig, (bars, curves) = plt.subplots(1, 2, figsize=(11, 4.2))
     names = list(table)
     means = [100 * table[m]["mean"] for m in names]
-    spans = [[100 * (table[m]["mean"] - table[m]["min"]) for m in names],
-             [100 * (table[m]["max"] - table[m]["mean"]) for m in names]]
+    spans = [
+        [100 * (table[m]["mean"] - table[m]["min"]) for m in names],
+        [100 * (table[m]["max"] - table[m]["mean"]) for m in names],
+    ]
     bars.bar(names, means, yerr=spans, capsize=4, color=["0.6", "tab:blue", "tab:orange", "tab:green"][: len(names)])
     for x, value in enumerate(means):
         bars.annotate(f"{value:.1f}", (x, value), ha="center", va="bottom", xytext=(0, 6), textcoords="offset points")
     low = min(means) - 8
-    bars.set(ylabel="SugarCrepe++ text accuracy (%), held-out images", ylim=(max(0, low), min(100, max(means) + 6)),
-             title="mean over seeds, bars: min-max")
+    bars.set(
+        ylabel="SugarCrepe++ text accuracy (%), held-out images",
+        ylim=(max(0, low), min(100, max(means) + 6)),
+        title="mean over seeds, bars: min-max",
+    )
     bars.grid(axis="y", alpha=0.3)
     for method, results in runs.items():
         for r, result in enumerate(results):
             if result.get("losses"):
-                curves.plot(result["losses"], alpha=0.7, lw=1, label=method if r == 0 else None,
-                            color={"mnrl": "tab:blue", "mnrl_hard": "tab:orange", "semclip": "tab:green"}.get(method))
+                curves.plot(
+                    result["losses"],
+                    alpha=0.7,
+                    lw=1,
+                    label=method if r == 0 else None,
+                    color={"mnrl": "tab:blue", "mnrl_hard": "tab:orange", "semclip": "tab:green"}.get(method),
+                )
     curves.set(xlabel="step", ylabel="training loss", title="training loss per seed")
     curves.legend(fontsize=8)
     curves.grid(alpha=0.3)
@@ -429,8 +488,9 @@ def plot(table: dict[str, dict[str, float]], runs: dict[str, list[dict[str, Any]
 
 
 def run_key(method: str, seed: int, config: RealLanguageConfig) -> str:
-    settings = {"untouched": {"layers": config.layers, "eval_fraction": config.eval_fraction,
-                              "limit_rows": config.limit_rows}}.get(method, config.run_settings())
+    settings = {
+        "untouched": {"layers": config.layers, "eval_fraction": config.eval_fraction, "limit_rows": config.limit_rows}
+    }.get(method, config.run_settings())
     blob = json.dumps({"method": method, "seed": seed if method != "untouched" else 0, **settings}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -452,20 +512,33 @@ def run(config: RealLanguageConfig, model_and_tokenizer: tuple[nn.Module, Any] |
     split = split_by_image(images, triplets, config.eval_fraction)
     if problems := split_problems(images, triplets, split):
         raise RuntimeError("the split leaks: " + "; ".join(problems))
-    eval_set = TextTriplets(*([getattr(triplets, name)[i] for i in split.eval_rows]
-                              for name in ("captions", "paraphrases", "negations")))
+    eval_set = TextTriplets(
+        *([getattr(triplets, name)[i] for i in split.eval_rows] for name in ("captions", "paraphrases", "negations"))
+    )
     data = rules_triplets(split.train_captions, config.paraphrases, config.negations, config.negation_families)
-    record = {"rule": " ".join(Split.__doc__.split("Rule: ")[1].split()), **split.counts(),
-              "train_captions_with_rules_triplets": len(data), "train_captions_skipped_no_rules_output": data.skipped,
-              "eval_image_files": split.eval_images, "train_image_files": split.train_images,
-              "dropped_captions": split.dropped_captions}
+    record = {
+        "rule": " ".join(Split.__doc__.split("Rule: ")[1].split()),
+        **split.counts(),
+        "train_captions_with_rules_triplets": len(data),
+        "train_captions_skipped_no_rules_output": data.skipped,
+        "eval_image_files": split.eval_images,
+        "train_image_files": split.train_images,
+        "dropped_captions": split.dropped_captions,
+    }
     atomic_write_text(json.dumps(record, indent=1) + "\n", os.path.join(config.out, "split.json"))
 
     mark = time.perf_counter()
     n_frozen = n_layers - config.layers
-    texts = list(dict.fromkeys(
-        data.captions + [t for ts in data.paraphrases for t in ts] + [t for ts in data.negations for t in ts]
-        + eval_set.captions + eval_set.paraphrases + eval_set.negations))
+    texts = list(
+        dict.fromkeys(
+            data.captions
+            + [t for ts in data.paraphrases for t in ts]
+            + [t for ts in data.negations for t in ts]
+            + eval_set.captions
+            + eval_set.paraphrases
+            + eval_set.negations
+        )
+    )
     cache_dir = os.path.join(config.out, "cache") if config.cache_dir is None else (config.cache_dir or None)
     states = text_states(model, tokenizer, texts, n_frozen, cache_dir, config.progress)
     base_top = model.encoder.layer[n_frozen:]
@@ -475,7 +548,7 @@ def run(config: RealLanguageConfig, model_and_tokenizer: tuple[nn.Module, Any] |
     runs: dict[str, list[dict[str, Any]]] = {}
     todo = []
     for method in config.methods:
-        for seed in (config.seeds[:1] if method == "untouched" else config.seeds):
+        for seed in config.seeds[:1] if method == "untouched" else config.seeds:
             path = os.path.join(results_dir, f"{method}-seed{seed}-{run_key(method, seed, config)}.json")
             if os.path.exists(path):
                 with open(path, encoding="utf-8") as f:
@@ -483,8 +556,7 @@ def run(config: RealLanguageConfig, model_and_tokenizer: tuple[nn.Module, Any] |
             else:
                 todo.append((method, seed, path))
     total_steps = sum(0 if method == "untouched" else config.steps for method, _, _ in todo)
-    with tqdm(total=total_steps, desc="training", unit="step", disable=not config.progress,
-              dynamic_ncols=True) as bar:
+    with tqdm(total=total_steps, desc="training", unit="step", disable=not config.progress, dynamic_ncols=True) as bar:
         for method, seed, path in todo:
             mark = time.perf_counter()
             if method == "untouched":
@@ -492,32 +564,50 @@ def run(config: RealLanguageConfig, model_and_tokenizer: tuple[nn.Module, Any] |
             else:
                 top, losses = train(method, seed, config, base_top, states, data, bar)
             train_seconds = time.perf_counter() - mark
-            result = {"method": method, "seed": seed, **evaluate(top, states, eval_set),
-                      "train_seconds": train_seconds, "losses": losses, "settings": config.run_settings()}
+            result = {
+                "method": method,
+                "seed": seed,
+                **evaluate(top, states, eval_set),
+                "train_seconds": train_seconds,
+                "losses": losses,
+                "settings": config.run_settings(),
+            }
             atomic_write_text(json.dumps(result) + "\n", path)
             runs.setdefault(method, []).append(result)
             if config.progress:
-                bar.write(f"{method} seed {seed}: text accuracy {100 * result['text_accuracy']:.1f} % "
-                          f"({train_seconds:.0f} s)")
+                bar.write(
+                    f"{method} seed {seed}: text accuracy {100 * result['text_accuracy']:.1f} % ({train_seconds:.0f} s)"
+                )
     seconds["total"] = time.perf_counter() - start
 
     runs = {m: runs[m] for m in METHODS if m in runs}
     table = summarize(runs)
     lines = verdict(table)
     text = format_table(table)
-    print(f"\nsplit by image: {len(split.eval_rows)} evaluation rows of {len(split.eval_images)} images; "
-          f"{len(data)} training captions of {len(split.train_images)} images "
-          f"({len(split.dropped_captions)} dropped as evaluation texts, {data.skipped} without rules output)")
+    print(
+        f"\nsplit by image: {len(split.eval_rows)} evaluation rows of {len(split.eval_images)} images; "
+        f"{len(data)} training captions of {len(split.train_images)} images "
+        f"({len(split.dropped_captions)} dropped as evaluation texts, {data.skipped} without rules output)"
+    )
     print(text)
     for line in lines:
         print(line)
-    print(f"wall time {seconds['total']:.0f} s (load {seconds['load']:.0f} s, frozen states "
-          f"{seconds['frozen_states']:.0f} s); load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(
+        f"wall time {seconds['total']:.0f} s (load {seconds['load']:.0f} s, frozen states "
+        f"{seconds['frozen_states']:.0f} s); load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    )
     plot(table, runs, os.path.join(config.out, "real_language.png"))
-    results = {"table": table, "text": text, "verdict": lines, "split": split.counts(),
-               "train_captions": len(data), "seconds": seconds, "load_average": os.getloadavg(),
-               "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()},
-               "runs": {m: [{k: v for k, v in r.items() if k != "losses"} for r in rs] for m, rs in runs.items()}}
+    results = {
+        "table": table,
+        "text": text,
+        "verdict": lines,
+        "split": split.counts(),
+        "train_captions": len(data),
+        "seconds": seconds,
+        "load_average": os.getloadavg(),
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()},
+        "runs": {m: [{k: v for k, v in r.items() if k != "losses"} for r in rs] for m, rs in runs.items()},
+    }
     atomic_write_text(json.dumps(results, indent=2) + "\n", os.path.join(config.out, "results.json"))
     print(f"wrote {os.path.join(config.out, 'results.json')} and {os.path.join(config.out, 'real_language.png')}")
     return results
@@ -526,7 +616,9 @@ def run(config: RealLanguageConfig, model_and_tokenizer: tuple[nn.Module, Any] |
 def parse_args(argv: list[str] | None = None) -> RealLanguageConfig:
     defaults = RealLanguageConfig()
     parser = argparse.ArgumentParser(prog="python -m training.real_language", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=defaults.out, help="output folder (results.json, real_language.png, split.json)")
+    parser.add_argument(
+        "--out", default=defaults.out, help="output folder: results.json, real_language.png, split.json"
+    )
     parser.add_argument("--sugarcrepe", default=defaults.sugarcrepe, help="SugarCrepe++ triplets CSV")
     parser.add_argument("--eval-fraction", type=float, default=defaults.eval_fraction)
     parser.add_argument("--methods", nargs="+", default=list(defaults.methods), choices=METHODS)
@@ -535,10 +627,19 @@ def parse_args(argv: list[str] | None = None) -> RealLanguageConfig:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     for name in ("lr", "warmup", "scale", "paraphrase_weight", "hard_negative_weight"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
-    parser.add_argument("--directions", default=defaults.directions, choices=DIRECTIONS,
-                        help="SemCLIP's directions (image_to_text: caption -> texts only, as MNRL)")
-    parser.add_argument("--negation-families", nargs="+", default=list(defaults.negation_families),
-                        choices=NEGATION_FAMILIES, help="rules negation families to train on")
+    parser.add_argument(
+        "--directions",
+        default=defaults.directions,
+        choices=DIRECTIONS,
+        help="SemCLIP's directions (image_to_text: caption -> texts only, as MNRL)",
+    )
+    parser.add_argument(
+        "--negation-families",
+        nargs="+",
+        default=list(defaults.negation_families),
+        choices=NEGATION_FAMILIES,
+        help="rules negation families to train on",
+    )
     parser.add_argument("--cache-dir", default=None, help="frozen-state cache folder (default <out>/cache; '' none)")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     args = vars(parser.parse_args(argv))

@@ -47,7 +47,8 @@ def _read_rows(path: str, columns: tuple[str, ...], limit: int) -> list[list[str
         for row in reader:
             texts = [(row.get(c) or "").strip() for c in columns]
             if not all(texts):
-                raise ValueError(f"{path}:{reader.line_num}: empty {' or '.join(c for c, t in zip(columns, texts, strict=True) if not t)}")
+                empty = " or ".join(c for c, t in zip(columns, texts, strict=True) if not t)
+                raise ValueError(f"{path}:{reader.line_num}: empty {empty}")
             rows.append(texts)
             if limit and len(rows) >= limit:
                 break
