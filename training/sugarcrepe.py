@@ -21,6 +21,7 @@ from .paths import SUGARCREPE_PP_CSV
 
 DEFAULT_PATH = SUGARCREPE_PP_CSV
 COLUMNS = ("caption", "paraphrased", "negation")
+IMAGE_COLUMN = "filename"
 
 
 @dataclass(frozen=True)
@@ -33,26 +34,37 @@ class TextTriplets:
         return len(self.captions)
 
 
-def load_triplets(path: str = DEFAULT_PATH, limit: int = 0) -> TextTriplets:
-    """The CSV's triplets (the first `limit` rows when `limit > 0`); errors name the file and line."""
+def _read_rows(path: str, columns: tuple[str, ...], limit: int) -> list[list[str]]:
+    """The CSV's `columns` per row (the first `limit` rows when `limit > 0`); errors name the file and line."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"SugarCrepe++ triplets not found: {path} (pass --sugarcrepe PATH)")
-    captions, paraphrases, negations = [], [], []
+    rows = []
     with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f)
-        missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
         if missing:
             raise ValueError(f"{path}: header lacks columns {missing} (has {reader.fieldnames})")
         for row in reader:
-            texts = [(row.get(c) or "").strip() for c in COLUMNS]
+            texts = [(row.get(c) or "").strip() for c in columns]
             if not all(texts):
-                raise ValueError(f"{path}:{reader.line_num}: empty caption, paraphrase or negation")
-            captions.append(texts[0])
-            paraphrases.append(texts[1])
-            negations.append(texts[2])
-            if limit and len(captions) >= limit:
+                empty = " or ".join(c for c, t in zip(columns, texts, strict=True) if not t)
+                raise ValueError(f"{path}:{reader.line_num}: empty {empty}")
+            rows.append(texts)
+            if limit and len(rows) >= limit:
                 break
-    return TextTriplets(captions, paraphrases, negations)
+    return rows
+
+
+def load_triplets(path: str = DEFAULT_PATH, limit: int = 0) -> TextTriplets:
+    """The CSV's triplets (the first `limit` rows when `limit > 0`); errors name the file and line."""
+    rows = _read_rows(path, COLUMNS, limit)
+    return TextTriplets([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
+
+
+def load_triplets_with_images(path: str = DEFAULT_PATH, limit: int = 0) -> tuple[list[str], TextTriplets]:
+    """(image file name per row, the triplets): what a split by image needs."""
+    rows = _read_rows(path, (IMAGE_COLUMN, *COLUMNS), limit)
+    return [r[0] for r in rows], TextTriplets([r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows])
 
 
 def sample_triplets(triplets: TextTriplets, count: int, seed: int = 0) -> TextTriplets:
