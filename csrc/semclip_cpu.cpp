@@ -389,7 +389,10 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& rows, const Columns& col
   if (!need_rows && !need_cols && !need_scale) return result(at::zeros({}, opts), at::zeros({3}, at::kLong));
   const Parts parts(n_rb);
   std::vector<double> scale_dot(parts.count, 0.0);  // Σ dS ⊙ S per part (dτ = Σ dS ⊙ A·Cᵀ = that / τ)
-  std::vector<double> scale_dot_raw(parts.count, 0.0);  // only for τ == 0, where S carries no A·Cᵀ
+  // Below 1e-30, τ·A·Cᵀ falls into float32's subnormals, which the GEMM may flush to zero: S then carries no
+  // A·Cᵀ to divide τ out of, and dτ takes the products themselves.
+  const bool tiny_scale = std::abs(scale) < 1e-30;
+  std::vector<double> scale_dot_raw(parts.count, 0.0);  // only for a tiny τ
   std::atomic<int64_t> skipped{0}, exact_lines{0};
 
   const at::Tensor col_weight = col_bias.exp().contiguous();
@@ -434,7 +437,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& rows, const Columns& col
 
           const at::Tensor row_tile = rows.narrow(0, t.r0, t.nr);
           const at::Tensor col_tile = cols.block_rows(cb);
-          if (need_scale && scale == 0)
+          if (need_scale && tiny_scale)
             scale_dot_raw[part] += (G_tile * at::mm(row_tile, col_tile.t())).sum().item<double>();
           if (need_rows) grad_rows.narrow(0, t.r0, t.nr).addmm_(G_tile, col_tile, /*beta=*/1, /*alpha=*/scale);
           if (need_cols) {
@@ -459,7 +462,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& rows, const Columns& col
 
   double grad_scale = 0;
   for (int64_t part = 0; part < parts.count; ++part)
-    grad_scale += scale == 0 ? scale_dot_raw[part] : scale_dot[part] / scale;
+    grad_scale += tiny_scale ? scale_dot_raw[part] : scale_dot[part] / scale;
   at::Tensor stats = at::empty({3}, at::kLong);
   stats[0] = n_rb * n_cb;
   stats[1] = skipped.load();

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 # training/ lives at the repository root and is not part of the installed package.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from training import real_language  # noqa: E402
 from training.real_language import (  # noqa: E402
