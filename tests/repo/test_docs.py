@@ -225,7 +225,8 @@ def test_pip_install_names_existing_extras(command):
 @pytest.mark.parametrize("command", [c for c in all_commands() if classify(c) == "pytest"],
                          ids=lambda c: c.block.name)
 def test_pytest_commands_name_existing_paths(command):
-    paths = [word.split("::")[0] for word in command.argv[3:] if not word.startswith("-")]
+    argv = command.argv[command.argv.index("pytest") + 1 :]  # after `[VAR=value ...] python -m pytest`
+    paths = [word.split("::")[0] for word in argv if not word.startswith("-")]
     missing = [path for path in paths if not os.path.exists(os.path.join(ROOT, path))]
     assert paths and not missing, f"{command.block.name}: `{command.text}`: no such path {missing}"
 
