@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 from collections import defaultdict
 
 import pytest
 import torch
 
 # training/ lives at the repository root and is not part of the installed package.
-
 from training import real_language  # noqa: E402
 from training.real_language import (  # noqa: E402
     RealLanguageConfig,
