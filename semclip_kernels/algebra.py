@@ -137,7 +137,8 @@ def log1p_sum_exp(excess: torch.Tensor) -> torch.Tensor:
     shifted by the largest excess (no overflow). Both branches stay finite, so their gradients are too.
     """
     top = excess.amax(-1, keepdim=True)
-    small = torch.log1p(torch.exp(excess.clamp_max(0)).sum(-1))
+    # masked_fill, not clamp_max: at an excess of exactly 0 (every logit equal, e.g. τ = 0) its gradient is 1
+    small = torch.log1p(torch.exp(excess.masked_fill(excess > 0, 0.0)).sum(-1))
     shift = top.clamp_min(0)
     large = shift.squeeze(-1) + torch.log(torch.exp(-shift).squeeze(-1) + torch.exp(excess - shift).sum(-1))
     return torch.where(top.squeeze(-1) > 0, large, small)

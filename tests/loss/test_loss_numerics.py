@@ -120,3 +120,19 @@ def test_float32_random_features(backend, tau, n_para, n_neg):
     assert loss_err <= 1e-5
     for name, err in grads.items():
         assert err <= 1e-4, f"{backend}: {name} gradient off by {err:.3g}"
+
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scale_gradient_at_zero_scale(backend):
+    """τ = 0 makes every logit 0: with two images and no extras each line's one off-positive logit equals its
+    positive, an excess of exactly 0 in the log1p form (a tie whose gradient a clamp drops). dτ must still be
+    the float64 one."""
+    case = make_case(2, 8, None, None, tau=0.0, seed=5)
+    image, text = (t.detach().clone().requires_grad_() for t in (case.image, case.text))
+    scale = torch.tensor(0.0, requires_grad=True)
+    sk.semclip_loss(image, text, scale, backend=backend).backward()
+    image64, text64 = (t.detach().double().requires_grad_() for t in (case.image, case.text))
+    scale64 = torch.tensor(0.0, dtype=torch.float64, requires_grad=True)
+    semclip_loss_float64(image64, text64, scale64).backward()
+    assert abs(float(scale.grad) - float(scale64.grad)) <= 1e-5 * max(1.0, abs(float(scale64.grad)))
