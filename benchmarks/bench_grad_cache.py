@@ -270,10 +270,16 @@ def main(argv: list[str] | None = None) -> dict:
             f"differ by {relative(cache['loss'], accum['loss']):.1e} (vs open_clip) and "
             f"{relative(cache['loss'], big['loss']):.1e} (vs big batch), relative"
         )
+        # A peak below the resident-memory sampling's resolution reads 0: no ratio then, rather than a division by it.
+        times = (
+            f"{big['peak_extra_bytes'] / cache['peak_extra_bytes']:.2f}× the grad cache's"
+            if cache["peak_extra_bytes"] > 0
+            else "the grad cache's peak is below the measurement's resolution"
+        )
         print(
             f"3. peak memory of the step: grad cache +{format_bytes(cache['peak_extra_bytes'])}, one big batch "
-            f"+{format_bytes(big['peak_extra_bytes'])} ({big['peak_extra_bytes'] / cache['peak_extra_bytes']:.2f}× "
-            f"the grad cache's), open_clip accumulation +{format_bytes(accum['peak_extra_bytes'])}"
+            f"+{format_bytes(big['peak_extra_bytes'])} ({times}), open_clip accumulation "
+            f"+{format_bytes(accum['peak_extra_bytes'])}"
         )
 
     sweep = SWEEP if args.sweep is None else [tuple(int(x) for x in s.split(":")) for s in args.sweep]
