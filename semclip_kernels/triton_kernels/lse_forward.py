@@ -84,7 +84,7 @@ def lse_forward_kernel(
             _, logits = tile_logits(
                 rows_ptr, cols_ptr, scale, offs_m, offs_n, n_rows, n_cols, dim,
                 stride_row_m, stride_row_d, stride_col_n, stride_col_d,
-                BLOCK_M, BLOCK_N, BLOCK_D, ACC_DTYPE, UPCAST_DOT, DOT_PRECISION,
+                BLOCK_D, ACC_DTYPE, UPCAST_DOT, DOT_PRECISION,
             )  # fmt: skip
             if N_EXCLUDED >= 1:
                 logits = tl.where(band_entries(offs_m, offs_n, excl0_first, excl0_per_row), float("-inf"), logits)
