@@ -98,9 +98,7 @@ def lse_forward_kernel(
             # Column direction: unbiased logits of the real rows, into this program's own partials.
             col_max = tl.load(col_max_ptr + col_partial + offs_n, mask=col_in, other=float("-inf"))
             col_sum = tl.load(col_sum_ptr + col_partial + offs_n, mask=col_in, other=0.0)
-            col_max, col_sum = online_update(
-                col_max, col_sum, tl.where(row_in[:, None], logits, float("-inf")), axis=0
-            )
+            col_max, col_sum = online_update(col_max, col_sum, tl.where(row_in[:, None], logits, float("-inf")), axis=0)
             tl.store(col_max_ptr + col_partial + offs_n, col_max, mask=col_in)
             tl.store(col_sum_ptr + col_partial + offs_n, col_sum, mask=col_in)
             # The next row block reads these entries back, possibly from other threads of the
