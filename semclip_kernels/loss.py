@@ -29,9 +29,10 @@ from .backends import forward as backend_forward
 from .backends.values import Problem
 from .distributed import RankGroup, distributed_loss
 from .loss_node import node_loss
-from .validation import LossConfig, SemCLIPInputs, autocast_off, check_inputs
+from .validation import LossConfig, SemCLIPInputs, autocast_off, check_inputs, takes_loss_options
 
 
+@takes_loss_options
 def semclip_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
@@ -39,13 +40,8 @@ def semclip_loss(
     paraphrase_features: torch.Tensor | None = None,
     negation_features: torch.Tensor | None = None,
     *,
-    paraphrase_weight: float = 1.0,
-    hard_negative_weight: float = 1.0,
-    backend: str = "auto",
-    block_rows: int | None = None,
-    block_cols: int | None = None,
-    grad_filter_eps: float | None = None,
     directions: str = "both",
+    **options: object,
 ) -> torch.Tensor:
     """The SemCLIP loss of one (single-process) batch, as a float32 scalar.
 
@@ -62,8 +58,7 @@ def semclip_loss(
         directions: `"both"` (CLIP's `(L_i2t + L_t2i) / 2`) or `"image_to_text"` (`L_i2t` alone: each image
             against every column, as MultipleNegativesRankingLoss, LiT and Inf-CL compute it).
     """
-    config = LossConfig.of(paraphrase_weight, hard_negative_weight, backend, block_rows, block_cols, grad_filter_eps,
-                           directions)  # fmt: skip
+    config = LossConfig.of("semclip_loss", options, directions)
     return _loss(config, None, image_features, text_features, logit_scale, paraphrase_features, negation_features)
 
 
@@ -75,6 +70,7 @@ class SemCLIPLoss(nn.Module):
     matrix is never materialized by the chunked backends.
     """
 
+    @takes_loss_options
     def __init__(
         self,
         local_loss: bool = False,
@@ -84,21 +80,15 @@ class SemCLIPLoss(nn.Module):
         world_size: int = 1,
         use_horovod: bool = False,
         *,
-        paraphrase_weight: float = 1.0,
-        hard_negative_weight: float = 1.0,
-        backend: str = "auto",
-        block_rows: int | None = None,
-        block_cols: int | None = None,
-        grad_filter_eps: float | None = None,
         distributed_mode: str = "gather",
         group_size: int | None = None,
         directions: str = "both",
+        **options: object,
     ) -> None:
         super().__init__()
         if use_horovod:
             raise ValueError("use_horovod is not supported: SemCLIPLoss runs on torch.distributed")
-        self.config = LossConfig.of(paraphrase_weight, hard_negative_weight, backend, block_rows, block_cols,
-                                    grad_filter_eps, directions)  # fmt: skip
+        self.config = LossConfig.of("SemCLIPLoss", options, directions)
         # group_size: ranks per all-gather group of distributed_mode="hierarchical" (default: LOCAL_WORLD_SIZE).
         group = RankGroup(rank, world_size, local_loss, gather_with_grad, distributed_mode, group_size)
         self.group = group if world_size > 1 else None

@@ -20,12 +20,13 @@ from .backends.sigmoid_dispatch import sigmoid_pair_sum
 from .distributed import RankGroup
 from .distributed.sigmoid_global import SIGMOID_MODES, distributed_sigmoid_loss
 from .sigmoid_algebra import sigmoid_loss_from_pair_sum
-from .validation import LossConfig, autocast_off, check_inputs, check_logit_bias
+from .validation import LossConfig, autocast_off, check_inputs, check_logit_bias, takes_loss_options
 
 # open_clip's SigLipLoss(dist_impl=...) names, mapped onto our distributed modes (docs/contract.md §8).
 DIST_IMPL_MODES = {"gather": "gather", "reduce": "gather", "bidir": "ring", "shift": "ring"}
 
 
+@takes_loss_options
 def semsiglip_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
@@ -34,13 +35,8 @@ def semsiglip_loss(
     paraphrase_features: torch.Tensor | None = None,
     negation_features: torch.Tensor | None = None,
     *,
-    paraphrase_weight: float = 1.0,
-    hard_negative_weight: float = 1.0,
-    backend: str = "auto",
-    block_rows: int | None = None,
-    block_cols: int | None = None,
-    grad_filter_eps: float | None = None,
     directions: None = None,
+    **options: object,
 ) -> torch.Tensor:
     """The sigmoid SemCLIP loss of one (single-process) batch, as a float32 scalar (docs/contract.md §8).
 
@@ -58,7 +54,7 @@ def semsiglip_loss(
         directions: not accepted (an error if given): every pair is its own binary term, there is no direction.
     """
     _reject_directions(directions)
-    config = LossConfig.of(paraphrase_weight, hard_negative_weight, backend, block_rows, block_cols, grad_filter_eps)
+    config = LossConfig.of("semsiglip_loss", options)
     return _sigmoid_loss(
         config, None, image_features, text_features, logit_scale, logit_bias, paraphrase_features, negation_features
     )
@@ -74,6 +70,7 @@ class SemSigLipLoss(nn.Module):
     `distributed_mode` (`"ring"` or `"gather"`); give one or the other (default `"gather"`).
     """
 
+    @takes_loss_options
     def __init__(
         self,
         cache_labels: bool = False,
@@ -81,19 +78,13 @@ class SemSigLipLoss(nn.Module):
         world_size: int = 1,
         dist_impl: str | None = None,
         *,
-        paraphrase_weight: float = 1.0,
-        hard_negative_weight: float = 1.0,
-        backend: str = "auto",
-        block_rows: int | None = None,
-        block_cols: int | None = None,
-        grad_filter_eps: float | None = None,
         distributed_mode: str | None = None,
         directions: None = None,
+        **options: object,
     ) -> None:
         super().__init__()
         _reject_directions(directions)
-        self.config = LossConfig.of(paraphrase_weight, hard_negative_weight, backend, block_rows, block_cols,
-                                    grad_filter_eps)  # fmt: skip
+        self.config = LossConfig.of("SemSigLipLoss", options)
         mode = _distributed_mode(dist_impl, distributed_mode)
         group = RankGroup(rank, world_size, mode=mode)  # validates rank and world_size, as SemCLIPLoss does
         self.group = group if world_size > 1 else None

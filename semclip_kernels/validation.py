@@ -12,9 +12,12 @@ what is wrong without reading our code.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
@@ -176,18 +179,50 @@ class LossConfig:
             raise ValueError(f"directions must be one of {DIRECTIONS}, got {self.directions!r}")
 
     @staticmethod
-    def of(
-        paraphrase_weight: object,
-        hard_negative_weight: object,
-        backend: object,
-        block_rows: object,
-        block_cols: object,
-        grad_filter_eps: object,
-        directions: object = "both",
-    ) -> LossConfig:
-        """From the keyword arguments every loss takes (the one place they are read)."""
-        options = PartitionOptions(block_rows, block_cols, grad_filter_eps)
-        return LossConfig(paraphrase_weight, hard_negative_weight, backend, options, directions)
+    def of(caller: str, options: dict[str, object], directions: object = "both") -> LossConfig:
+        """From the keyword arguments every loss takes (`LOSS_OPTIONS`; the one place they are read).
+
+        `options` is the `**options` of `caller` (a function or module decorated with
+        `takes_loss_options`): a name outside `LOSS_OPTIONS` is the TypeError Python raises for it.
+        """
+        for name in options:
+            if name not in _LOSS_OPTION_NAMES:
+                raise TypeError(f"{caller}() got an unexpected keyword argument {name!r}")
+        values = {parameter.name: options.get(parameter.name, parameter.default) for parameter in LOSS_OPTIONS}
+        tiling = PartitionOptions(values["block_rows"], values["block_cols"], values["grad_filter_eps"])
+        return LossConfig(values["paraphrase_weight"], values["hard_negative_weight"], values["backend"], tiling,
+                          directions)  # fmt: skip
+
+
+# The keyword-only arguments of every loss, functions and modules, both families: (name, default, annotation).
+LOSS_OPTIONS: tuple[inspect.Parameter, ...] = tuple(
+    inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+    for name, default, annotation in (
+        ("paraphrase_weight", 1.0, "float"),
+        ("hard_negative_weight", 1.0, "float"),
+        ("backend", "auto", "str"),
+        ("block_rows", None, "int | None"),
+        ("block_cols", None, "int | None"),
+        ("grad_filter_eps", None, "float | None"),
+    )
+)
+_LOSS_OPTION_NAMES = frozenset(parameter.name for parameter in LOSS_OPTIONS)
+
+_Function = TypeVar("_Function", bound=Callable[..., object])
+
+
+def takes_loss_options(function: _Function) -> _Function:
+    """Show `LOSS_OPTIONS` in the signature of `function(..., *, own keywords, **options)`.
+
+    `inspect.signature` and `help` then list them as named keyword-only parameters, first after
+    the `*` (the loss's own keyword-only parameters follow), in place of `**options`. The function
+    itself is unchanged: it hands `options` to `LossConfig.of`, which rejects any other name.
+    """
+    signature = inspect.signature(function)
+    own = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    first_keyword = next((i for i, p in enumerate(own) if p.kind is inspect.Parameter.KEYWORD_ONLY), len(own))
+    function.__signature__ = signature.replace(parameters=[*own[:first_keyword], *LOSS_OPTIONS, *own[first_keyword:]])
+    return function
 
 
 def check_rank_and_world_size(rank: object, world_size: object) -> None:

@@ -130,7 +130,7 @@ def ds_panel_kernel(
     dots, logits = tile_logits(
         rows_ptr, cols_ptr, scale, offs_m, offs_n, n_rows, n_cols, dim,
         stride_row_m, stride_row_d, stride_col_n, stride_col_d,
-        BLOCK_M, BLOCK_N, BLOCK_D, ACC_DTYPE, UPCAST_DOT, DOT_PRECISION,
+        BLOCK_D, ACC_DTYPE, UPCAST_DOT, DOT_PRECISION,
     )  # fmt: skip
 
     # Each weight tile is folded into dS and the filter's maximum as soon as it exists, so at

@@ -84,7 +84,7 @@ def lse_forward_kernel(
             _, logits = tile_logits(
                 rows_ptr, cols_ptr, scale, offs_m, offs_n, n_rows, n_cols, dim,
                 stride_row_m, stride_row_d, stride_col_n, stride_col_d,
-                BLOCK_M, BLOCK_N, BLOCK_D, ACC_DTYPE, UPCAST_DOT, DOT_PRECISION,
+                BLOCK_D, ACC_DTYPE, UPCAST_DOT, DOT_PRECISION,
             )  # fmt: skip
             if N_EXCLUDED >= 1:
                 logits = tl.where(band_entries(offs_m, offs_n, excl0_first, excl0_per_row), float("-inf"), logits)
@@ -98,9 +98,7 @@ def lse_forward_kernel(
             # Column direction: unbiased logits of the real rows, into this program's own partials.
             col_max = tl.load(col_max_ptr + col_partial + offs_n, mask=col_in, other=float("-inf"))
             col_sum = tl.load(col_sum_ptr + col_partial + offs_n, mask=col_in, other=0.0)
-            col_max, col_sum = online_update(
-                col_max, col_sum, tl.where(row_in[:, None], logits, float("-inf")), axis=0
-            )
+            col_max, col_sum = online_update(col_max, col_sum, tl.where(row_in[:, None], logits, float("-inf")), axis=0)
             tl.store(col_max_ptr + col_partial + offs_n, col_max, mask=col_in)
             tl.store(col_sum_ptr + col_partial + offs_n, col_sum, mask=col_in)
             # The next row block reads these entries back, possibly from other threads of the

@@ -66,6 +66,32 @@ def _kept(grad_mag, filter_eps, FILTER: tl.constexpr):
 
 
 @triton.jit
+def _add_product(
+    out_ptr, offs_out, out_in, weights, src_ptr, offs_src, src_in, dim, stride_src, stride_src_d,
+    BLOCK_D: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """`out[offs_out] += weights @ src[offs_src]`, every feature, BLOCK_D at a time (read-modify-write).
+
+    `out` is a contiguous `[*, dim]` accumulator whose `offs_out` lines only this program writes; `weights`
+    is the `[len(offs_out), len(offs_src)]` dot operand. Lines outside `out_in` / `src_in` are not touched.
+    """
+    offs_d = tl.arange(0, BLOCK_D)
+    out_ptrs = out_ptr + offs_out[:, None].to(tl.int64) * dim + offs_d[None, :]
+    src_ptrs = src_ptr + offs_src[:, None].to(tl.int64) * stride_src + offs_d[None, :] * stride_src_d
+    for k in range(0, tl.cdiv(dim, BLOCK_D)):
+        d_in = offs_d[None, :] < dim - k * BLOCK_D
+        src = tl.load(src_ptrs, mask=src_in[:, None] & d_in, other=0.0)
+        acc = tl.load(out_ptrs, mask=out_in[:, None] & d_in, other=0.0)
+        acc = tl.dot(weights, dot_operand(src, UPCAST_DOT), acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        tl.store(out_ptrs, acc, mask=out_in[:, None] & d_in)
+        out_ptrs += BLOCK_D
+        src_ptrs += BLOCK_D * stride_src_d
+    # The next tile reads these entries back, possibly from other threads of the program
+    # (replicated layouts store from one replica): order the store before them.
+    tl.debug_barrier()
+
+
+@triton.jit
 def sigmoid_rows_kernel(
     rows_ptr,
     cols_ptr,
@@ -98,7 +124,6 @@ def sigmoid_rows_kernel(
 ):
     row_block = tl.program_id(axis=0)
     offs_m = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     row_in = offs_m < n_rows
     scale = tl.load(scale_bias_ptr).to(ACC_DTYPE)
     bias = tl.load(scale_bias_ptr + 1).to(ACC_DTYPE)
@@ -112,7 +137,7 @@ def sigmoid_rows_kernel(
         dots, _ = tile_logits(
             rows_ptr, cols_ptr, scale, offs_m, offs_n, n_rows, n_cols, dim,
             stride_row_m, stride_row_d, stride_col_n, stride_col_d,
-            BLOCK_M, BLOCK_N, BLOCK_D, ACC_DTYPE, UPCAST_DOT, DOT_PRECISION,
+            BLOCK_D, ACC_DTYPE, UPCAST_DOT, DOT_PRECISION,
         )  # fmt: skip
         weight = tl.load(weight_ptr + offs_n, mask=col_in, other=0.0).to(ACC_DTYPE)
         owner = tl.load(owner_ptr + offs_n, mask=col_in, other=-1)
@@ -126,20 +151,8 @@ def sigmoid_rows_kernel(
                     row_dbias += tl.sum(grad, axis=1)
                 if NEED_ROWS:
                     grad_op = dot_operand((grad * op_scale).to(rows_ptr.dtype.element_ty), UPCAST_DOT)
-                    out_ptrs = grad_rows_ptr + offs_m[:, None].to(tl.int64) * dim + offs_d[None, :]
-                    col_ptrs = cols_ptr + offs_n[:, None].to(tl.int64) * stride_col_n + offs_d[None, :] * stride_col_d
-                    for k in range(0, tl.cdiv(dim, BLOCK_D)):
-                        d_in = offs_d[None, :] < dim - k * BLOCK_D
-                        c = tl.load(col_ptrs, mask=col_in[:, None] & d_in, other=0.0)
-                        acc = tl.load(out_ptrs, mask=row_in[:, None] & d_in, other=0.0)
-                        acc = tl.dot(grad_op, dot_operand(c, UPCAST_DOT), acc,
-                                     input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)  # fmt: skip
-                        tl.store(out_ptrs, acc, mask=row_in[:, None] & d_in)
-                        out_ptrs += BLOCK_D
-                        col_ptrs += BLOCK_D * stride_col_d
-                    # The next column tile reads these entries back, possibly from other threads of the
-                    # program (replicated layouts store from one replica): order the store before them.
-                    tl.debug_barrier()
+                    _add_product(grad_rows_ptr, offs_m, row_in, grad_op, cols_ptr, offs_n, col_in, dim,
+                                 stride_col_n, stride_col_d, BLOCK_D, ACC_DTYPE, UPCAST_DOT, DOT_PRECISION)  # fmt: skip
             else:
                 skipped += 1
     tl.store(row_loss_ptr + offs_m, row_loss, mask=row_in)
@@ -177,7 +190,6 @@ def sigmoid_cols_kernel(
 ):
     col_block = tl.program_id(axis=0)
     offs_n = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     col_in = offs_n < n_cols
     scale = tl.load(scale_bias_ptr).to(ACC_DTYPE)
     bias = tl.load(scale_bias_ptr + 1).to(ACC_DTYPE)
@@ -190,24 +202,14 @@ def sigmoid_cols_kernel(
         dots, _ = tile_logits(
             rows_ptr, cols_ptr, scale, offs_m, offs_n, n_rows, n_cols, dim,
             stride_row_m, stride_row_d, stride_col_n, stride_col_d,
-            BLOCK_M, BLOCK_N, BLOCK_D, ACC_DTYPE, UPCAST_DOT, DOT_PRECISION,
+            BLOCK_D, ACC_DTYPE, UPCAST_DOT, DOT_PRECISION,
         )  # fmt: skip
         _, grad_mag, positive = _pair_terms(dots, scale, bias, weight, owner, offs_m, row_in, col_in)
         if _kept(grad_mag, filter_eps, FILTER):
             grad = tl.where(positive, -grad_mag, grad_mag)
             grad_op = dot_operand(tl.trans((grad * op_scale).to(rows_ptr.dtype.element_ty)), UPCAST_DOT)
-            out_ptrs = grad_cols_ptr + offs_n[:, None].to(tl.int64) * dim + offs_d[None, :]
-            row_ptrs = rows_ptr + offs_m[:, None].to(tl.int64) * stride_row_m + offs_d[None, :] * stride_row_d
-            for k in range(0, tl.cdiv(dim, BLOCK_D)):
-                d_in = offs_d[None, :] < dim - k * BLOCK_D
-                a = tl.load(row_ptrs, mask=row_in[:, None] & d_in, other=0.0)
-                acc = tl.load(out_ptrs, mask=col_in[:, None] & d_in, other=0.0)
-                acc = tl.dot(grad_op, dot_operand(a, UPCAST_DOT), acc,
-                             input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)  # fmt: skip
-                tl.store(out_ptrs, acc, mask=col_in[:, None] & d_in)
-                out_ptrs += BLOCK_D
-                row_ptrs += BLOCK_D * stride_row_d
-            tl.debug_barrier()  # as in sigmoid_rows_kernel
+            _add_product(grad_cols_ptr, offs_n, col_in, grad_op, rows_ptr, offs_m, row_in, dim,
+                         stride_row_m, stride_row_d, BLOCK_D, ACC_DTYPE, UPCAST_DOT, DOT_PRECISION)  # fmt: skip
         else:
             skipped += 1
     tl.store(skipped_ptr + col_block, skipped)

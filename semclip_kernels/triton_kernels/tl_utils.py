@@ -58,14 +58,13 @@ def tile_logits(
     stride_row_d,
     stride_col_n,
     stride_col_d,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """`(dots, logits)` of the tile: `A[offs_m]·C[offs_n]ᵀ` and `scale·dots`, [BLOCK_M, BLOCK_N] each.
+    """`(dots, logits)` of the tile: `A[offs_m]·C[offs_n]ᵀ` and `scale·dots`, [len(offs_m), len(offs_n)] each
+    (the offsets give the tile's shape).
 
     The one place logits are computed: the forward and the backward call it with the same
     tile configuration, so the backward's recomputed logits are bitwise the forward's.
@@ -78,7 +77,7 @@ def tile_logits(
     col_ptrs = cols_ptr + offs_n[None, :].to(tl.int64) * stride_col_n + offs_d[:, None] * stride_col_d
     row_in = offs_m[:, None] < n_rows
     col_in = offs_n[None, :] < n_cols
-    dots = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    dots = tl.zeros((offs_m.shape[0], offs_n.shape[0]), dtype=ACC_DTYPE)
     for k in range(0, tl.cdiv(dim, BLOCK_D)):
         d_left = dim - k * BLOCK_D
         a = tl.load(row_ptrs, mask=row_in & (offs_d[None, :] < d_left), other=0.0)

@@ -1,7 +1,9 @@
 """The API layer's promises (docs/contract.md §2, §4): autocast, mixed dtypes, scalar forms,
-meta tensors, oversized tiles, non-negative loss terms, `backend_status("auto")`."""
+meta tensors, oversized tiles, non-negative loss terms, `backend_status("auto")`, the public signatures."""
 
 from __future__ import annotations
+
+import inspect
 
 import numpy as np
 import pytest
@@ -161,3 +163,37 @@ def test_reference_second_derivatives_are_correct():
         return sk.semclip_loss(image, text, tau, paraphrase, negation, hard_negative_weight=0.7, backend="reference")
 
     assert torch.autograd.gradgradcheck(loss, (case.image, case.text, case.paraphrase, case.negation, scale))
+
+
+# The keyword-only parameters of the four entry points, in the order help() shows them (docs/contract.md §2).
+SHARED_OPTIONS = {"paraphrase_weight": 1.0, "hard_negative_weight": 1.0, "backend": "auto", "block_rows": None,
+                  "block_cols": None, "grad_filter_eps": None}  # fmt: skip
+KEYWORD_ONLY = {
+    sk.semclip_loss: [*SHARED_OPTIONS, "directions"],
+    sk.SemCLIPLoss: [*SHARED_OPTIONS, "distributed_mode", "group_size", "directions"],
+    sk.semsiglip_loss: [*SHARED_OPTIONS, "directions"],
+    sk.SemSigLipLoss: [*SHARED_OPTIONS, "distributed_mode", "directions"],
+}
+
+
+@pytest.mark.parametrize("entry", list(KEYWORD_ONLY), ids=lambda entry: entry.__name__)
+def test_signatures_name_every_keyword_argument(entry):
+    # Both families' shared arguments have one owner, yet every entry point shows them as named parameters.
+    parameters = inspect.signature(entry).parameters.values()
+    assert not [p for p in parameters if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    keyword_only = [p for p in parameters if p.kind is p.KEYWORD_ONLY]
+    assert [p.name for p in keyword_only] == KEYWORD_ONLY[entry]
+    assert {p.name: p.default for p in keyword_only if p.name in SHARED_OPTIONS} == SHARED_OPTIONS
+
+
+def test_unknown_keyword_is_a_type_error_naming_it():
+    image, text = torch.randn(4, 8), torch.randn(4, 8)
+    calls = {
+        "semclip_loss": lambda: sk.semclip_loss(image, text, 10.0, block_row=2),
+        "SemCLIPLoss": lambda: sk.SemCLIPLoss(block_row=2),
+        "semsiglip_loss": lambda: sk.semsiglip_loss(image, text, 10.0, -10.0, block_row=2),
+        "SemSigLipLoss": lambda: sk.SemSigLipLoss(block_row=2),
+    }
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match=rf"^{name}\(\) got an unexpected keyword argument 'block_row'$"):
+            call()
