@@ -41,17 +41,18 @@ def converged(batch: int, dim: int, spread: float, n_para: int, n_neg: int, seed
             near(4 * spread, n_neg) if n_neg else None]  # fmt: skip
 
 
-def errors(backend: str, features: list, tau: float, dtype: torch.dtype, tile: int | None = None):
-    """(float64 loss, the backend's loss relative error, {input: gradient max-norm relative error})."""
+def errors(backend: str, features: list, tau: float, dtype: torch.dtype, tile: int | None = None, **weights: float):
+    """(float64 loss, the backend's loss relative error, {input: gradient max-norm relative error}); `weights`:
+    `paraphrase_weight`, `hard_negative_weight` (default 1)."""
     leaves = [None if t is None else t.to(dtype).requires_grad_() for t in features]
     scale = torch.tensor(tau, requires_grad=True)
     loss = sk.semclip_loss(leaves[0], leaves[1], scale, leaves[2], leaves[3], backend=backend,
-                           block_rows=tile, block_cols=tile)  # fmt: skip
+                           block_rows=tile, block_cols=tile, **weights)  # fmt: skip
     loss.backward()
     assert loss.dtype == torch.float32
     exact = [None if t is None else t.detach().double().requires_grad_() for t in leaves]
     exact_scale = torch.tensor(tau, dtype=torch.float64, requires_grad=True)
-    want = semclip_loss_float64(exact[0], exact[1], exact_scale, exact[2], exact[3])
+    want = semclip_loss_float64(exact[0], exact[1], exact_scale, exact[2], exact[3], **weights)
     want.backward()
     names = ("image", "text", "paraphrase", "negation", "logit_scale")
     grads = {name: max_norm_rel_err(a.grad, b.grad) for name, a, b in
@@ -110,6 +111,22 @@ def test_16bit_near_duplicate_paraphrases(backend, dtype, spread, tau):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("tau", [30.0, 100.0])
+@pytest.mark.parametrize("paraphrase_weight", [0.5, 0.0625])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_float32_scale_gradient_with_near_duplicate_positives(backend, tau, paraphrase_weight, seed):
+    """A caption and its paraphrase within cos 0.9999 of their image share the row's mass: their gradients are
+    O(1) and opposite, and dτ is their difference, `g·(<I, T> − <I, P>)` with the two dots 1e-4 apart. Each
+    band's term must be summed in float64 from a float64 weight: one float32 rounding of either was 7.6e-3
+    of dτ (B = 8, d = 16, spread 0.015, loss 0.35)."""
+    features = converged(8, 16, 0.015, 1, 0, seed)
+    loss, loss_err, grads = errors(backend, features, tau, torch.float32, paraphrase_weight=paraphrase_weight)
+    assert loss_err <= 1e-5
+    for name, err in grads.items():
+        assert err <= 1e-4, f"{backend}: {name} gradient off by {err:.3g} at loss {loss:.3g}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("tau", [1.0, 30.0, 100.0])
 @pytest.mark.parametrize("n_para,n_neg", [(None, None), (2, 1), (1, 3)])
 def test_float32_random_features(backend, tau, n_para, n_neg):
@@ -120,7 +137,6 @@ def test_float32_random_features(backend, tau, n_para, n_neg):
     assert loss_err <= 1e-5
     for name, err in grads.items():
         assert err <= 1e-4, f"{backend}: {name} gradient off by {err:.3g}"
-
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
