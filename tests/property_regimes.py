@@ -15,10 +15,13 @@ Beyond `random`, batches have at least 4 images in at least 16 dimensions (fewer
 The value properties hold above `LOSS_FLOOR` (a float64 loss of 1e-6, docs/contract.md §4's range); an
 example below it is rejected (`hypothesis.assume`), not checked with a looser bound.
 
+Gradients are held to §4's relative bound, or, where the dtype cannot hold it, to the dtype's own resolution
+(`gradient_floor`: float16's subnormal step, for a tensor whose largest gradient is below 3e-6).
+
 Known gaps: a regime that does not hold on today's main is one named switch below, off by default. The
-tests never weaken a bound for it: they do not draw that (regime, backend, dtype) case while its switch is
-off. Turn a switch on (or every one: `SEMCLIP_PROPERTY_GAPS=all`, or a comma-separated list of names) when
-the fix that closes it merges.
+tests never weaken a bound for it: they do not draw that case while its switch is off. Turn a switch on (or
+every one: `SEMCLIP_PROPERTY_GAPS=all`, or a comma-separated list of names) when the fix that closes it
+merges. The single-process properties have none: every (regime, backend, dtype) case is drawn.
 """
 
 from __future__ import annotations
