@@ -384,6 +384,9 @@ def _forward_tiles(rows, cols, scale, col_bias, n_query_cols, block_rows, block_
     return row_lse, col_lse
 
 
+_MIN_READ_OFF_SCALE = 1e-30  # below it, τ's gradient is summed per tile (as csrc's kernels do)
+
+
 def _backward_tiles(rows, cols, scale, col_bias, row_lse, col_lse, g_row, g_col, needs, block_rows, block_cols,
                     fast: bool, positives=()):  # fmt: skip
     """`(grad_rows, grad_cols, grad_scale)` in the statistics dtype (None where not needed); lse in float64.
@@ -397,8 +400,9 @@ def _backward_tiles(rows, cols, scale, col_bias, row_lse, col_lse, g_row, g_col,
     tau = float(scale) if fast else scale.to(dtype)
     n_rows, n_cols, n_query_cols = rows.shape[0], cols.shape[0], col_lse.shape[0]
     # grad_τ = Σ dS ⊙ A·Cᵀ = Σ_i <grad_A_i, A_i> / τ: read it off a feature gradient after the loop
-    # (eager: τ is known to be nonzero on the host), else accumulate it per tile.
-    scale_per_tile = need_scale and not (fast and tau != 0 and (need_rows or need_cols))
+    # (eager: τ is known on the host), else accumulate it per tile. Below 1e-30 (or at 0) the feature gradient
+    # τ·dS·C falls into float32's subnormals and keeps nothing of dτ.
+    scale_per_tile = need_scale and not (fast and abs(tau) >= _MIN_READ_OFF_SCALE and (need_rows or need_cols))
     grad_rows = torch.zeros(rows.shape, dtype=dtype, device=rows.device) if need_rows else None
     grad_cols = torch.zeros(cols.shape, dtype=dtype, device=cols.device) if need_cols else None
     # float64 partial sums: τ's gradient is a difference of large, nearly equal terms (the loss's
