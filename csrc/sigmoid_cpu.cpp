@@ -41,6 +41,9 @@ std::vector<at::Tensor> sigmoid_impl(const at::Tensor& rows, const at::Tensor& c
   const int64_t* owner = col_owner.data_ptr<int64_t>();
 
   const Parts parts(n_rb);
+  // Below 1e-30, τ·dS·C (the feature gradients dτ is read off) falls into float32's subnormals, which flush to
+  // zero: dτ then takes the products themselves, as the softmax kernel does.
+  const bool tiny_scale = std::abs(scale) < 1e-30;
   std::vector<double> loss(parts.count, 0.0), grad_dot(parts.count, 0.0), grad_dot_raw(parts.count, 0.0),
       grad_sum(parts.count, 0.0);
   std::atomic<int64_t> skipped{0};
@@ -100,7 +103,7 @@ std::vector<at::Tensor> sigmoid_impl(const at::Tensor& rows, const at::Tensor& c
           grad_dot[part] += tile_dot;
           grad_sum[part] += tile_sum;
           const at::Tensor G_tile = g_buffer.narrow(0, 0, nr * nc).view({nr, nc});
-          if (need_scale && scale == 0) grad_dot_raw[part] += (G_tile * at::mm(row_tile, col_tile.t())).sum().item<double>();
+          if (need_scale && tiny_scale) grad_dot_raw[part] += (G_tile * at::mm(row_tile, col_tile.t())).sum().item<double>();
           if (need_rows) grad_rows.narrow(0, r0, nr).addmm_(G_tile, col_tile, /*beta=*/1, /*alpha=*/scale);
           if (need_cols) {
             at::Tensor col_grad = col_grad_buffer.narrow(0, 0, nc);
@@ -122,7 +125,7 @@ std::vector<at::Tensor> sigmoid_impl(const at::Tensor& rows, const at::Tensor& c
   double total = 0, dot = 0, sum = 0;
   for (int64_t part = 0; part < parts.count; ++part) {  // in part order: deterministic
     total += loss[part];
-    dot += scale == 0 ? grad_dot_raw[part] : grad_dot[part] / scale;
+    dot += tiny_scale ? grad_dot_raw[part] : grad_dot[part] / scale;
     sum += grad_sum[part];
   }
   const auto f64 = opts.dtype(at::kDouble);

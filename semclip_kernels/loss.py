@@ -148,7 +148,10 @@ def _single_process_loss(inputs: SemCLIPInputs, config: LossConfig) -> torch.Ten
         negation=None if inputs.negation is None else inputs.negation.to(stat),
     )  # fmt: skip
     columns = build_columns(inputs, w, beta, config.directions)
-    text_pos, para_pos = positive_logits(inputs, w, torch.float64)  # as the loss node: float64 positives
+    # As the loss node: float64 positives, and through one float64 τ, so that the τ gradients of a caption and
+    # its near-duplicate paraphrase (O(1) and opposite) meet in float64 before the one cast to float32.
+    precise = dataclasses.replace(inputs, logit_scale=inputs.logit_scale.double())
+    text_pos, para_pos = positive_logits(precise, w, torch.float64)
     n_para = 0 if para_pos is None else para_pos.shape[1]
     problem = Problem(inputs.image, columns.blocks, inputs.logit_scale, columns.col_bias, columns.n_query_cols,
                       config.options, positive_bands(text_pos.shape[0], n_para))  # fmt: skip

@@ -11,7 +11,17 @@ import math
 
 import torch
 
-from .values import Grads, Needs, Problem, StatGrads, Stats, column_mass_bounds, counts, positive_entries
+from .values import (
+    Grads,
+    Needs,
+    Problem,
+    StatGrads,
+    Stats,
+    add_positive_terms,
+    column_mass_bounds,
+    counts,
+    positive_entries,
+)
 
 differentiable = True
 
@@ -47,9 +57,10 @@ def stats_like(problem: Problem) -> Stats:
 
 
 def backward(problem: Problem, stats: Stats, grads: StatGrads, needs: Needs) -> Grads:
-    """The weights `dS` materialized (positive bands included), then autograd through the logits:
-    `Σ dS ⊙ S` has the gradients of `Σ g_row·row_lse + Σ g_query·query_lse + Σ g·S[band]`. Float32
-    leaves: the gradients come back in the statistics dtype."""
+    """The weights `dS` of the partitions materialized, then autograd through the logits: `Σ dS ⊙ S` has the
+    gradients of `Σ g_row·row_lse + Σ g_query·query_lse`; the positive bands' `Σ g·S[band]` is added by
+    `add_positive_terms` (τ's part in float64: near-duplicate positives make it a difference of O(1) terms).
+    Float32 leaves: the gradients come back in the statistics dtype."""
     dtype = problem.stat_dtype
     n_query = problem.n_query_cols
     flags = (needs.rows, needs.cols, needs.scale)
@@ -66,15 +77,12 @@ def backward(problem: Problem, stats: Stats, grads: StatGrads, needs: Needs) -> 
                 weights = torch.exp(logits[:, :n_query] - stats.query_lse.to(dtype))
                 grad_logits[:, :n_query] += grads.query.to(dtype) * weights
             mask = _positive_mask(problem, logits.device)
-            if mask is not None:  # left out of the partitions: only the bands reach these entries
+            if mask is not None:  # left out of the partitions: the bands reach these entries (below)
                 grad_logits.masked_fill_(mask, 0.0)
-            rows = torch.arange(problem.n_rows, device=logits.device)[:, None]
-            for band in grads.positives:
-                grad_logits[rows, band.columns(problem.n_rows, logits.device)] += band.grad.to(dtype)
         wanted = [leaf for leaf in leaves if leaf.requires_grad]
         result = iter(torch.autograd.grad(logits, wanted, grad_logits) if wanted else ())
     grad_rows, grad_cols, grad_scale = (next(result) if need else None for need in flags)
     if grad_cols is not None:
         sizes = [block.shape[0] for block in problem.cols]
         grad_cols = tuple(g.reshape(b.shape) for g, b in zip(torch.split(grad_cols, sizes), problem.cols))
-    return Grads(grad_rows, grad_cols, grad_scale, counts(1))
+    return add_positive_terms(problem, grads.positives, Grads(grad_rows, grad_cols, grad_scale, counts(1)), needs)

@@ -56,8 +56,9 @@ def pair_sum(problem: SigmoidProblem, needs: Needs) -> PairSums:
     grad_rows = torch.zeros(rows.shape, dtype=compute, device=rows.device) if need_rows else None
     grad_cols = torch.zeros(cols.shape, dtype=compute, device=rows.device) if need_cols else None
     # dτ = Σ dS ⊙ A·Cᵀ = Σ_i <grad_A_i, A_i> / τ: read off a feature gradient after the loop when there is one
-    # (and τ ≠ 0), else summed per tile. float64 partial sums: the τ and b gradients add B·K terms of both signs.
-    scale_per_tile = need_scale and (tau == 0 or not (need_rows or need_cols))
+    # (and |τ| ≥ 1e-30: below, τ·dS·C falls into float32's subnormals and keeps nothing of dτ), else summed per
+    # tile. float64 partial sums: the τ and b gradients add B·K terms of both signs.
+    scale_per_tile = need_scale and (abs(tau) < 1e-30 or not (need_rows or need_cols))
     grad_scale = torch.zeros((), dtype=torch.float64, device=rows.device)
     grad_bias = torch.zeros((), dtype=torch.float64, device=rows.device)
     row_tiles, col_tiles = _tiles(n_rows, block_rows), _tiles(n_cols, block_cols)

@@ -51,7 +51,6 @@ from .dtypes import stat_dtype
 from .values import (
     Grads,
     Needs,
-    PositiveBand,
     Problem,
     StatGrads,
     Stats,
@@ -385,47 +384,31 @@ def _forward_tiles(rows, cols, scale, col_bias, n_query_cols, block_rows, block_
     return row_lse, col_lse
 
 
-def _band_entries(bands: tuple[PositiveBand, ...], n_rows: int, dtype: torch.dtype, device: torch.device):
-    """Every positive band's entries as `(row [E], col [E], grad [E])`, row-major (None without bands)."""
-    if not bands:
-        return None
-    rows = torch.cat([torch.arange(n_rows, device=device).repeat_interleave(b.per_row) for b in bands])
-    cols = torch.cat([b.columns(n_rows, device).reshape(-1) for b in bands])
-    grad = torch.cat([b.grad.reshape(-1).to(dtype) for b in bands])
-    return rows, cols, grad
-
-
-def _add_band_entries(grad_logits: torch.Tensor, entries, r: slice, c: slice) -> None:
-    """`dS[i, c] += g` for the band entries inside the tile (rows r, columns c)."""
-    if entries is None:
-        return
-    rows, cols, grad = entries
-    inside = (rows >= r.start) & (rows < r.stop) & (cols >= c.start) & (cols < c.stop)
-    grad_logits.index_put_((rows[inside] - r.start, cols[inside] - c.start), grad[inside], accumulate=True)
+_MIN_READ_OFF_SCALE = 1e-30  # below it, τ's gradient is summed per tile (as csrc's kernels do)
 
 
 def _backward_tiles(rows, cols, scale, col_bias, row_lse, col_lse, g_row, g_col, needs, block_rows, block_cols,
-                    fast: bool, bands: tuple[PositiveBand, ...] = (), positives=()):
+                    fast: bool, positives=()):  # fmt: skip
     """`(grad_rows, grad_cols, grad_scale)` in the statistics dtype (None where not needed); lse in float64.
 
     `fast`: take the eager shared-shift path (decided where `torch.compiler.is_compiling()` is reliable:
-    in the forward, or by the caller of the backward-only entry). `bands`: positive entries added to dS
-    before any cast (docs/backends.md).
+    in the forward, or by the caller of the backward-only entry). `positives`: the entries left out of the
+    partitions (`Problem.positives`), 0 in dS.
     """
     need_rows, need_cols, need_scale = needs
     dtype = stat_dtype(scale.dtype)
     tau = float(scale) if fast else scale.to(dtype)
     n_rows, n_cols, n_query_cols = rows.shape[0], cols.shape[0], col_lse.shape[0]
     # grad_τ = Σ dS ⊙ A·Cᵀ = Σ_i <grad_A_i, A_i> / τ: read it off a feature gradient after the loop
-    # (eager: τ is known to be nonzero on the host), else accumulate it per tile.
-    scale_per_tile = need_scale and not (fast and tau != 0 and (need_rows or need_cols))
+    # (eager: τ is known on the host), else accumulate it per tile. Below 1e-30 (or at 0) the feature gradient
+    # τ·dS·C falls into float32's subnormals and keeps nothing of dτ.
+    scale_per_tile = need_scale and not (fast and abs(tau) >= _MIN_READ_OFF_SCALE and (need_rows or need_cols))
     grad_rows = torch.zeros(rows.shape, dtype=dtype, device=rows.device) if need_rows else None
     grad_cols = torch.zeros(cols.shape, dtype=dtype, device=cols.device) if need_cols else None
     # float64 partial sums: τ's gradient is a difference of large, nearly equal terms (the loss's
     # positive logits cancel most of it), so float32 accumulation over B·K products is not enough.
     grad_scale = torch.zeros((), dtype=torch.float64, device=rows.device)
     low_precision = _low_precision_products(rows)
-    entries = _band_entries(bands, n_rows, dtype, rows.device)
     row_tiles, col_tiles = _tiles(n_rows, block_rows), _tiles(n_cols, block_cols)
     tile_scale_sums = [[None] * len(col_tiles) for _ in row_tiles]
 
@@ -449,7 +432,6 @@ def _backward_tiles(rows, cols, scale, col_bias, row_lse, col_lse, g_row, g_col,
                 grad_logits = _per_line_grad_logits(logits, *tile_args)
             if mask is not None:  # left out of the partitions (a line made only of them has lse = -inf: NaN)
                 grad_logits.masked_fill_(mask, 0.0)
-            _add_band_entries(grad_logits, entries, r, c)
             if scale_per_tile:
                 tile_scale_sums[i][j] = torch.sum(grad_logits.double() * products.double())
             alpha = tau
@@ -497,22 +479,21 @@ def stats_like(problem: Problem) -> Stats:
 
 
 def backward(problem: Problem, stats: Stats, grads: StatGrads, needs: Needs) -> Grads:
-    """Gradients in the statistics dtype, tile by tile, the positive bands folded into each float32 tile's dS
-    (added to the float32 gradients where the tiles' products run in 16 bits); `problem.positives` left out."""
+    """Gradients in the statistics dtype, tile by tile, `problem.positives` left out; the positive bands added
+    to the float32 gradients after the tiles (`add_positive_terms`, O(M·n·d)): their τ terms are a difference
+    of O(1) weights with near-duplicate positives, summed in float64 there, where a tile's float32 dS (or the
+    τ read off the row gradient) would keep 1e-3 of it."""
     dtype = problem.stat_dtype
     row_lse, query_lse = stats.row_lse.to(_PRECISE), stats.query_lse.to(_PRECISE)
     g_row = torch.zeros_like(row_lse, dtype=dtype) if grads.row is None else grads.row.to(dtype)
     g_col = torch.zeros_like(query_lse, dtype=dtype) if grads.query is None else grads.query.to(dtype)
     cols = problem.joined_cols()
     block_rows, block_cols = _blocks(problem)
-    # A 16-bit dS tile would round the bands' O(1) entries (near-duplicate paraphrases: their differences are
-    # the gradient): add them to the float32 gradients instead, O(M·n·d).
-    fold_later = _low_precision_products(problem.rows)
     grad_rows, grad_cols, grad_scale = _backward_tiles(
         problem.rows, cols, problem.scale, problem.col_bias.to(dtype), row_lse, query_lse, g_row, g_col,
         (needs.rows, needs.cols, needs.scale), block_rows, block_cols, _eager_fast_path(problem.rows),
-        () if fold_later else grads.positives, problem.positives,
+        problem.positives,
     )  # fmt: skip
     tiles = -(-problem.n_rows // block_rows) * -(-problem.n_cols // block_cols)
     result = Grads(grad_rows, None if grad_cols is None else split_cols(grad_cols, problem), grad_scale, counts(tiles))
-    return add_positive_terms(problem, grads.positives, result, needs) if fold_later else result
+    return add_positive_terms(problem, grads.positives, result, needs)

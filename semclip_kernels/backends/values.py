@@ -299,9 +299,12 @@ def add_positive_terms(problem: Problem, positives: Sequence[PositiveBand], grad
         grad_rows_i += τ·Σ_p g_ip·C_c(i,p),   grad_cols_c(i,p) += τ·g_ip·A_i,   grad_τ += Σ g_ip·<A_i, C_c(i,p)>
 
     in the statistics dtype; the given gradients are updated in place. O(M·n·d) work, no `[K, d]` copy.
+    τ's terms are summed in float64 from the bands' own (float64) weights, then added to `grads.scale` once:
+    near-duplicate positives get O(1), opposite weights whose dots are 1e-4 apart, so these terms' sum is a
+    difference that one float32 rounding of a weight or of a partial sum would dominate.
     """
     stat = problem.stat_dtype
-    grad_scale = grads.scale
+    band_scale = torch.zeros((), dtype=torch.float64, device=problem.rows.device)
     dim = problem.rows.shape[1]
     tau = problem.scale.detach().to(stat)
     for band in positives:
@@ -320,7 +323,10 @@ def add_positive_terms(problem: Problem, positives: Sequence[PositiveBand], grad
                 grads.rows[start:stop].add_(torch.einsum("mn,mnd->md", g, partners).mul_(tau))
             if grad_block is not None:
                 grad_block[cols].add_((g[:, :, None] * rows[:, None, :]).reshape(-1, dim).mul_(tau))
-            if needs.scale and grad_scale is not None:
+            if needs.scale and grads.scale is not None:
                 dots = torch.einsum("md,mnd->mn", rows.double(), partners.double())
-                grad_scale = grad_scale + (g.double() * dots).sum().to(grad_scale.dtype)
-    return dataclasses.replace(grads, scale=grad_scale)
+                weights = band.grad.detach()[start:stop].double().reshape(stop - start, per_row)
+                band_scale = band_scale + (weights * dots).sum()
+    if not (needs.scale and grads.scale is not None and positives):
+        return grads
+    return dataclasses.replace(grads, scale=(grads.scale.double() + band_scale).to(grads.scale.dtype))

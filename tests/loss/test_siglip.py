@@ -375,3 +375,19 @@ def test_cpp_is_bitwise_deterministic(threads):
         assert torch.equal(loss, runs[0][0])
         for grad, first in zip(grads, runs[0][1]):
             assert grad is None or torch.equal(grad, first)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("tau", [2.0**-149, 1e-30])
+def test_scale_gradient_at_a_subnormal_scale(backend, tau):
+    """At τ = 1.4e-45 (float32's smallest subnormal) the feature gradients `τ·dS·C` underflow to 0, so τ's
+    gradient cannot be read off them (`Σ <grad_A, A> / τ`, the torch backend: it gave 0)."""
+    case = make_case(3, 4, 1, 1, tau=1.0, seed=2)
+    leaves = [t.detach().clone().requires_grad_() for t in (case.image, case.text, case.paraphrase, case.negation)]
+    scale, bias = torch.tensor(tau, requires_grad=True), torch.tensor(-1.0, requires_grad=True)
+    sk.semsiglip_loss(leaves[0], leaves[1], scale, bias, leaves[2], leaves[3], backend=backend).backward()
+    exact = [t.detach().double().requires_grad_() for t in leaves]
+    scale64 = torch.tensor(float(scale), dtype=torch.float64, requires_grad=True)
+    semsiglip_loss_float64(exact[0], exact[1], scale64, torch.tensor(-1.0, dtype=torch.float64), exact[2],
+                           exact[3]).backward()  # fmt: skip
+    assert abs(float(scale.grad) - float(scale64.grad)) <= 1e-4 * abs(float(scale64.grad))
