@@ -41,7 +41,11 @@ backward each rank adds its lower bounds of the masses of the columns and images
 global statistics) and the unit mass of its own lines that receive a gradient into one
 `[world_size, K + B]` float64 table, summed over ranks by one all-reduce (`world_size·(K + B)` floats, no
 product). Every backward call gets the global bounds of its block, and the single process's threshold
-`grad_filter_eps` (a line of the global batch has the global batch's count of weights).
+`grad_filter_eps` (a line of the global batch has the global batch's count of weights). The filter weighs
+each line's weights by its gradient `|g|` against the largest `|g|` of the problem, `G`; a call's own
+largest can be far below the global batch's (a query problem's lines are off-positive shares, e^-45 of the
+rows' in a trained batch), so each call's threshold is scaled by `G_global / G_call` (one all-reduce of a
+scalar): the single process's criterion `weight·|g| < eps·G_global·mass`.
 """
 
 from __future__ import annotations
@@ -266,6 +270,7 @@ def _backward(ctx, grad_row_lse, grad_query_lse, grad_text_pos, grad_para_pos):
     grad_cols = torch.zeros(cols.shape, dtype=stat_dtype, device=cols.device)
     grad_scale = torch.zeros((), dtype=stat_dtype, device=scale.device)
     step_stats = _global_bounds(ctx.step_stats, ctx.step_owners, grad_row_lse, grad_query_lse, n_cols, batch, config)
+    largest = _largest_line_grads(step_stats, grad_row_lse, grad_query_lse)
     block = torch.cat([cols, image]).detach()
     home, outgoing_works = None, []
     for step in range(config.n_steps):
@@ -289,8 +294,9 @@ def _backward(ctx, grad_row_lse, grad_query_lse, grad_text_pos, grad_para_pos):
         row_stats, query_stats = step_stats[step]
         both = row_problem.n_query_cols > 0  # the diagonal block: both directions in one call
         row_problem_stats = Stats(row_lse, query_lse if both else no_stats, row_stats.col_mass_lb, row_stats.aux)
+        row_directions = ("row", "query") if both and not one_sided else ("row",)
         rows_grads = partitions_backward(
-            row_problem, row_problem_stats,
+            _global_threshold(row_problem, largest, row_directions), row_problem_stats,
             StatGrads(row=grad_row_lse, query=grad_query_lse if both and not one_sided else None,
                       positives=bands if step == 0 else ()),
             Needs(need_image, remote_grad and need_cols, need_scale), name,
@@ -298,15 +304,16 @@ def _backward(ctx, grad_row_lse, grad_query_lse, grad_text_pos, grad_para_pos):
         own_query_grads = None
         if step == 0 and one_sided:  # the text→image direction of the diagonal block, to the own queries only
             own_query_grads = partitions_backward(
-                row_problem, row_problem_stats, StatGrads(query=grad_query_lse, positives=t2i_bands),
-                Needs(False, need_cols, need_scale), name,
+                _global_threshold(row_problem, largest, ("query",)), row_problem_stats,
+                StatGrads(query=grad_query_lse, positives=t2i_bands), Needs(False, need_cols, need_scale), name,
             )  # fmt: skip
             if own_query_grads.cols is not None:
                 grad_cols[:n_query] += own_query_grads.cols[0][:n_query]
         query_grads = None
         if query_problem is not None:
             query_grads = partitions_backward(
-                query_problem, Stats(query_lse, no_stats, query_stats.col_mass_lb, query_stats.aux),
+                _global_threshold(query_problem, largest, ("query",)),
+                Stats(query_lse, no_stats, query_stats.col_mass_lb, query_stats.aux),
                 StatGrads(row=grad_query_lse), Needs(need_cols, remote_grad and need_image, need_scale), name,
             )  # fmt: skip
         if rows_grads.rows is not None:
@@ -359,6 +366,36 @@ def _cast_grads(grad_image, grad_cols, grad_scale, image, cols, scale, needs_inp
         None,
         None,
     )
+
+
+def _largest_line_grads(step_stats, grad_row_lse: torch.Tensor, grad_query_lse: torch.Tensor) -> dict | None:
+    """`{"row": this rank's largest |g_row|, "query": its largest |g_query|, "global": the largest of either
+    over every rank}` (one all-reduce of a scalar), or None where the filter has no bounds (no exchange)."""
+    if any(rows.col_mass_lb.numel() == 0 or (queries is not None and queries.col_mass_lb.numel() == 0)
+           for rows, queries in step_stats):  # fmt: skip
+        return None
+    largest = {name: float(g.detach().abs().max()) if g.numel() else 0.0
+               for name, g in (("row", grad_row_lse), ("query", grad_query_lse))}  # fmt: skip
+    total = torch.tensor([max(largest.values())], dtype=torch.float64, device=grad_row_lse.device)
+    with explain_peer_failure("the all-reduce of the largest line gradient (start of the backward)"):
+        dist.all_reduce(total, op=dist.ReduceOp.MAX)
+    largest["global"] = float(total)
+    return largest
+
+
+def _global_threshold(step_problem, largest: dict | None, directions: tuple[str, ...]):
+    """`step_problem` with its filter threshold scaled by `G_global / G_call` (module docstring): `G_call` the
+    largest |g| of the lines it differentiates (`directions`). Capped at 0.5 (a threshold must stay below 1;
+    the cap only skips less). Unchanged without bounds, without a threshold, or with non-finite gradients."""
+    eps = step_problem.options.grad_filter_eps
+    if largest is None or not eps:
+        return step_problem
+    own = max(largest[name] for name in directions)
+    if not (0 < own < largest["global"] < float("inf")):
+        return step_problem
+    threshold = min(eps * largest["global"] / own, 0.5)
+    return dataclasses.replace(step_problem, options=dataclasses.replace(step_problem.options,
+                                                                         grad_filter_eps=threshold))  # fmt: skip
 
 
 def _global_bounds(step_stats, step_owners, grad_row_lse, grad_query_lse, n_cols: int, batch: int,
