@@ -44,8 +44,9 @@ product). Every backward call gets the global bounds of its block, and the singl
 `grad_filter_eps` (a line of the global batch has the global batch's count of weights). The filter weighs
 each line's weights by its gradient `|g|` against the largest `|g|` of the problem, `G`; a call's own
 largest can be far below the global batch's (a query problem's lines are off-positive shares, e^-45 of the
-rows' in a trained batch), so each call's threshold is scaled by `G_global / G_call` (one all-reduce of a
-scalar): the single process's criterion `weight·|g| < eps·G_global·mass`.
+rows' in a trained batch), so each call's threshold is scaled by `G_global / G_call` (one all-reduce of two
+scalars): the single process's criterion `weight·|g| < eps·G_global·mass`, `G_global` over the lines that
+feed the same gradient tensors (one direction's with open_clip's one-sided gradients).
 """
 
 from __future__ import annotations
@@ -296,7 +297,7 @@ def _backward(ctx, grad_row_lse, grad_query_lse, grad_text_pos, grad_para_pos):
         row_problem_stats = Stats(row_lse, query_lse if both else no_stats, row_stats.col_mass_lb, row_stats.aux)
         row_directions = ("row", "query") if both and not one_sided else ("row",)
         rows_grads = partitions_backward(
-            _global_threshold(row_problem, largest, row_directions), row_problem_stats,
+            _global_threshold(row_problem, largest, row_directions, one_sided), row_problem_stats,
             StatGrads(row=grad_row_lse, query=grad_query_lse if both and not one_sided else None,
                       positives=bands if step == 0 else ()),
             Needs(need_image, remote_grad and need_cols, need_scale), name,
@@ -304,7 +305,7 @@ def _backward(ctx, grad_row_lse, grad_query_lse, grad_text_pos, grad_para_pos):
         own_query_grads = None
         if step == 0 and one_sided:  # the text→image direction of the diagonal block, to the own queries only
             own_query_grads = partitions_backward(
-                _global_threshold(row_problem, largest, ("query",)), row_problem_stats,
+                _global_threshold(row_problem, largest, ("query",), one_sided), row_problem_stats,
                 StatGrads(query=grad_query_lse, positives=t2i_bands), Needs(False, need_cols, need_scale), name,
             )  # fmt: skip
             if own_query_grads.cols is not None:
@@ -312,7 +313,7 @@ def _backward(ctx, grad_row_lse, grad_query_lse, grad_text_pos, grad_para_pos):
         query_grads = None
         if query_problem is not None:
             query_grads = partitions_backward(
-                _global_threshold(query_problem, largest, ("query",)),
+                _global_threshold(query_problem, largest, ("query",), one_sided),
                 Stats(query_lse, no_stats, query_stats.col_mass_lb, query_stats.aux),
                 StatGrads(row=grad_query_lse), Needs(need_cols, remote_grad and need_image, need_scale), name,
             )  # fmt: skip
@@ -369,31 +370,36 @@ def _cast_grads(grad_image, grad_cols, grad_scale, image, cols, scale, needs_inp
 
 
 def _largest_line_grads(step_stats, grad_row_lse: torch.Tensor, grad_query_lse: torch.Tensor) -> dict | None:
-    """`{"row": this rank's largest |g_row|, "query": its largest |g_query|, "global": the largest of either
-    over every rank}` (one all-reduce of a scalar), or None where the filter has no bounds (no exchange)."""
+    """This rank's largest |g_row| and |g_query| (`"row"`, `"query"`) and the largest of each over every rank
+    (`"global row"`, `"global query"`; one all-reduce of two scalars), or None where the filter has no bounds
+    (no exchange)."""
     if any(rows.col_mass_lb.numel() == 0 or (queries is not None and queries.col_mass_lb.numel() == 0)
            for rows, queries in step_stats):  # fmt: skip
         return None
     largest = {name: float(g.detach().abs().max()) if g.numel() else 0.0
                for name, g in (("row", grad_row_lse), ("query", grad_query_lse))}  # fmt: skip
-    total = torch.tensor([max(largest.values())], dtype=torch.float64, device=grad_row_lse.device)
-    with explain_peer_failure("the all-reduce of the largest line gradient (start of the backward)"):
+    total = torch.tensor([largest["row"], largest["query"]], dtype=torch.float64, device=grad_row_lse.device)
+    with explain_peer_failure("the all-reduce of the largest line gradients (start of the backward)"):
         dist.all_reduce(total, op=dist.ReduceOp.MAX)
-    largest["global"] = float(total)
+    largest["global row"], largest["global query"] = total.tolist()
     return largest
 
 
-def _global_threshold(step_problem, largest: dict | None, directions: tuple[str, ...]):
+def _global_threshold(step_problem, largest: dict | None, directions: tuple[str, ...], one_sided: bool):
     """`step_problem` with its filter threshold scaled by `G_global / G_call` (module docstring): `G_call` the
-    largest |g| of the lines it differentiates (`directions`). Capped at 0.5 (a threshold must stay below 1;
-    the cap only skips less). Unchanged without bounds, without a threshold, or with non-finite gradients."""
+    largest |g| of the lines it differentiates (`directions`), `G_global` that of every rank's lines feeding the
+    same gradient tensors: both directions', or with open_clip's one-sided gradients (`one_sided`: an image's
+    gradient holds image→text lines only, a caption's text→image lines only) the same direction's. Capped at
+    0.5 (a threshold must stay below 1; the cap only skips less). Unchanged without bounds, without a
+    threshold, or with non-finite gradients."""
     eps = step_problem.options.grad_filter_eps
     if largest is None or not eps:
         return step_problem
     own = max(largest[name] for name in directions)
-    if not (0 < own < largest["global"] < float("inf")):
+    reference = max(largest[f"global {name}"] for name in (directions if one_sided else ("row", "query")))
+    if not (0 < own < reference < float("inf")):
         return step_problem
-    threshold = min(eps * largest["global"] / own, 0.5)
+    threshold = min(eps * reference / own, 0.5)
     return dataclasses.replace(step_problem, options=dataclasses.replace(step_problem.options,
                                                                          grad_filter_eps=threshold))  # fmt: skip
 
