@@ -74,15 +74,12 @@ FLOAT32_SCALE_GRADIENT_PEAKED = _gap_closed("FLOAT32_SCALE_GRADIENT_PEAKED")
 # float32 in the peaked regimes (trained_like, near_duplicate, near_convergence) in the distributed modes, which
 # still compute `Z − s` (the single-process loss holds them: it leaves the positives out of its partitions).
 DISTRIBUTED_FLOAT32_NEAR_CONVERGENCE = _gap_closed("DISTRIBUTED_FLOAT32_NEAR_CONVERGENCE")
-# 16-bit features in the distributed modes (the positives' gradients go through plain 16-bit autograd).
-DISTRIBUTED_16BIT = _gap_closed("DISTRIBUTED_16BIT")
 # The cross-rank gradient filter on any trained-like batch (today: only on sharply peaked batches).
 DISTRIBUTED_FILTER_ANY_TRAINED_BATCH = _gap_closed("DISTRIBUTED_FILTER_ANY_TRAINED_BATCH")
 
 GAP_NAMES = (
     "FLOAT32_SCALE_GRADIENT_PEAKED",
     "DISTRIBUTED_FLOAT32_NEAR_CONVERGENCE",
-    "DISTRIBUTED_16BIT",
     "DISTRIBUTED_FILTER_ANY_TRAINED_BATCH",
 )
 
@@ -134,7 +131,7 @@ PEAKED = ("trained_like", "near_duplicate", "near_convergence")
 
 
 def distributed_dtypes() -> tuple[str, ...]:
-    return ("float32",) + (SIXTEEN_BIT if DISTRIBUTED_16BIT else ())
+    return ("float32",) + SIXTEEN_BIT
 
 
 def distributed_regimes(dtype: str, family: str = "softmax") -> tuple[str, ...]:

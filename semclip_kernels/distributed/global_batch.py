@@ -7,8 +7,10 @@ arbitrary rows/columns form (never a local × global matrix):
     row_lse[i]   = Z_i  = log Σ_{c ∈ all columns} exp(τ<I_i, C_c> + bias_c)   local images i
     query_lse[q] = Y(q) = log Σ_{k ∈ all images}  exp(τ<Q_q, I_k>)            local queries q = [T; P]
 
-and `algebra.combine_partitions` turns them into this rank's share `loss_r` of §1 (local
-means). With equal local batches, mean_r loss_r is the global loss.
+with each line's own positives left out (`Problem.positives`), and `algebra.combine_partitions` turns them
+and the float64 positive logits into this rank's share `loss_r` of §1 (local means) in its `log1p` form,
+exact at any loss; its gradients are the algebra's closed form (`algebra.off_positive_gradients`: sums of
+small terms). With equal local batches, mean_r loss_r is the global loss.
 
 Three ways to bring the other ranks' features ("modes"), one implementation (ring.py):
 - "gather": all-gather every rank's images and text columns, then two primitive calls (a ring of
@@ -28,7 +30,7 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
-from ..algebra import Columns, combine_partitions
+from ..algebra import Columns, combine_partitions, off_positive_gradients
 from ..backends.options import PartitionOptions, default_grad_filter_eps
 from ..validation import LossConfig, SemCLIPInputs
 from .collectives import MeanOverRanks, SumScaleGradOverRanks, group_timeout
@@ -61,10 +63,31 @@ def distributed_loss(inputs: SemCLIPInputs, columns: Columns, config: LossConfig
 
     row_lse, query_lse, text_pos, para_pos = _ring_partitions(inputs, columns, config, group)
     para_pos = para_pos if para_pos.shape[1] else None
-    loss_r = combine_partitions(row_lse, query_lse, text_pos, para_pos, config.paraphrase_weight, config.directions)
+    loss_r = OffPositiveShare.apply(row_lse, query_lse, text_pos, para_pos, config.paraphrase_weight,
+                                    config.directions).to(inputs.logit_scale.dtype)  # fmt: skip
     if group.local_loss:
         return loss_r
     return MeanOverRanks.apply(loss_r, group.world_size, group.grad_weight)
+
+
+class OffPositiveShare(torch.autograd.Function):
+    """`loss_r` from this rank's off-positive partitions and positive logits (all float64), in the log1p form
+    of `algebra.combine_partitions`; backward: its closed-form gradients (`algebra.off_positive_gradients`),
+    no cancellation near convergence."""
+
+    @staticmethod
+    def forward(ctx, row_lse, query_lse, text_pos, para_pos, paraphrase_weight: float, directions: str):
+        ctx.save_for_backward(row_lse, query_lse, text_pos, para_pos)
+        ctx.settings = (paraphrase_weight, directions)
+        return combine_partitions(row_lse, query_lse, text_pos, para_pos, paraphrase_weight, directions,
+                                  positives_excluded=True)  # fmt: skip
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        row_lse, query_lse, text_pos, para_pos = ctx.saved_tensors
+        grads = off_positive_gradients(row_lse, query_lse, text_pos, para_pos, *ctx.settings)
+        grad_row, grad_query, grad_text, grad_para = (None if g is None else g * grad_loss for g in grads)
+        return grad_row, grad_query, grad_text, grad_para, None, None
 
 
 def _ring_partitions(

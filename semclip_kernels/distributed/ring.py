@@ -21,14 +21,17 @@ statistics of the forward (each step's forward `Stats` rebased on them): no forw
 The gradient of each travelling block travels with it and reaches its owner after a full turn.
 
 The positive logits `s(I_i, T_i)`, `s(I_i, P_ip)` are outputs of the same node (always local: a rank's
-images and its own captions), so that their gradients meet the softmax weights in float32 before each
-input's one cast (as in the single-process loss node). When the other ranks' features get gradients, the
-own group's step puts the diagonal block (own images against own columns) in one problem with both
-directions, own query columns first, and the positives enter it as positive bands of dS: both softmax
-weights and the positive cancel inside one dS entry, before a 16-bit panel's cast. With open_clip's
-one-sided gradients (local_loss without gather_with_grad) the two directions differentiate different
-inputs, so they stay apart: the image→text half of the positives is a band of the row problem, the
-text→image half is added to the text's float32 gradient (`add_positive_terms`).
+images and its own captions; float64, O(B·(1 + Pn)·d)). The partitions leave them out (`Problem.positives`):
+the own group's step puts the diagonal block (own images against own columns, own query columns first) in
+one problem with both directions and its positive entries excluded from both partitions, so that the loss
+can be written as `log1p` of each line's off-positive mass (`algebra.combine_partitions`), exact at any
+loss. The statistics are combined in float64. The positives' gradients enter that problem's backward as
+positive bands of dS, summed in float32 before each input's one cast (as in the single-process loss node).
+With open_clip's one-sided gradients (local_loss without gather_with_grad) the two directions differentiate
+different inputs: the diagonal problem's backward runs once per direction (the image→text weights and the
+positives' image→text share to the images, the text→image ones to the own queries). A query's term depends
+on its positive logit only through `query_lse − s`, so the positive's text→image share is minus the
+gradient arriving at its `query_lse`.
 
 The gradient filter (cpp, triton) measures each weight against the mass of the gradients it feeds, as in
 one process. A column's gradient is made of every rank's row-softmax weights plus, for a caption or
@@ -38,7 +41,12 @@ backward each rank adds its lower bounds of the masses of the columns and images
 global statistics) and the unit mass of its own lines that receive a gradient into one
 `[world_size, K + B]` float64 table, summed over ranks by one all-reduce (`world_size·(K + B)` floats, no
 product). Every backward call gets the global bounds of its block, and the single process's threshold
-`grad_filter_eps` (a line of the global batch has the global batch's count of weights).
+`grad_filter_eps` (a line of the global batch has the global batch's count of weights). The filter weighs
+each line's weights by its gradient `|g|` against the largest `|g|` of the problem, `G`; a call's own
+largest can be far below the global batch's (a query problem's lines are off-positive shares, e^-45 of the
+rows' in a trained batch), so each call's threshold is scaled by `G_global / G_call` (one all-reduce of two
+scalars): the single process's criterion `weight·|g| < eps·G_global·mass`, `G_global` over the lines that
+feed the same gradient tensors (one direction's with open_clip's one-sided gradients).
 """
 
 from __future__ import annotations
@@ -48,11 +56,13 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
+from ..algebra import positive_bands, positive_logits
 from ..backends import backward as partitions_backward
 from ..backends import forward as partitions
 from ..backends import summed_backward_stats
 from ..backends.options import PartitionOptions
-from ..backends.values import Grads, Needs, PositiveBand, StatGrads, Stats, add_positive_terms, counts, problem
+from ..backends.values import Needs, PositiveBand, StatGrads, Stats, problem
+from ..validation import SemCLIPInputs
 from .collectives import exchange, explain_peer_failure, gather, post, reduce_scatter, wait
 
 _DATA_TAG, _GRAD_TAG = 7301, 7302  # distinct tags: feature blocks and gradient blocks never match each other
@@ -105,18 +115,18 @@ def _own_share(group_grad: torch.Tensor, config: RingConfig) -> torch.Tensor:
 
 
 class RingPartitions(torch.autograd.Function):
-    """`(row_lse [B], query_lse [n_query_cols], text_pos [B], para_pos [B, Pn])` of this rank's rows against
-    every rank's block, and the positive logits `τ<I_i, T_i>`, `τ<I_i, P_ip>` (statistics dtype).
+    """`(row_lse [B], query_lse [n_query_cols], text_pos [B], para_pos [B, Pn])`: the off-positive partitions
+    of this rank's rows against every rank's block (each line's own positives left out) and the positive
+    logits `τ<I_i, T_i>`, `τ<I_i, P_ip>`, all float64.
 
     Inputs are this rank's `image [B, d]` and `cols [K, d]` (`[T; P; N]`, queries first) and the columns'
     bias. Gradients reach the own rows directly and, when `config.remote_grad`, through the
     own block's gradient that comes home after a full turn of the ring. Each input's gradient is summed in
     float32 and cast once.
 
-    Positives (open_clip's semantics): each positive logit enters the image→text and the text→image terms
-    with equal weights (`algebra.combine_partitions`), so half of its gradient is the image→text term's
-    and half the text→image term's. With `remote_grad` both halves reach the image and the text; without,
-    the image→text half reaches the image only, the text→image half the text only.
+    Positives (open_clip's semantics): each positive logit enters an image→text and a text→image term
+    (`algebra.combine_partitions`). With `remote_grad` both terms' gradients reach the image and the text;
+    without, the image→text term's reaches the image only, the text→image term's the text only.
     """
 
     @staticmethod
@@ -130,8 +140,10 @@ class RingPartitions(torch.autograd.Function):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         queries = cols[: config.n_query_cols]
         n_cols = cols.shape[0]
-        row_lse = torch.full((image.shape[0],), -float("inf"), dtype=scale.dtype, device=image.device)
-        query_lse = torch.full((config.n_query_cols,), -float("inf"), dtype=scale.dtype, device=image.device)
+        # float64: the partial partitions combine without losing the float64 statistics of the cpp and torch
+        # backends (the log1p form of the loss keeps their digits near convergence).
+        row_lse = torch.full((image.shape[0],), -float("inf"), dtype=torch.float64, device=image.device)
+        query_lse = torch.full((config.n_query_cols,), -float("inf"), dtype=torch.float64, device=image.device)
         block = torch.cat([cols, image]).detach()  # what travels: [C_s; I_s]
         step_stats, step_owners = [], []
         for step in range(config.n_steps):
@@ -174,16 +186,14 @@ def _step_problems(image, queries, group_cols, group_images, scale, col_bias, co
     """A ring step's row problem (own images against the group's columns), its query problem (own queries
     against the group's images, None if there are none) and the owner ranks of their column blocks, in order.
 
-    With `remote_grad`, step 0 holds the own block: its row problem takes the own columns first, with their
-    column partitions (the diagonal block in both directions in one problem, as in one process, so that a
-    positive's gradient cancels both softmax weights inside one dS entry, before any 16-bit cast), and the
-    query problem gets the other members' images only. Without `remote_grad` (open_clip's one-sided
-    gradients) the two directions of the diagonal block differentiate different inputs: kept apart.
+    Step 0 holds the own block: its row problem takes the own columns first, with their column partitions
+    (the diagonal block in both directions in one problem, as in one process) and each line's positives left
+    out of both partitions (`Problem.positives`), and the query problem gets the other members' images only.
     """
     size, n_cols, batch, options = config.group_size, col_bias.shape[0], image.shape[0], config.options
     owners = config.owner_rank[step * size : (step + 1) * size]
     row_bias = col_bias.repeat(size)  # every rank's columns are laid out [T; P; N] alike
-    if step > 0 or not config.remote_grad:
+    if step > 0:
         rows = problem(image, group_cols, scale, row_bias, 0, options)
         if not queries.shape[0]:  # directions="image_to_text": no text → image half
             return rows, None, (owners, ())
@@ -193,7 +203,9 @@ def _step_problems(image, queries, group_cols, group_images, scale, col_bias, co
     before, after = slice(0, own), slice(own + 1, size)  # the other members, in member order
     col_blocks = [group_cols[own * n_cols : (own + 1) * n_cols], group_cols[: own * n_cols],
                   group_cols[(own + 1) * n_cols :]]  # fmt: skip
-    rows = problem(image, [b for b in col_blocks if b.shape[0]], scale, row_bias, config.n_query_cols, options)
+    positives = positive_bands(batch, config.n_positive_cols // batch - 1)
+    rows = problem(image, [b for b in col_blocks if b.shape[0]], scale, row_bias, config.n_query_cols, options,
+                   positives)  # fmt: skip
     others = (*owners[before], *owners[after])
     if not others:
         return rows, None, ((owners[own],), ())
@@ -207,24 +219,25 @@ def _step_problems(image, queries, group_cols, group_images, scale, col_bias, co
 def _positive_logits(
     image: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, n_positive_cols: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`τ<I_i, T_i>` `[B]` and `τ<I_i, P_ip>` `[B, Pn]` (Pn may be 0), in the statistics dtype."""
+    """`τ<I_i, T_i>` `[B]` and `τ<I_i, P_ip>` `[B, Pn]` (Pn may be 0) in float64 (`algebra.positive_logits`)."""
     batch, dim = image.shape
-    stat = scale.dtype
-    image = image.detach().to(stat)
-    text = cols[:batch].detach().to(stat)
-    paraphrase = cols[batch:n_positive_cols].detach().to(stat).view(batch, -1, dim)
-    tau = scale.detach()
-    return tau * (image * text).sum(-1), tau * torch.einsum("bd,bpd->bp", image, paraphrase)
+    n_para = n_positive_cols // batch - 1
+    paraphrase = cols[batch:n_positive_cols].detach().view(batch, n_para, dim) if n_para else None
+    inputs = SemCLIPInputs(image.detach(), cols[:batch].detach(), paraphrase, None, scale.detach())
+    text_pos, para_pos = positive_logits(inputs, 1.0, torch.float64)  # a paraphrase column has weight > 0
+    return text_pos, text_pos.new_zeros((batch, 0)) if para_pos is None else para_pos
 
 
-def _direction_share(grad_text_pos, grad_para_pos, batch: int, n_para: int, n_directions: int, like: torch.Tensor):
-    """Each positive's gradient divided by the number of directions (its image→text share, and as much again
-    for text→image when there are two), as `[B, 1]` and `[B, Pn]`."""
+def _positive_bands(grad_text_pos, grad_para_pos, batch: int, n_para: int, like: torch.Tensor):
+    """The positive bands of the diagonal problem (`positive_bands`' layout) carrying the gradients arriving
+    at the positive logits (None: zero)."""
     text = torch.zeros(batch, dtype=like.dtype, device=like.device) if grad_text_pos is None else grad_text_pos
+    bands = (PositiveBand(0, 1, text.detach()[:, None].contiguous()),)
+    if not n_para:
+        return bands
     para = (torch.zeros(batch, n_para, dtype=like.dtype, device=like.device) if grad_para_pos is None
-            else grad_para_pos)  # fmt: skip
-    text, para = text.detach().to(like.dtype) / n_directions, para.detach().to(like.dtype) / n_directions
-    return text[:, None].contiguous(), para.contiguous()
+            else grad_para_pos.detach())  # fmt: skip
+    return bands + (PositiveBand(batch, n_para, para.contiguous()),)
 
 
 def _backward(ctx, grad_row_lse, grad_query_lse, grad_text_pos, grad_para_pos):
@@ -241,8 +254,15 @@ def _backward(ctx, grad_row_lse, grad_query_lse, grad_text_pos, grad_para_pos):
     grad_query_lse = torch.zeros_like(query_lse) if grad_query_lse is None else grad_query_lse
     batch = image.shape[0]
     n_para = config.n_positive_cols // batch - 1
-    n_directions = 2 if n_query else 1
-    share_text, share_para = _direction_share(grad_text_pos, grad_para_pos, batch, n_para, n_directions, row_lse)
+    bands = _positive_bands(grad_text_pos, grad_para_pos, batch, n_para, row_lse)
+    # open_clip's one-sided gradients: the diagonal problem's backward once per direction (module docstring).
+    one_sided = not config.remote_grad and n_query > 0
+    if one_sided:
+        # A query's term depends on its positive logit only through `query_lse − s`: the positive's
+        # text→image share is minus the gradient at its query_lse, the rest is its image→text share.
+        t2i_bands = _positive_bands(-grad_query_lse[:batch], -grad_query_lse[batch:].view(batch, n_para), batch,
+                                    n_para, row_lse)  # fmt: skip
+        bands = tuple(PositiveBand(b.first_col, b.per_row, b.grad - t.grad) for b, t in zip(bands, t2i_bands))
     # The other ranks' blocks need gradients only for the inputs that require them here
     # (every rank has the same requires_grad flags: checked in distributed_loss), so all agree.
     remote_grad = config.remote_grad and (need_image or need_cols)
@@ -251,14 +271,7 @@ def _backward(ctx, grad_row_lse, grad_query_lse, grad_text_pos, grad_para_pos):
     grad_cols = torch.zeros(cols.shape, dtype=stat_dtype, device=cols.device)
     grad_scale = torch.zeros((), dtype=stat_dtype, device=scale.device)
     step_stats = _global_bounds(ctx.step_stats, ctx.step_owners, grad_row_lse, grad_query_lse, n_cols, batch, config)
-    # The positives are bands of step 0's row problem: whole where it holds the diagonal block in both
-    # directions (own columns first), else the image→text half (the text→image half is added at the end).
-    diagonal = config.remote_grad
-    own_first = 0 if diagonal else config.position * n_cols
-    whole = n_directions if diagonal else 1
-    text_band, para_band = whole * share_text, whole * share_para
-    bands = (PositiveBand(own_first, 1, text_band),) + (
-        (PositiveBand(own_first + batch, n_para, para_band),) if n_para else ())  # fmt: skip
+    largest = _largest_line_grads(step_stats, grad_row_lse, grad_query_lse)
     block = torch.cat([cols, image]).detach()
     home, outgoing_works = None, []
     for step in range(config.n_steps):
@@ -281,23 +294,34 @@ def _backward(ctx, grad_row_lse, grad_query_lse, grad_text_pos, grad_para_pos):
             image, queries, group_cols, group_images, scale, col_bias, config, step)  # fmt: skip
         row_stats, query_stats = step_stats[step]
         both = row_problem.n_query_cols > 0  # the diagonal block: both directions in one call
+        row_problem_stats = Stats(row_lse, query_lse if both else no_stats, row_stats.col_mass_lb, row_stats.aux)
+        row_directions = ("row", "query") if both and not one_sided else ("row",)
         rows_grads = partitions_backward(
-            row_problem, Stats(row_lse, query_lse if both else no_stats, row_stats.col_mass_lb, row_stats.aux),
-            StatGrads(row=grad_row_lse, query=grad_query_lse if both else None,
+            _global_threshold(row_problem, largest, row_directions, one_sided), row_problem_stats,
+            StatGrads(row=grad_row_lse, query=grad_query_lse if both and not one_sided else None,
                       positives=bands if step == 0 else ()),
             Needs(need_image, remote_grad and need_cols, need_scale), name,
         )  # fmt: skip
+        own_query_grads = None
+        if step == 0 and one_sided:  # the text→image direction of the diagonal block, to the own queries only
+            own_query_grads = partitions_backward(
+                _global_threshold(row_problem, largest, ("query",), one_sided), row_problem_stats,
+                StatGrads(query=grad_query_lse, positives=t2i_bands), Needs(False, need_cols, need_scale), name,
+            )  # fmt: skip
+            if own_query_grads.cols is not None:
+                grad_cols[:n_query] += own_query_grads.cols[0][:n_query]
         query_grads = None
         if query_problem is not None:
             query_grads = partitions_backward(
-                query_problem, Stats(query_lse, no_stats, query_stats.col_mass_lb, query_stats.aux),
+                _global_threshold(query_problem, largest, ("query",), one_sided),
+                Stats(query_lse, no_stats, query_stats.col_mass_lb, query_stats.aux),
                 StatGrads(row=grad_query_lse), Needs(need_cols, remote_grad and need_image, need_scale), name,
             )  # fmt: skip
         if rows_grads.rows is not None:
             grad_image += rows_grads.rows
         if query_grads is not None and query_grads.rows is not None:
             grad_cols[:n_query] += query_grads.rows
-        for grads in (rows_grads, query_grads):
+        for grads in (rows_grads, query_grads, own_query_grads):
             if grads is not None and grads.scale is not None:
                 grad_scale += grads.scale
 
@@ -330,14 +354,6 @@ def _backward(ctx, grad_row_lse, grad_query_lse, grad_text_pos, grad_para_pos):
     if home is not None:
         grad_cols += home[:n_cols]
         grad_image += home[n_cols:]
-    if diagonal or not n_query:
-        return _cast_grads(grad_image, grad_cols, grad_scale, image, cols, scale, ctx.needs_input_grad)
-    # The text→image half of the positives, added to the float32 gradients of the text only.
-    own = problem(image, cols[:n_query], scale, col_bias[:n_query], 0, config.options)
-    own_needs = Needs(False, need_cols, need_scale)
-    t2i = Grads(None, (grad_cols[:n_query],) if need_cols else None, grad_scale, counts(0))
-    t2i_bands = (PositiveBand(0, 1, share_text),) + ((PositiveBand(batch, n_para, share_para),) if n_para else ())
-    grad_scale = add_positive_terms(own, t2i_bands, t2i, own_needs).scale
     return _cast_grads(grad_image, grad_cols, grad_scale, image, cols, scale, ctx.needs_input_grad)
 
 
@@ -351,6 +367,41 @@ def _cast_grads(grad_image, grad_cols, grad_scale, image, cols, scale, needs_inp
         None,
         None,
     )
+
+
+def _largest_line_grads(step_stats, grad_row_lse: torch.Tensor, grad_query_lse: torch.Tensor) -> dict | None:
+    """This rank's largest |g_row| and |g_query| (`"row"`, `"query"`) and the largest of each over every rank
+    (`"global row"`, `"global query"`; one all-reduce of two scalars), or None where the filter has no bounds
+    (no exchange)."""
+    if any(rows.col_mass_lb.numel() == 0 or (queries is not None and queries.col_mass_lb.numel() == 0)
+           for rows, queries in step_stats):  # fmt: skip
+        return None
+    largest = {name: float(g.detach().abs().max()) if g.numel() else 0.0
+               for name, g in (("row", grad_row_lse), ("query", grad_query_lse))}  # fmt: skip
+    total = torch.tensor([largest["row"], largest["query"]], dtype=torch.float64, device=grad_row_lse.device)
+    with explain_peer_failure("the all-reduce of the largest line gradients (start of the backward)"):
+        dist.all_reduce(total, op=dist.ReduceOp.MAX)
+    largest["global row"], largest["global query"] = total.tolist()
+    return largest
+
+
+def _global_threshold(step_problem, largest: dict | None, directions: tuple[str, ...], one_sided: bool):
+    """`step_problem` with its filter threshold scaled by `G_global / G_call` (module docstring): `G_call` the
+    largest |g| of the lines it differentiates (`directions`), `G_global` that of every rank's lines feeding the
+    same gradient tensors: both directions', or with open_clip's one-sided gradients (`one_sided`: an image's
+    gradient holds image→text lines only, a caption's text→image lines only) the same direction's. Capped at
+    0.5 (a threshold must stay below 1; the cap only skips less). Unchanged without bounds, without a
+    threshold, or with non-finite gradients."""
+    eps = step_problem.options.grad_filter_eps
+    if largest is None or not eps:
+        return step_problem
+    own = max(largest[name] for name in directions)
+    reference = max(largest[f"global {name}"] for name in (directions if one_sided else ("row", "query")))
+    if not (0 < own < reference < float("inf")):
+        return step_problem
+    threshold = min(eps * reference / own, 0.5)
+    return dataclasses.replace(step_problem, options=dataclasses.replace(step_problem.options,
+                                                                         grad_filter_eps=threshold))  # fmt: skip
 
 
 def _global_bounds(step_stats, step_owners, grad_row_lse, grad_query_lse, n_cols: int, batch: int,

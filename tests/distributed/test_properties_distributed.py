@@ -26,16 +26,15 @@ import torch.multiprocessing as mp
 from harness import free_port
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from oracle import max_norm_rel_err
 from property_regimes import (
     LOSS_FLOOR,
-    bounds,
     distributed_dtypes,
     distributed_regimes,
+    example_bounds,
     examples,
     filter_draw,
 )
-from test_properties import float64_run
+from test_properties import assert_gradients_within_contract, float64_run
 
 import semclip_kernels as sk
 
@@ -212,14 +211,14 @@ def _assert_distributed_equals_single_process(worlds, world: int, task: Task) ->
             assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), f"rank {rank} {task}: gradient"
     loss, grads = _combined(task, first_runs, world)
     single_loss, single_grads = _single_process(task)
-    loss_tol, grad_tol = bounds(task.example.dtype)
+    loss_tol, _ = example_bounds(task.example)
     for what, want_loss, want_grads in (("float64", expected_loss, expected),
                                         ("single process", float(single_loss), single_grads)):  # fmt: skip
         err = abs(float(loss) - want_loss) / max(abs(want_loss), 1e-30)
         assert err <= loss_tol, f"world {world} {task}: loss {float(loss)!r} vs {what} {want_loss!r} ({err:.3g})"
-        for k, (grad, want) in enumerate(zip(grads, want_grads)):
-            err = max_norm_rel_err(grad, want)
-            assert err <= grad_tol, f"world {world} {task}: gradient {k} off {what} by {err:.3g} (bound {grad_tol:g})"
+        assert_gradients_within_contract(
+            task.example, grads, want_grads, task.family, f"world {world} {task} vs {what}"
+        )
 
 
 @given(drawn=tasks("softmax"))

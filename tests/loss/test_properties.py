@@ -77,23 +77,30 @@ def float64_run(ex: Example, sigmoid: bool = False) -> tuple[float, list[torch.T
     return float(loss.detach()), [None if t is None else t.grad for t in inputs]
 
 
-def assert_within_contract(ex: Example, backend: str, sigmoid: bool) -> None:
-    expected_loss, expected = float64_run(ex, sigmoid)
-    assume(expected_loss >= LOSS_FLOOR)
-    loss, grads = run(ex, backend, sigmoid)
-    loss_tol, grad_tol = example_bounds(ex)
-    loss_err = abs(float(loss) - expected_loss) / max(abs(expected_loss), 1e-30)
-    assert loss_err <= loss_tol, f"{backend} {ex}: loss {float(loss)!r} vs {expected_loss!r}, rel. error {loss_err:.3g}"
+def assert_gradients_within_contract(ex: Example, grads: list, expected: list, family: str, what: str) -> None:
+    """Each checked gradient within §4's bound of `expected`, or within its dtype's subnormal step where the
+    dtype cannot hold that bound (`gradient_floor`)."""
+    _, grad_tol = example_bounds(ex)
     floor = gradient_floor(ex.dtype)
-    checked = gradients_checked(ex, "sigmoid" if sigmoid else "softmax")
+    checked = gradients_checked(ex, family)
     for name, grad, want in zip(NAMES, grads, expected):
         if name not in checked:
             continue
         err = max_norm_rel_err(grad, want)
         largest = 0.0 if want is None else float(want.abs().max())
         assert err * largest <= floor or err <= grad_tol, (
-            f"{backend} {ex}: {name} gradient off by {err:.3g} (bound {grad_tol:g}; largest entry {largest:.3g})"
+            f"{what} {ex}: {name} gradient off by {err:.3g} (bound {grad_tol:g}; largest entry {largest:.3g})"
         )
+
+
+def assert_within_contract(ex: Example, backend: str, sigmoid: bool) -> None:
+    expected_loss, expected = float64_run(ex, sigmoid)
+    assume(expected_loss >= LOSS_FLOOR)
+    loss, grads = run(ex, backend, sigmoid)
+    loss_tol, _ = example_bounds(ex)
+    loss_err = abs(float(loss) - expected_loss) / max(abs(expected_loss), 1e-30)
+    assert loss_err <= loss_tol, f"{backend} {ex}: loss {float(loss)!r} vs {expected_loss!r}, rel. error {loss_err:.3g}"
+    assert_gradients_within_contract(ex, grads, expected, "sigmoid" if sigmoid else "softmax", backend)
 
 
 def assert_bitwise_repeatable(ex: Example, backend: str, sigmoid: bool) -> None:
