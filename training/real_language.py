@@ -804,8 +804,17 @@ def parse_args(argv: list[str] | None = None) -> RealLanguageConfig:
     parser.add_argument("--eval-fraction", type=float, default=defaults.eval_fraction)
     parser.add_argument("--methods", nargs="+", default=list(defaults.methods), choices=METHODS)
     parser.add_argument("--seeds", nargs="+", type=int, default=list(defaults.seeds))
-    for name in ("steps", "batch_size", "layers", "paraphrases", "negations", "limit_rows", "threads"):
+    for name in ("steps", "batch_size", "layers", "paraphrases", "negations", "limit_rows"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+    parser.add_argument(
+        "--threads", type=int, default=defaults.threads, help="torch threads per process (default 1; 0: torch's)"
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=defaults.jobs,
+        help="processes side by side, one run each (default 0: one per available core, at most 2)",
+    )
     for name in ("lr", "warmup", "scale", "paraphrase_weight", "hard_negative_weight"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
     parser.add_argument(

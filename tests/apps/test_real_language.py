@@ -248,3 +248,11 @@ def test_runs_side_by_side_give_the_same_numbers_as_one_process(tmp_path):
         two = json.loads((tmp_path / "two" / "runs" / name).read_text())
         assert (one["losses"], one["text_accuracy"]) == (two["losses"], two["text_accuracy"])
     assert parallel["seconds"]["cpu"] > 0
+
+
+def test_cli_jobs_and_threads():
+    config = real_language.parse_args(["--jobs", "1", "--threads", "2"])
+    assert (config.jobs, config.threads) == (1, 2)
+    assert real_language.parse_args([]).threads == 1  # one thread per process unless asked
+    with pytest.raises(ValueError, match="--jobs"):
+        real_language.check_config(RealLanguageConfig(jobs=-1), 6)
