@@ -14,7 +14,8 @@ paraphrases and negations. Objectives, all at the same step count and batch of c
   paraphrase as its text, the other paraphrases as extra positives and the negations as hard negatives.
 
 The frozen bottom layers' token states of every text are computed once and cached on disk (a
-cache that grows by the texts it lacks); each finished (objective, seed) run is stored as its own
+cache that grows by the texts it lacks); the runs then go side by side, each in a single-thread
+worker process (`--jobs`, `--threads`); each finished (objective, seed) run is stored as its own
 JSON file, so a rerun with the same settings skips it (resumable). See docs/real_language.md.
 """
 
@@ -40,6 +41,7 @@ from tqdm import tqdm
 
 from .atomic_files import atomic_write_text
 from .checkpoint import atomic_save
+from .demo import available_cores
 from .pretrained import (
     RECIPE_VERSION,
     TokenStates,
@@ -444,9 +446,9 @@ def text_states(
 # ----------------------------------------------------------------------------- side-by-side processes
 #
 # Every op here is small (a batch of ~200 short texts through one layer), and an op split across threads
-# waits for its slowest thread: on a shared machine two threads in one process ran slower than one. So the
-# runs go side by side, one single-thread process each, which also makes every number independent of the
-# machine's load and core count.
+# waits for its slowest thread: on the shared 2-core machine a SemCLIP step on two threads cost 4x the CPU
+# time of one thread and 3-6x its wall time. So the work goes side by side, one single-thread process per
+# chunk of texts or run, which also makes every number independent of the machine's load and core count.
 
 _progress_queue = None  # a worker's channel to the parent's progress bar
 
@@ -482,13 +484,6 @@ def _states_task(task: tuple) -> TokenStates:
 
 def _run_task(task: tuple) -> dict[str, Any]:
     return run_one(*task, bar=_QueueBar())
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask where the OS has one)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def start_pool(config: RealLanguageConfig):
