@@ -228,7 +228,7 @@ def test_state_cache_computes_only_missing_texts_and_rejects_a_foreign_file(tmp_
     computed.clear()
     real_language.text_states(model, tokenizer, texts, 2, folder, False)
     assert computed == [len(texts)]
-    assert not [name for name in os.listdir(folder) if name.endswith(".tmp")]  # atomic writes leave no partials
+    assert len(os.listdir(folder)) == 1  # rewritten in place (atomically): no second file, no partial left
 
 
 def test_runs_side_by_side_give_the_same_numbers_as_one_process(tmp_path):
