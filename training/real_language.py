@@ -14,7 +14,8 @@ paraphrases and negations. Objectives, all at the same step count and batch of c
   paraphrase as its text, the other paraphrases as extra positives and the negations as hard negatives.
 
 The frozen bottom layers' token states of every text are computed once and cached on disk (a
-cache that grows by the texts it lacks); each finished (objective, seed) run is stored as its own
+cache that grows by the texts it lacks); the runs then go side by side, each in a single-thread
+worker process (`--jobs`, `--threads`); each finished (objective, seed) run is stored as its own
 JSON file, so a rerun with the same settings skips it (resumable). See docs/real_language.md.
 """
 
@@ -24,7 +25,9 @@ import argparse
 import copy
 import hashlib
 import json
+import multiprocessing
 import os
+import resource
 import statistics
 import time
 from collections.abc import Sequence
@@ -38,6 +41,7 @@ from tqdm import tqdm
 
 from .atomic_files import atomic_write_text
 from .checkpoint import atomic_save
+from .demo import available_cores
 from .pretrained import (
     RECIPE_VERSION,
     TokenStates,
@@ -219,20 +223,22 @@ class RealLanguageConfig:
     warmup: float = 0.1  # fraction of the steps with a linear warm-up; then linear decay to 0
     scale: float = 20.0  # logit scale (1 / temperature) of every objective
     paraphrases: int = 2  # rules paraphrases per caption (MNRL uses the first; SemCLIP all)
-    negations: int = 2  # rules negations per caption (both hard-negative objectives use all)
+    negations: int = 4  # rules negations per caption (both hard-negative objectives use all)
     paraphrase_weight: float = 1.0
-    hard_negative_weight: float = 1.0
+    hard_negative_weight: float = 4.0
     directions: str = "both"  # SemCLIP: "both" or "image_to_text" (caption -> texts only, as MNRL)
-    negation_families: tuple[str, ...] = NEGATION_FAMILIES
+    # SugarCrepe++ has no "is not" negations: the `negate` family is left out of training by default
+    negation_families: tuple[str, ...] = ("swap", "attribute", "relation", "object")
     limit_rows: int = 0  # first rows of the file only (tests)
-    threads: int = 0
+    threads: int = 1  # torch threads per process (0: torch's default)
+    jobs: int = 0  # processes working side by side (0: one per available core, at most 2)
     progress: bool = True
     cache_dir: str | None = None  # None: <out>/cache; "": no disk cache
 
     def run_settings(self) -> dict[str, Any]:
         """What a run's result depends on (its resume key): everything but where and how it reports."""
         settings = asdict(self)
-        for name in ("out", "methods", "seeds", "threads", "progress", "cache_dir"):
+        for name in ("out", "methods", "seeds", "threads", "jobs", "progress", "cache_dir"):
             settings.pop(name)
         settings["sugarcrepe"] = texts_fingerprint([open(self.sugarcrepe, "rb").read().decode("utf-8")])
         return {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
@@ -251,6 +257,8 @@ def check_config(config: RealLanguageConfig, n_layers: int) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
     if not config.seeds:
         raise ValueError("--seeds: give at least one seed")
+    if config.threads < 0 or config.jobs < 0:
+        raise ValueError(f"--threads and --jobs must be 0 (automatic) or more, got {config.threads}, {config.jobs}")
 
 
 # ----------------------------------------------------------------------------- objectives
@@ -348,19 +356,61 @@ def evaluate(top: nn.Module, states: TokenStates, triplets: TextTriplets) -> dic
 # ----------------------------------------------------------------------------- the comparison
 
 
-def merge_states(first: TokenStates, second: TokenStates) -> TokenStates:
-    """One `TokenStates` holding the texts of both (disjoint) sets."""
-    index = dict(first.index)
-    index.update({text: row + len(first.index) for text, row in second.index.items()})
-    offsets = torch.cat([first.offsets, second.offsets[1:] + first.offsets[-1]])
-    return TokenStates(torch.cat([first.flat, second.flat]), offsets, index)
+def merge_states(parts: Sequence[TokenStates]) -> TokenStates:
+    """One `TokenStates` holding the texts of all `parts` (disjoint sets), copied once."""
+    index: dict[str, int] = {}
+    offsets = [torch.zeros(1, dtype=torch.long)]
+    for part in parts:
+        index.update({text: row + len(index) for text, row in part.index.items()})
+        offsets.append(part.offsets[1:] + offsets[-1][-1])
+    return TokenStates(torch.cat([part.flat for part in parts]), torch.cat(offsets), index)
+
+
+def frozen_bottom(model: nn.Module, n_frozen: int) -> nn.Module:
+    """A BERT of `model`'s class, config and weights cut after its first `n_frozen` layers: the same states
+    after them, without running the layers above (which `bottom_states`' full forward would compute and drop).
+    Built afresh rather than copied: a transformers model's output-capturing hooks do not survive pickling."""
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = n_frozen
+    bottom = type(model)(config)
+    wanted = bottom.state_dict()
+    bottom.load_state_dict({name: value for name, value in model.state_dict().items() if name in wanted})
+    return bottom.eval().requires_grad_(False)
+
+
+def compute_states(
+    model: nn.Module, tokenizer, texts: list[str], n_frozen: int, pool, progress: bool, desc: str
+) -> TokenStates:
+    """Frozen states of `texts`, in this process or split into chunks of similar length across `pool`."""
+    if pool is None:
+        return bottom_states(frozen_bottom(model, n_frozen), tokenizer, texts, n_frozen, progress=progress, desc=desc)
+    by_length = sorted(texts, key=len)  # a chunk of similar lengths pads little
+    size = 512
+    chunks = [by_length[start : start + size] for start in range(0, len(by_length), size)]
+    weights = {name: value.share_memory_() for name, value in model.state_dict().items()}
+    source = (module_fingerprint(model), type(model), model.config, weights)
+    parts = []
+    with tqdm(total=len(texts), desc=desc, unit="text", disable=not progress, dynamic_ncols=True) as bar:
+        tasks = [(source, tokenizer, chunk, n_frozen) for chunk in chunks]
+        for part in pool.imap_unordered(_states_task, tasks):
+            parts.append(part)
+            bar.update(len(part.index))
+    return merge_states(parts)
 
 
 def text_states(
-    model: nn.Module, tokenizer, texts: list[str], n_frozen: int, folder: str | None, progress: bool
+    model: nn.Module,
+    tokenizer,
+    texts: list[str],
+    n_frozen: int,
+    folder: str | None,
+    progress: bool,
+    pool=None,
 ) -> TokenStates:
     """Token states after the frozen `n_frozen` layers for `texts`, from a per-(model, depth) cache that grows:
-    only texts it lacks are computed (an ablation that adds paraphrases computes just those)."""
+    only texts it lacks are computed (an ablation that adds paraphrases computes just those), by `pool`'s
+    workers where one is given. The cache file is keyed by the model's weights, the depth and the tokenizer,
+    and written atomically."""
     vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
     key = {
         "model": module_fingerprint(model),
@@ -378,18 +428,135 @@ def text_states(
             cached = stored["value"]
     missing = [t for t in dict.fromkeys(texts) if cached is None or t not in cached.index]
     if missing:
-        computed = bottom_states(
+        computed = compute_states(
             model,
             tokenizer,
             missing,
             n_frozen,
-            progress=progress,
-            desc=f"MiniLM layers 1-{n_frozen} ({len(missing)} new texts, cached)",
+            pool,
+            progress,
+            f"MiniLM layers 1-{n_frozen} ({len(missing)} new texts{', cached' if folder else ''})",
         )
-        cached = computed if cached is None else merge_states(cached, computed)
+        cached = computed if cached is None else merge_states([cached, computed])
         if folder:
             atomic_save({"key": key, "value": cached}, path)
     return cached
+
+
+# ----------------------------------------------------------------------------- side-by-side processes
+#
+# Every op here is small (a batch of ~200 short texts through one layer), and an op split across threads
+# waits for its slowest thread: on the shared 2-core machine a SemCLIP step on two threads cost 4x the CPU
+# time of one thread and 3-6x its wall time. So the work goes side by side, one single-thread process per
+# chunk of texts or run, which also makes every number independent of the machine's load and core count.
+
+_progress_queue = None  # a worker's channel to the parent's progress bar
+
+
+def _worker_start(threads: int, queue) -> None:
+    global _progress_queue
+    if threads > 0:
+        torch.set_num_threads(threads)
+    _progress_queue = queue
+
+
+class _QueueBar:
+    """The part of tqdm's interface `train` uses, forwarded to the parent's bar."""
+
+    def update(self, n: int = 1) -> None:
+        _progress_queue.put(("update", n))
+
+    def set_postfix_str(self, text: str, refresh: bool = True) -> None:
+        _progress_queue.put(("postfix", text))
+
+
+_bottoms: dict[tuple[str, int], nn.Module] = {}  # a worker's frozen bottoms, built once per (weights, depth)
+
+
+def _states_task(task: tuple) -> TokenStates:
+    (fingerprint, model_class, model_config, weights), tokenizer, texts, n_frozen = task
+    if (fingerprint, n_frozen) not in _bottoms:
+        model = model_class(model_config)
+        model.load_state_dict(weights)
+        _bottoms[(fingerprint, n_frozen)] = frozen_bottom(model, n_frozen)
+    return bottom_states(_bottoms[(fingerprint, n_frozen)], tokenizer, texts, n_frozen, progress=False)
+
+
+def _run_task(task: tuple) -> dict[str, Any]:
+    return run_one(*task, bar=_QueueBar())
+
+
+def start_pool(config: RealLanguageConfig):
+    """(pool, progress queue) of `config.jobs` spawned single-purpose workers, or (None, None) for one job."""
+    jobs = config.jobs or min(2, available_cores())
+    if jobs == 1:
+        return None, None
+    # spawn, not fork: a forked child would inherit torch's thread pools in whatever state they are in
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    return context.Pool(jobs, initializer=_worker_start, initargs=(config.threads, queue)), queue
+
+
+def run_one(
+    method: str,
+    seed: int,
+    config: RealLanguageConfig,
+    base_top: nn.Module,
+    states: TokenStates,
+    data: TrainingTriplets,
+    eval_set: TextTriplets,
+    bar,
+) -> dict[str, Any]:
+    """Train (unless `untouched`) and evaluate one (method, seed)."""
+    mark = time.perf_counter()
+    if method == "untouched":
+        top, losses = base_top, []
+    else:
+        top, losses = train(method, seed, config, base_top, states, data, bar)
+    train_seconds = time.perf_counter() - mark
+    return {
+        "method": method,
+        "seed": seed,
+        **evaluate(top, states, eval_set),
+        "train_seconds": train_seconds,
+        "losses": losses,
+        "settings": config.run_settings(),
+    }
+
+
+def run_all(todo: list[tuple[str, int, str]], arguments: tuple, pool, queue, bar: tqdm):
+    """Yield (method, seed, path, result) of every run in `todo`, in this process or across `pool`.
+
+    `arguments` are `run_one`'s after (method, seed). Across the pool, the costliest runs start first (the
+    runs with more texts per step), so the last to finish is a short one.
+    """
+    if pool is None:
+        for method, seed, path in todo:
+            yield method, seed, path, run_one(method, seed, *arguments, bar=bar)
+        return
+    cost = {"semclip": 3, "mnrl_hard": 2, "mnrl": 1, "untouched": 0}
+    ordered = sorted(todo, key=lambda item: -cost[item[0]])
+    pending = [(item, pool.apply_async(_run_task, ((item[0], item[1], *arguments),))) for item in ordered]
+    while pending:
+        while not queue.empty():
+            kind, value = queue.get()
+            if kind == "update":
+                bar.update(value)
+            else:
+                bar.set_postfix_str(value, refresh=False)
+        still = []
+        for item, result in pending:
+            if result.ready():
+                yield (*item, result.get())  # a worker's exception is raised here
+            else:
+                still.append((item, result))
+        pending = still
+        if pending:
+            pending[0][1].wait(timeout=0.5)
+    while not queue.empty():  # the last runs' final steps
+        kind, value = queue.get()
+        if kind == "update":
+            bar.update(value)
 
 
 def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
@@ -498,6 +665,7 @@ def run_key(method: str, seed: int, config: RealLanguageConfig) -> str:
 def run(config: RealLanguageConfig, model_and_tokenizer: tuple[nn.Module, Any] | None = None) -> dict[str, Any]:
     """The whole comparison; `model_and_tokenizer` defaults to the installed MiniLM (tests pass a tiny BERT)."""
     start = time.perf_counter()
+    load_at_start = os.getloadavg()
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     if model_and_tokenizer is None:
@@ -540,47 +708,53 @@ def run(config: RealLanguageConfig, model_and_tokenizer: tuple[nn.Module, Any] |
         )
     )
     cache_dir = os.path.join(config.out, "cache") if config.cache_dir is None else (config.cache_dir or None)
-    states = text_states(model, tokenizer, texts, n_frozen, cache_dir, config.progress)
-    base_top = model.encoder.layer[n_frozen:]
-    seconds["frozen_states"] = time.perf_counter() - mark
+    pool, queue = start_pool(config)
+    try:
+        states = text_states(model, tokenizer, texts, n_frozen, cache_dir, config.progress, pool)
+        base_top = model.encoder.layer[n_frozen:]
+        seconds["frozen_states"] = time.perf_counter() - mark
+        if pool is not None:  # the workers map these instead of receiving a copy per run
+            states.flat.share_memory_()
+            states.offsets.share_memory_()
 
-    results_dir = os.path.join(config.out, "runs")
-    runs: dict[str, list[dict[str, Any]]] = {}
-    todo = []
-    for method in config.methods:
-        for seed in config.seeds[:1] if method == "untouched" else config.seeds:
-            path = os.path.join(results_dir, f"{method}-seed{seed}-{run_key(method, seed, config)}.json")
-            if os.path.exists(path):
-                with open(path, encoding="utf-8") as f:
-                    runs.setdefault(method, []).append(json.load(f))
-            else:
-                todo.append((method, seed, path))
-    total_steps = sum(0 if method == "untouched" else config.steps for method, _, _ in todo)
-    with tqdm(total=total_steps, desc="training", unit="step", disable=not config.progress, dynamic_ncols=True) as bar:
-        for method, seed, path in todo:
-            mark = time.perf_counter()
-            if method == "untouched":
-                top, losses = base_top, []
-            else:
-                top, losses = train(method, seed, config, base_top, states, data, bar)
-            train_seconds = time.perf_counter() - mark
-            result = {
-                "method": method,
-                "seed": seed,
-                **evaluate(top, states, eval_set),
-                "train_seconds": train_seconds,
-                "losses": losses,
-                "settings": config.run_settings(),
-            }
-            atomic_write_text(json.dumps(result) + "\n", path)
-            runs.setdefault(method, []).append(result)
-            if config.progress:
-                bar.write(
-                    f"{method} seed {seed}: text accuracy {100 * result['text_accuracy']:.1f} % ({train_seconds:.0f} s)"
-                )
+        mark = time.perf_counter()
+        results_dir = os.path.join(config.out, "runs")
+        runs: dict[str, list[dict[str, Any]]] = {}
+        todo = []
+        for method in config.methods:
+            for seed in config.seeds[:1] if method == "untouched" else config.seeds:
+                path = os.path.join(results_dir, f"{method}-seed{seed}-{run_key(method, seed, config)}.json")
+                if os.path.exists(path):
+                    with open(path, encoding="utf-8") as f:
+                        runs.setdefault(method, []).append(json.load(f))
+                else:
+                    todo.append((method, seed, path))
+        total_steps = sum(0 if method == "untouched" else config.steps for method, _, _ in todo)
+        arguments = (config, base_top, states, data, eval_set)
+        with tqdm(
+            total=total_steps, desc="training", unit="step", disable=not config.progress, dynamic_ncols=True
+        ) as bar:
+            for method, seed, path, result in run_all(todo, arguments, pool, queue, bar):
+                atomic_write_text(json.dumps(result) + "\n", path)
+                runs.setdefault(method, []).append(result)
+                if config.progress:
+                    bar.write(
+                        f"{method} seed {seed}: text accuracy {100 * result['text_accuracy']:.1f} % "
+                        f"({result['train_seconds']:.0f} s)"
+                    )
+        seconds["runs"] = time.perf_counter() - mark
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    seconds["cpu"] = sum(
+        getattr(resource.getrusage(who), field)
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+        for field in ("ru_utime", "ru_stime")
+    )
     seconds["total"] = time.perf_counter() - start
 
-    runs = {m: runs[m] for m in METHODS if m in runs}
+    runs = {m: sorted(runs[m], key=lambda r: r["seed"]) for m in METHODS if m in runs}
     table = summarize(runs)
     lines = verdict(table)
     text = format_table(table)
@@ -594,7 +768,9 @@ def run(config: RealLanguageConfig, model_and_tokenizer: tuple[nn.Module, Any] |
         print(line)
     print(
         f"wall time {seconds['total']:.0f} s (load {seconds['load']:.0f} s, frozen states "
-        f"{seconds['frozen_states']:.0f} s); load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+        f"{seconds['frozen_states']:.0f} s, runs {seconds['runs']:.0f} s); CPU time {seconds['cpu']:.0f} s "
+        f"(this process and its workers, user + system); load average {load_at_start[0]:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} CPUs"
     )
     plot(table, runs, os.path.join(config.out, "real_language.png"))
     results = {
@@ -623,8 +799,17 @@ def parse_args(argv: list[str] | None = None) -> RealLanguageConfig:
     parser.add_argument("--eval-fraction", type=float, default=defaults.eval_fraction)
     parser.add_argument("--methods", nargs="+", default=list(defaults.methods), choices=METHODS)
     parser.add_argument("--seeds", nargs="+", type=int, default=list(defaults.seeds))
-    for name in ("steps", "batch_size", "layers", "paraphrases", "negations", "limit_rows", "threads"):
+    for name in ("steps", "batch_size", "layers", "paraphrases", "negations", "limit_rows"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+    parser.add_argument(
+        "--threads", type=int, default=defaults.threads, help="torch threads per process (default 1; 0: torch's)"
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=defaults.jobs,
+        help="processes side by side, one run each (default 0: one per available core, at most 2)",
+    )
     for name in ("lr", "warmup", "scale", "paraphrase_weight", "hard_negative_weight"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
     parser.add_argument(

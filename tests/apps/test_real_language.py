@@ -138,6 +138,7 @@ def test_program_end_to_end_on_a_tiny_bert_and_resumes(tmp_path, capsys):
         paraphrases=2,
         negations=2,
         progress=False,
+        jobs=1,  # side by side: test_runs_side_by_side_give_the_same_numbers_as_one_process
     )
     results = real_language.run(config, model)
     assert list(results["table"]) == list(real_language.METHODS)
@@ -163,3 +164,95 @@ def test_program_end_to_end_on_a_tiny_bert_and_resumes(tmp_path, capsys):
     assert stamps == {name: os.path.getmtime(tmp_path / "out" / "runs" / name) for name in runs}
     with pytest.raises(ValueError, match="--layers"):
         real_language.run(RealLanguageConfig(out=str(tmp_path / "bad"), layers=9, limit_rows=8), model)
+
+
+def states_of(states, text):
+    start, end = int(states.offsets[states.index[text]]), int(states.offsets[states.index[text] + 1])
+    return states.flat[start:end]
+
+
+def test_frozen_states_from_the_cut_model_and_the_pool_equal_the_full_forward(tmp_path):
+    """The states after the frozen layers, from the model cut there (in this process and across worker
+    processes), equal the full model's hidden states at that depth (`bottom_states` on the whole model)."""
+    from training.pretrained import bottom_states
+
+    _, triplets = load_triplets_with_images(DEFAULT_PATH, limit=40)
+    texts = list(dict.fromkeys(triplets.captions + triplets.negations))
+    model, tokenizer = tiny_bert(tmp_path, texts)
+    for n_frozen in (1, 2):
+        full = bottom_states(model, tokenizer, texts, n_frozen, progress=False)
+        here = real_language.compute_states(model, tokenizer, texts, n_frozen, None, False, "")
+        pool, _ = real_language.start_pool(RealLanguageConfig(jobs=2))
+        try:
+            pooled = real_language.compute_states(model, tokenizer, texts, n_frozen, pool, False, "")
+        finally:
+            pool.close()
+            pool.join()
+        assert set(here.index) == set(pooled.index) == set(texts)
+        for text in texts:
+            assert torch.equal(states_of(here, text), states_of(full, text))
+            assert torch.equal(states_of(pooled, text), states_of(full, text))
+        # depth matters (so the equalities above would catch a model cut at the wrong layer)
+        deeper = bottom_states(model, tokenizer, texts, n_frozen + 1, progress=False)
+        assert not torch.equal(states_of(deeper, texts[0]), states_of(here, texts[0]))
+
+
+def test_state_cache_computes_only_missing_texts_and_rejects_a_foreign_file(tmp_path, monkeypatch):
+    _, triplets = load_triplets_with_images(DEFAULT_PATH, limit=30)
+    texts = list(dict.fromkeys(triplets.captions + triplets.paraphrases))
+    model, tokenizer = tiny_bert(tmp_path, texts + triplets.negations)
+    computed = []
+    original = real_language.compute_states
+
+    def counting(model, tokenizer, texts, *args):
+        computed.append(len(texts))
+        return original(model, tokenizer, texts, *args)
+
+    monkeypatch.setattr(real_language, "compute_states", counting)
+    folder = str(tmp_path / "cache")
+    first = real_language.text_states(model, tokenizer, texts[:20], 2, folder, False)
+    grown = real_language.text_states(model, tokenizer, texts, 2, folder, False)  # 20 cached, the rest new
+    again = real_language.text_states(model, tokenizer, texts, 2, folder, False)  # all cached: nothing computed
+    assert computed == [20, len(texts) - 20]
+    uncached = real_language.text_states(model, tokenizer, texts, 2, None, False)
+    for text in texts:
+        assert torch.equal(states_of(grown, text), states_of(uncached, text))
+        assert torch.equal(states_of(again, text), states_of(uncached, text))
+    for text in texts[:20]:
+        assert torch.equal(states_of(first, text), states_of(uncached, text))
+    # other weights: another file; a file whose stored key differs (stale, foreign) is recomputed, not trusted
+    (path,) = [os.path.join(folder, name) for name in os.listdir(folder)]
+    stored = torch.load(path, weights_only=False)
+    stored["key"]["model"] = "another model"
+    torch.save(stored, path)
+    computed.clear()
+    real_language.text_states(model, tokenizer, texts, 2, folder, False)
+    assert computed == [len(texts)]
+    assert len(os.listdir(folder)) == 1  # rewritten in place (atomically): no second file, no partial left
+
+
+def test_runs_side_by_side_give_the_same_numbers_as_one_process(tmp_path):
+    pytest.importorskip("sentence_transformers")
+    _, triplets = load_triplets_with_images(DEFAULT_PATH, limit=60)
+    model = tiny_bert(tmp_path, triplets.captions + triplets.paraphrases + triplets.negations)
+    settings = dict(limit_rows=60, steps=3, batch_size=4, seeds=(0, 1), negations=2, progress=False, cache_dir="")
+    serial = real_language.run(RealLanguageConfig(out=str(tmp_path / "one"), jobs=1, **settings), model)
+    parallel = real_language.run(RealLanguageConfig(out=str(tmp_path / "two"), jobs=2, **settings), model)
+
+    def accuracies(table):
+        return {method: {k: v for k, v in row.items() if k != "train_seconds_mean"} for method, row in table.items()}
+
+    assert accuracies(parallel["table"]) == accuracies(serial["table"])
+    for name in os.listdir(tmp_path / "one" / "runs"):
+        one = json.loads((tmp_path / "one" / "runs" / name).read_text())
+        two = json.loads((tmp_path / "two" / "runs" / name).read_text())
+        assert (one["losses"], one["text_accuracy"]) == (two["losses"], two["text_accuracy"])
+    assert parallel["seconds"]["cpu"] > 0
+
+
+def test_cli_jobs_and_threads():
+    config = real_language.parse_args(["--jobs", "1", "--threads", "2"])
+    assert (config.jobs, config.threads) == (1, 2)
+    assert real_language.parse_args([]).threads == 1  # one thread per process unless asked
+    with pytest.raises(ValueError, match="--jobs"):
+        real_language.check_config(RealLanguageConfig(jobs=-1), 6)
