@@ -71,15 +71,11 @@ def _gap_closed(name: str) -> bool:
 # cancel to 1/42 of their magnitudes (B = 19, d = 33, Mn = 1, β = 0.25, τ = 30), where float32 logits followed
 # by exact float64 arithmetic are already 6.5e-5 off (§4: 1e-4).
 FLOAT32_SCALE_GRADIENT_PEAKED = _gap_closed("FLOAT32_SCALE_GRADIENT_PEAKED")
-# float32 in the peaked regimes (trained_like, near_duplicate, near_convergence) in the distributed modes, which
-# still compute `Z − s` (the single-process loss holds them: it leaves the positives out of its partitions).
-DISTRIBUTED_FLOAT32_NEAR_CONVERGENCE = _gap_closed("DISTRIBUTED_FLOAT32_NEAR_CONVERGENCE")
 # The cross-rank gradient filter on any trained-like batch (today: only on sharply peaked batches).
 DISTRIBUTED_FILTER_ANY_TRAINED_BATCH = _gap_closed("DISTRIBUTED_FILTER_ANY_TRAINED_BATCH")
 
 GAP_NAMES = (
     "FLOAT32_SCALE_GRADIENT_PEAKED",
-    "DISTRIBUTED_FLOAT32_NEAR_CONVERGENCE",
     "DISTRIBUTED_FILTER_ANY_TRAINED_BATCH",
 )
 
@@ -128,18 +124,6 @@ def gradient_floor(dtype: str) -> float:
 
 
 PEAKED = ("trained_like", "near_duplicate", "near_convergence")
-
-
-def distributed_dtypes() -> tuple[str, ...]:
-    return ("float32",) + SIXTEEN_BIT
-
-
-def distributed_regimes(dtype: str, family: str = "softmax") -> tuple[str, ...]:
-    """The regimes the distributed properties draw in `dtype` (see the switches). The sigmoid family has no
-    gap: its pairs' terms are independent (no cancellation against a partition)."""
-    if family == "sigmoid" or dtype != "float32" or DISTRIBUTED_FLOAT32_NEAR_CONVERGENCE:
-        return REGIMES
-    return tuple(r for r in REGIMES if r not in PEAKED)
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,9 @@ from harness import free_port
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from property_regimes import (
+    DTYPES,
     LOSS_FLOOR,
-    distributed_dtypes,
-    distributed_regimes,
+    REGIMES,
     example_bounds,
     examples,
     filter_draw,
@@ -157,8 +157,8 @@ def _global_example(draw, family: str, regime: str, dtype: str, backend: str, wo
 @st.composite
 def tasks(draw, family: str):
     world = draw(st.sampled_from(WORLD_SIZES))
-    dtype = draw(st.sampled_from(distributed_dtypes()))
-    regime = draw(st.sampled_from(distributed_regimes(dtype, family)))
+    dtype = draw(st.sampled_from(tuple(DTYPES)))
+    regime = draw(st.sampled_from(REGIMES))
     backend = draw(st.sampled_from(BACKENDS))
     ex = _global_example(draw, family, regime, dtype, backend, world)
     if family == "sigmoid":
