@@ -103,6 +103,9 @@ def positive_bands(batch: int, n_para: int) -> tuple[tuple[int, int], ...]:
     return ((0, 1), (batch, n_para)) if n_para else ((0, 1),)
 
 
+POSITIVE_LOGITS_CHUNK = 1024  # rows per chunk of `positive_logits`
+
+
 def positive_logits(
     inputs: SemCLIPInputs, paraphrase_weight: float, dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -110,12 +113,23 @@ def positive_logits(
     the statistics dtype, float32). O(B·(1 + Pn)·d): float64 costs nothing and keeps the positives' own
     rounding out of the log1p form near convergence."""
     stat_dtype = dtype or inputs.logit_scale.dtype
-    image = inputs.image.to(stat_dtype)
-    text_pos = inputs.logit_scale * (image * inputs.text.to(stat_dtype)).sum(-1)
-    if inputs.paraphrase is None or paraphrase_weight == 0:
+    with_paraphrases = inputs.paraphrase is not None and paraphrase_weight != 0
+    text_parts, para_parts = [], []
+    # In chunks of rows: casting whole features to float64 would be a temporary twice their size.
+    for start in range(0, max(inputs.image.shape[0], 1), POSITIVE_LOGITS_CHUNK):
+        rows = slice(start, start + POSITIVE_LOGITS_CHUNK)
+        image = inputs.image[rows].to(stat_dtype)
+        text_parts.append((image * inputs.text[rows].to(stat_dtype)).sum(-1))
+        if with_paraphrases:
+            para_parts.append(torch.einsum("bd,bpd->bp", image, inputs.paraphrase[rows].to(stat_dtype)))
+    text_pos = inputs.logit_scale * _joined(text_parts)
+    if not with_paraphrases:
         return text_pos, None
-    para_pos = inputs.logit_scale * torch.einsum("bd,bpd->bp", image, inputs.paraphrase.to(stat_dtype))
-    return text_pos, para_pos
+    return text_pos, inputs.logit_scale * _joined(para_parts)
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _at_least_zero(term: torch.Tensor) -> torch.Tensor:

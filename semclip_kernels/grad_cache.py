@@ -167,7 +167,8 @@ def grad_cache_forward(
 
     # 1. First passes: features without grad, and the random state each pass started from.
     states: list[RandomState] = []
-    first: list[list[torch.Tensor]] = []
+    first: list[torch.Tensor] = []  # micro_batches[0]'s outputs
+    gathered: list[_GatheredRows | None] = []  # per-sample outputs, written in place as they come
     keys: list[Any] = []
     template: Features | None = None
     sizes: list[int] = []
@@ -180,14 +181,16 @@ def grad_cache_forward(
             size = _micro_batch_size(out_keys, tensors, where)
             if index == 0:
                 keys, template = out_keys, out
+                first = [t.detach() for t in tensors]
+                gathered = [_GatheredRows(t, len(micro_batches)) if t.dim() > 0 else None for t in first]
             else:
                 if out_keys != keys:
                     raise ValueError(f"{where}: encode returned outputs {out_keys}, micro_batches[0] gave {keys}")
-                for key, tensor, ref in zip(keys, tensors, first[0]):
-                    if tensor.dim() != ref.dim() or tensor.shape[1:] != ref.shape[1:]:
+                for key, tensor, ref in zip(keys, tensors, first):
+                    if tensor.dim() != ref.dim() or tensor.shape[1:] != ref.shape[1:] or tensor.dtype != ref.dtype:
                         raise ValueError(
-                            f"{where}: encode's output {key!r} has shape {tuple(tensor.shape)}, "
-                            f"micro_batches[0]'s has {tuple(ref.shape)}"
+                            f"{where}: encode's output {key!r} has shape {tuple(tensor.shape)} and dtype "
+                            f"{tensor.dtype}, micro_batches[0]'s has {tuple(ref.shape)} and {ref.dtype}"
                         )
                 if same_size and size != sizes[0]:
                     raise ValueError(
@@ -195,14 +198,17 @@ def grad_cache_forward(
                         "of a step must have the same size"
                     )
             sizes.append(size)
-            first.append([t.detach() for t in tensors])
+            for rows, tensor in zip(gathered, tensors):
+                if rows is not None:
+                    rows.append(tensor.detach())
+            del out, tensors
 
     # 2. The loss, once, on leaves holding the global batch's features.
     leaves = []
-    for position, ref in enumerate(first[0]):
-        value = torch.cat([parts[position] for parts in first]) if ref.dim() > 0 else ref.clone()
+    for rows, ref in zip(gathered, first):
+        value = rows.value() if rows is not None else ref.clone()
         leaves.append(value.requires_grad_(value.is_floating_point() or value.is_complex()))
-    del first
+    del first, gathered
     loss = loss_fn(_rebuild(template, keys, leaves))
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
         raise ValueError(
@@ -243,8 +249,6 @@ class CachedStep:
         cached, sizes, no_sync = self.cached, self.sizes, self.no_sync
         if no_sync is None and all(grad is None for grad in cached):
             return  # nothing to backpropagate into the towers (all frozen, or the loss uses none)
-        if grad_output is not None:
-            cached = [None if grad is None else grad * grad_output.to(grad.dtype) for grad in cached]
         last = len(self.micro_batches) - 1
         before = RandomState()
         try:
@@ -267,16 +271,44 @@ class CachedStep:
                                     f"{tensor.shape[0]} rows, its first pass {rows}"
                                 )
                             outputs.append(tensor)
-                            grads.append(grad[offset : offset + rows])
+                            grads.append(_scaled(grad[offset : offset + rows], grad_output))
                         elif index == last:  # a shared output: its gradient once per step
                             outputs.append(tensor)
-                            grads.append(grad)
+                            grads.append(_scaled(grad, grad_output))
                     if outputs:
                         torch.autograd.backward(outputs, grads)
                 offset += rows
         finally:
             before.restore()
         self.micro_batches, self.cached = [], []  # once: free the inputs and the cached gradients
+
+
+def _scaled(grad: torch.Tensor, grad_output: torch.Tensor | None) -> torch.Tensor:
+    """A slice of a cached gradient times the gradient arriving at the loss (one slice at a time: scaling
+    the whole cache first would be a second copy of it)."""
+    return grad if grad_output is None else grad * grad_output.to(grad.dtype)
+
+
+class _GatheredRows:
+    """One per-sample output of the first passes, its micro-batches written one after another into a single
+    tensor as they come: the global batch's features exist once (a concatenation at the end would hold them
+    twice). Room for `n_micro_batches` of the first one's rows; a larger micro-batch later grows it."""
+
+    def __init__(self, first: torch.Tensor, n_micro_batches: int) -> None:
+        self.rows = first.new_empty((first.shape[0] * n_micro_batches, *first.shape[1:]))
+        self.filled = 0
+
+    def append(self, part: torch.Tensor) -> None:
+        end = self.filled + part.shape[0]
+        if end > self.rows.shape[0]:
+            grown = self.rows.new_empty((max(end, 2 * self.rows.shape[0]), *self.rows.shape[1:]))
+            grown[: self.filled].copy_(self.rows[: self.filled])
+            self.rows = grown
+        self.rows[self.filled : end].copy_(part)
+        self.filled = end
+
+    def value(self) -> torch.Tensor:
+        return self.rows if self.filled == self.rows.shape[0] else self.rows[: self.filled]
 
 
 class _DirectParameterUse:

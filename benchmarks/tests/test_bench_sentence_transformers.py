@@ -12,7 +12,7 @@ def test_tiny_run_measures_both_losses_and_prints_the_verdicts(capsys):
     (row,) = report["rows"]
     for method in bench.METHODS:
         assert "error" not in row["memory"][method], row["memory"][method]
-        assert row["memory"][method]["grad_bytes"] == 3 * 32 * 16 * 4
+        assert row["memory"][method]["cache_bytes"] == 2 * 3 * 32 * 16 * 4
         assert row["steps"][method]["seconds"] > 0
     # The same loss of the same model and batch, in the memory subprocesses and in the timed steps.
     memory_losses = [row["memory"][m]["loss"] for m in bench.METHODS]

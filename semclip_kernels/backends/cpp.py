@@ -131,8 +131,14 @@ def backward(problem: Problem, stats: Stats, grads: StatGrads, needs: Needs) -> 
         needs.rows, needs.cols, needs.scale, block_rows, block_cols, float(eps), _flat(problem.positives),
     )  # fmt: skip
     result = Grads(
-        grad_rows if needs.rows else None, tuple(g.view(b.shape) for g, b in zip(grad_cols, problem.cols))
+        grad_rows if needs.rows else None, tuple(_shaped(g, b.shape) for g, b in zip(grad_cols, problem.cols))
         if needs.cols else None,
         grad_scale if needs.scale else None, counts,
     )  # fmt: skip
     return add_positive_terms(problem, grads.positives, result, needs)
+
+
+def _shaped(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The kernel's gradient of a block in the block's shape: itself where it has it (a view would be copied
+    on its way out of the custom op, a second gradient-sized buffer)."""
+    return grad if grad.shape == shape else grad.view(shape)

@@ -172,10 +172,10 @@ class SemCLIPRankingLoss(nn.Module):
             return self.loss_from_embeddings(embed_columns(self.model, features))
         micro_batches = _micro_batches(features, self.mini_batch_size)
         if not torch.is_grad_enabled():  # evaluation: the embeddings, then the loss; nothing to cache
-            parts = [self._encode(micro_batch) for micro_batch in micro_batches]
-            return self.loss_from_embeddings([torch.cat(column) for column in zip(*parts)])
+            parts = [self._encode_compared(micro_batch) for micro_batch in micro_batches]
+            return self._loss_of_compared([torch.cat(column) for column in zip(*parts)])
         ddp = self.model if hasattr(self.model, "no_sync") else None
-        encode = self._encode
+        encode = self._encode_compared
         if self.show_progress_bar:
             import tqdm
 
@@ -183,9 +183,11 @@ class SemCLIPRankingLoss(nn.Module):
 
             def encode(micro_batch: list[dict[str, Any]]) -> tuple[Tensor, ...]:
                 bar.update(1)
-                return self._encode(micro_batch)
+                return self._encode_compared(micro_batch)
 
-        step = grad_cache_forward(micro_batches, encode, self.loss_from_embeddings, model=ddp)
+        # The cache holds what the loss compares (unit rows for cos_sim, normalized per mini-batch, where the
+        # normalization's backward is one mini-batch's): the loss itself keeps no copy of the batch's embeddings.
+        step = grad_cache_forward(micro_batches, encode, self._loss_of_compared, model=ddp)
         # What the trainer differentiates: the loss as a leaf whose gradient replays the mini-batches.
         loss = step.loss.clone().requires_grad_()
         loss.register_hook(step.replay)
@@ -194,8 +196,14 @@ class SemCLIPRankingLoss(nn.Module):
     def loss_from_embeddings(self, embeddings: Sequence[Tensor]) -> Tensor:
         """The loss of the columns' embeddings `[anchor, positive, *paraphrases, *hard negatives]`, each `[B, d]`."""
         self._check_columns(len(embeddings))
-        if self.normalize:
-            embeddings = [F.normalize(e, p=2, dim=-1) for e in embeddings]
+        return self._loss_of_compared([self._compared(e) for e in embeddings])
+
+    def _compared(self, embeddings: Tensor) -> Tensor:
+        """What the similarity compares by a dot product: unit rows for cos_sim, the embeddings for dot_score."""
+        return F.normalize(embeddings, p=2, dim=-1) if self.normalize else embeddings
+
+    def _loss_of_compared(self, embeddings: Sequence[Tensor]) -> Tensor:
+        """The fused loss of the columns as the similarity compares them (`_compared`)."""
         anchor, positive, rest = embeddings[0], embeddings[1], list(embeddings[2:])
         n_para = self.n_paraphrase_columns
         paraphrases, negatives = _per_anchor(rest[:n_para]), _per_anchor(rest[n_para:])
@@ -220,8 +228,8 @@ class SemCLIPRankingLoss(nn.Module):
             )  # fmt: skip
         return self._losses[rank, world_size]
 
-    def _encode(self, micro_batch: list[dict[str, Any]]) -> tuple[Tensor, ...]:
-        return tuple(self.model(column)["sentence_embedding"] for column in micro_batch)
+    def _encode_compared(self, micro_batch: list[dict[str, Any]]) -> tuple[Tensor, ...]:
+        return tuple(self._compared(self.model(column)["sentence_embedding"]) for column in micro_batch)
 
     # ------------------------------------------------------------------ sentence-transformers conventions
 

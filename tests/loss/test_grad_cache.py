@@ -24,7 +24,7 @@ from torch import nn
 
 import semclip_kernels.grad_cache as grad_cache_module
 from semclip_kernels import SemCLIPLoss
-from semclip_kernels.grad_cache import grad_cache_backward
+from semclip_kernels.grad_cache import grad_cache_backward, grad_cache_forward
 
 D_IN, DIM, PN, MN = 6, 8, 2, 1
 MICRO, N = 4, 3  # 3 micro-batches of 4: a global batch of 12
@@ -244,6 +244,29 @@ def test_tensor_and_tuple_outputs():
     x = torch.cat(batches) @ weight
     loss_of(x, x.flip(0)).backward()
     assert max_norm_rel_err(cached, weight.grad) <= 1e-10
+
+
+@pytest.mark.parametrize("sizes", [(4, 4, 1), (3, 5, 2, 4), (2, 7)], ids=["last-smaller", "grows", "grows-twice"])
+def test_ragged_micro_batches_and_a_scaled_replay(sizes):
+    """Micro-batches of different sizes (a later one larger than the first: the features' buffer grows) and a
+    replay scaled by the gradient arriving at the loss (as from a trainer's hook): 2.5 × one big batch's
+    gradients, the loss equal."""
+    torch.manual_seed(0)
+    model = TinyTowers().double()
+    g = torch.Generator().manual_seed(3)
+    micro_batches = [
+        (torch.randn(rows, D_IN, generator=g, dtype=torch.float64),
+         torch.randn(rows, 1 + PN + MN, D_IN, generator=g, dtype=torch.float64))
+        for rows in sizes
+    ]  # fmt: skip
+    expected_loss, expected, _ = big_batch_grads(model, micro_batches, seed=11)
+    model.zero_grad()
+    torch.manual_seed(11)
+    step = grad_cache_forward(micro_batches, lambda mb: model(*mb), oracle_loss)
+    step.replay(torch.tensor(2.5, dtype=torch.float64))
+    assert abs(float(step.loss) - expected_loss) <= 1e-12 * abs(expected_loss)
+    for name, p in model.named_parameters():
+        assert max_norm_rel_err(p.grad / 2.5, expected[name]) <= 1e-10, name
 
 
 # ------------------------------------------------------------------------------------------------- bad input
