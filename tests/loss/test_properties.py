@@ -23,6 +23,7 @@ from property_regimes import (
     examples,
     gradient_floor,
     gradients_checked,
+    scale_gradient_bound,
 )
 from sigmoid_oracle import semsiglip_loss_float64
 
@@ -85,14 +86,16 @@ def assert_within_contract(ex: Example, backend: str, sigmoid: bool) -> None:
     loss_err = abs(float(loss) - expected_loss) / max(abs(expected_loss), 1e-30)
     assert loss_err <= loss_tol, f"{backend} {ex}: loss {float(loss)!r} vs {expected_loss!r}, rel. error {loss_err:.3g}"
     floor = gradient_floor(ex.dtype)
-    checked = gradients_checked(ex, "sigmoid" if sigmoid else "softmax")
+    family = "sigmoid" if sigmoid else "softmax"
+    checked = gradients_checked(ex, family, backend)
     for name, grad, want in zip(NAMES, grads, expected):
         if name not in checked:
             continue
         err = max_norm_rel_err(grad, want)
         largest = 0.0 if want is None else float(want.abs().max())
-        assert err * largest <= floor or err <= grad_tol, (
-            f"{backend} {ex}: {name} gradient off by {err:.3g} (bound {grad_tol:g}; largest entry {largest:.3g})"
+        tol = scale_gradient_bound(ex, float(want), family) if name == "logit_scale" else grad_tol
+        assert err * largest <= floor or err <= tol, (
+            f"{backend} {ex}: {name} gradient off by {err:.3g} (bound {tol:.3g}; largest entry {largest:.3g})"
         )
 
 
