@@ -71,11 +71,11 @@ def forward(problem: Problem) -> Stats:
     row_lse = _referenced_lse(products, mask, scale, problem.col_bias, 1)
     n_query = problem.n_query_cols
     query_lse = _referenced_lse(products[:, :n_query], None if mask is None else mask[:, :n_query], scale, 0.0, 0)
-    logits = scale * products.detach()
-    if mask is not None:
-        logits = logits.masked_fill(mask, -math.inf)
     with torch.no_grad():
-        bounds = column_mass_bounds(problem.col_bias, torch.logsumexp(logits.detach(), dim=0), row_lse.detach())
+        logits = scale * products
+        if mask is not None:
+            logits.masked_fill_(mask, -math.inf)
+        bounds = column_mass_bounds(problem.col_bias, torch.logsumexp(logits, dim=0), row_lse.detach())
     return Stats(row_lse, query_lse, bounds)
 
 
