@@ -64,7 +64,9 @@ def run(ex: Example, backend: str, sigmoid: bool = False) -> tuple[torch.Tensor,
 def float64_run(ex: Example, sigmoid: bool = False) -> tuple[float, list[torch.Tensor | None]]:
     """The oracle on the example's inputs as the backend sees them (rounded to its dtype), in float64."""
     leaves = [None if t is None else t.double().requires_grad_() for t in ex.features()]
-    scale = torch.tensor(ex.tau, dtype=torch.float64, requires_grad=True)
+    # τ as `run` passes it (a float32 tensor): near convergence ∂L/∂τ can be 2e-9, where τ's own float32 rounding
+    # (1e-8 relative) moves it by 3e-4 relative.
+    scale = torch.tensor(ex.tau).double().requires_grad_()
     weights = {"paraphrase_weight": ex.paraphrase_weight, "hard_negative_weight": ex.hard_negative_weight}
     image, text, para, neg = leaves
     if sigmoid:
