@@ -21,8 +21,12 @@ def semclip_loss_float64(
     paraphrase_weight: float = 1.0,
     hard_negative_weight: float = 1.0,
     directions: str = "both",
+    logits_out: dict | None = None,
 ) -> torch.Tensor:
-    """docs/contract.md §1's `L`: `(L_i2t + L_t2i) / 2`, or `L_i2t` alone with `directions="image_to_text"`."""
+    """docs/contract.md §1's `L`: `(L_i2t + L_t2i) / 2`, or `L_i2t` alone with `directions="image_to_text"`.
+
+    logits_out: if given, receives the logit blocks `"text"` `[B, B]`, `"paraphrase"` `[B, B, Pn]`, `"negation"`
+    `[B, B, Mn]` (gradients retained), for a caller that wants `∂L/∂S`."""
     image, text = image.double(), text.double()
     if not isinstance(logit_scale, torch.Tensor):
         logit_scale = torch.tensor(float(logit_scale))
@@ -47,6 +51,12 @@ def semclip_loss_float64(
     if negation is not None:
         s_neg = tau * torch.einsum("id,jmd->ijm", image, negation.double())
         terms.append(s_neg.reshape(batch, -1) + math.log(beta))
+    if logits_out is not None:
+        blocks = {"text": s_text, "paraphrase": s_para, "negation": None if negation is None else s_neg}
+        for name, block in blocks.items():
+            if block is not None and block.requires_grad:
+                block.retain_grad()
+                logits_out[name] = block
     z = torch.logsumexp(torch.cat(terms, dim=1), dim=1)  # Z_i
 
     n_para = 0 if s_para is None else s_para.shape[2]
@@ -122,3 +132,39 @@ def max_norm_rel_err(actual: torch.Tensor | None, expected: torch.Tensor | None)
     expected = expected.double()
     scale = expected.abs().max().clamp_min(1e-30)
     return float((actual.double() - expected).abs().max() / scale)
+
+
+def float32_logit_rounding_of_scale_gradient(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    logit_scale: float,
+    paraphrase: torch.Tensor | None = None,
+    negation: torch.Tensor | None = None,
+    paraphrase_weight: float = 1.0,
+    hard_negative_weight: float = 1.0,
+) -> float:
+    """`2^-24·√d·Σ |∂L/∂S_ij|·|a_i|·|c_j|` over the entries that are no line's positive (float64): what float32
+    products `<a_i, c_j>` (each `2^-24·√d·|a_i||c_j|` off, a d-term float32 dot) move `∂L/∂τ = Σ ∂L/∂S·<a, c>`
+    by. The positives' products are float64 in every backend; docs/contract.md §4."""
+    scale = torch.tensor(float(logit_scale), dtype=torch.float64, requires_grad=True)
+    image = image.detach().double()
+    blocks: dict = {}
+    loss = semclip_loss_float64(image, text.detach().double(), scale,
+                                None if paraphrase is None else paraphrase.detach().double(),
+                                None if negation is None else negation.detach().double(),
+                                paraphrase_weight, hard_negative_weight, logits_out=blocks)  # fmt: skip
+    loss.backward()
+    row_norm = image.norm(dim=-1)
+    batch, dim = image.shape
+    own = torch.eye(batch, dtype=torch.bool)
+    total = 0.0
+    for name, cols in (("text", text), ("paraphrase", paraphrase), ("negation", negation)):
+        if name not in blocks:
+            continue
+        grad = blocks[name].grad
+        col_norm = cols.detach().double().norm(dim=-1)  # [B] or [B, n]
+        weight = row_norm[:, None] * col_norm[None]  # [B, B] or [B, B, n]
+        if name != "negation":  # a row's own caption and paraphrases: its positives
+            grad = grad.masked_fill(own if grad.dim() == 2 else own[:, :, None], 0.0)
+        total += float((grad.abs() * weight).sum())
+    return 2.0**-24 * math.sqrt(dim) * total

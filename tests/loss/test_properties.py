@@ -23,6 +23,7 @@ from property_regimes import (
     examples,
     gradient_floor,
     gradients_checked,
+    scale_gradient_bound,
 )
 from sigmoid_oracle import semsiglip_loss_float64
 
@@ -63,7 +64,9 @@ def run(ex: Example, backend: str, sigmoid: bool = False) -> tuple[torch.Tensor,
 def float64_run(ex: Example, sigmoid: bool = False) -> tuple[float, list[torch.Tensor | None]]:
     """The oracle on the example's inputs as the backend sees them (rounded to its dtype), in float64."""
     leaves = [None if t is None else t.double().requires_grad_() for t in ex.features()]
-    scale = torch.tensor(ex.tau, dtype=torch.float64, requires_grad=True)
+    # τ as `run` passes it (a float32 tensor): near convergence ∂L/∂τ can be 2e-9, where τ's own float32 rounding
+    # (1e-8 relative) moves it by 3e-4 relative.
+    scale = torch.tensor(ex.tau).double().requires_grad_()
     weights = {"paraphrase_weight": ex.paraphrase_weight, "hard_negative_weight": ex.hard_negative_weight}
     image, text, para, neg = leaves
     if sigmoid:
@@ -77,19 +80,22 @@ def float64_run(ex: Example, sigmoid: bool = False) -> tuple[float, list[torch.T
     return float(loss.detach()), [None if t is None else t.grad for t in inputs]
 
 
-def assert_gradients_within_contract(ex: Example, grads: list, expected: list, family: str, what: str) -> None:
+def assert_gradients_within_contract(
+    ex: Example, grads: list, expected: list, family: str, backend: str, what: str
+) -> None:
     """Each checked gradient within §4's bound of `expected`, or within its dtype's subnormal step where the
     dtype cannot hold that bound (`gradient_floor`)."""
     _, grad_tol = example_bounds(ex)
     floor = gradient_floor(ex.dtype)
-    checked = gradients_checked(ex, family)
+    checked = gradients_checked(ex, family, backend)
     for name, grad, want in zip(NAMES, grads, expected):
         if name not in checked:
             continue
         err = max_norm_rel_err(grad, want)
         largest = 0.0 if want is None else float(want.abs().max())
-        assert err * largest <= floor or err <= grad_tol, (
-            f"{what} {ex}: {name} gradient off by {err:.3g} (bound {grad_tol:g}; largest entry {largest:.3g})"
+        tol = scale_gradient_bound(ex, float(want), family) if name == "logit_scale" else grad_tol
+        assert err * largest <= floor or err <= tol, (
+            f"{what} {ex}: {name} gradient off by {err:.3g} (bound {tol:.3g}; largest entry {largest:.3g})"
         )
 
 
@@ -100,7 +106,7 @@ def assert_within_contract(ex: Example, backend: str, sigmoid: bool) -> None:
     loss_tol, _ = example_bounds(ex)
     loss_err = abs(float(loss) - expected_loss) / max(abs(expected_loss), 1e-30)
     assert loss_err <= loss_tol, f"{backend} {ex}: loss {float(loss)!r} vs {expected_loss!r}, rel. error {loss_err:.3g}"
-    assert_gradients_within_contract(ex, grads, expected, "sigmoid" if sigmoid else "softmax", backend)
+    assert_gradients_within_contract(ex, grads, expected, "sigmoid" if sigmoid else "softmax", backend, backend)
 
 
 def assert_bitwise_repeatable(ex: Example, backend: str, sigmoid: bool) -> None:
