@@ -46,7 +46,9 @@ each line's weights by its gradient `|g|` against the largest `|g|` of the probl
 largest can be far below the global batch's (a query problem's lines are off-positive shares, e^-45 of the
 rows' in a trained batch), so each call's threshold is scaled by `G_global / G_call` (one all-reduce of two
 scalars): the single process's criterion `weight·|g| < eps·G_global·mass`, `G_global` over the lines that
-feed the same gradient tensors (one direction's with open_clip's one-sided gradients).
+feed the same gradient tensors (one direction's with open_clip's one-sided gradients). A call that computes
+no column gradient (the other ranks' columns and images with one-sided gradients) measures its row weights
+against their row's mass alone: a negation's small column mass protects a gradient nobody computes.
 """
 
 from __future__ import annotations
@@ -294,7 +296,8 @@ def _backward(ctx, grad_row_lse, grad_query_lse, grad_text_pos, grad_para_pos):
             image, queries, group_cols, group_images, scale, col_bias, config, step)  # fmt: skip
         row_stats, query_stats = step_stats[step]
         both = row_problem.n_query_cols > 0  # the diagonal block: both directions in one call
-        row_problem_stats = Stats(row_lse, query_lse if both else no_stats, row_stats.col_mass_lb, row_stats.aux)
+        row_mass = _fed_mass(row_stats.col_mass_lb, remote_grad and need_cols)
+        row_problem_stats = Stats(row_lse, query_lse if both else no_stats, row_mass, row_stats.aux)
         row_directions = ("row", "query") if both and not one_sided else ("row",)
         rows_grads = partitions_backward(
             _global_threshold(row_problem, largest, row_directions, one_sided), row_problem_stats,
@@ -314,7 +317,8 @@ def _backward(ctx, grad_row_lse, grad_query_lse, grad_text_pos, grad_para_pos):
         if query_problem is not None:
             query_grads = partitions_backward(
                 _global_threshold(query_problem, largest, ("query",), one_sided),
-                Stats(query_lse, no_stats, query_stats.col_mass_lb, query_stats.aux),
+                Stats(query_lse, no_stats, _fed_mass(query_stats.col_mass_lb, remote_grad and need_image),
+                      query_stats.aux),
                 StatGrads(row=grad_query_lse), Needs(need_cols, remote_grad and need_image, need_scale), name,
             )  # fmt: skip
         if rows_grads.rows is not None:
@@ -355,6 +359,13 @@ def _backward(ctx, grad_row_lse, grad_query_lse, grad_text_pos, grad_para_pos):
         grad_cols += home[:n_cols]
         grad_image += home[n_cols:]
     return _cast_grads(grad_image, grad_cols, grad_scale, image, cols, scale, ctx.needs_input_grad)
+
+
+def _fed_mass(col_mass_lb: torch.Tensor, cols_differentiated: bool) -> torch.Tensor:
+    """The log-mass bounds the filter measures a call's row weights against: the columns' own where the call
+    differentiates its columns, else at least 0 (a row weight then feeds its row's gradient alone, of mass 1;
+    NaN stays NaN)."""
+    return col_mass_lb if cols_differentiated else col_mass_lb.clamp_min(0)
 
 
 def _cast_grads(grad_image, grad_cols, grad_scale, image, cols, scale, needs_input_grad):
