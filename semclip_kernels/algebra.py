@@ -115,9 +115,9 @@ def positive_logits(
     stat_dtype = dtype or inputs.logit_scale.dtype
     with_paraphrases = inputs.paraphrase is not None and paraphrase_weight != 0
     text_parts, para_parts = [], []
-    # In chunks of rows: casting whole features to float64 would be a temporary twice their size.
-    for start in range(0, max(inputs.image.shape[0], 1), POSITIVE_LOGITS_CHUNK):
-        rows = slice(start, start + POSITIVE_LOGITS_CHUNK)
+    # In chunks of rows: casting whole features to float64 would be a temporary twice their size. Under
+    # torch.compile one chunk: a loop over the rows would specialize the graph on the batch size.
+    for rows in _row_chunks(inputs.image.shape[0]):
         image = inputs.image[rows].to(stat_dtype)
         text_parts.append((image * inputs.text[rows].to(stat_dtype)).sum(-1))
         if with_paraphrases:
@@ -126,6 +126,12 @@ def positive_logits(
     if not with_paraphrases:
         return text_pos, None
     return text_pos, inputs.logit_scale * _joined(para_parts)
+
+
+def _row_chunks(n_rows: int) -> list[slice]:
+    if torch.compiler.is_compiling():
+        return [slice(None)]
+    return [slice(start, start + POSITIVE_LOGITS_CHUNK) for start in range(0, max(n_rows, 1), POSITIVE_LOGITS_CHUNK)]
 
 
 def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
