@@ -250,14 +250,11 @@ def ds_scale_for(grad_row_lse: torch.Tensor | None, grad_col_lse: torch.Tensor |
     return torch.exp2(exponent).reshape(1)
 
 
-def reference_products(lse: torch.Tensor, tau: torch.Tensor, lines: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
-    """Each line's reference product for τ's sum: its partition over τ, near the line's largest product where its
-    weights concentrate, clamped to the products' range `±|a||c|max` (at a small τ the partition over τ is
-    `log K / τ`, far outside it); 0 where it is not finite (an empty line, τ = 0)."""
-    bound = lines.detach().float().norm(dim=1) * others.detach().float().norm(dim=1).amax()
-    ref = (lse.detach() / tau).float()
-    ref = torch.where(torch.isfinite(ref), torch.minimum(torch.maximum(ref, -bound), bound), 0.0)
-    return ref.to(tau.dtype).contiguous()
+def reference_products(lse: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Each line's reference product for τ's sum: its partition over τ, which is near the line's largest product
+    where its weights concentrate (0 where that is not finite: an empty line, τ = 0)."""
+    ref = lse.detach() / scale
+    return torch.where(torch.isfinite(ref), ref, 0.0).to(scale.dtype).contiguous()
 
 
 def partitions_backward(
@@ -332,8 +329,7 @@ def partitions_backward(
         grad_max = grad_max.to(stat).reshape(1)
     factor = (scale.detach().float() / ds_scale).to(stat)  # τ·2^-e
     # A line's reference product: its partition over τ (near its largest product where its weights concentrate).
-    row_ref = reference_products(row_lse, scale, rows, cols)
-    query_ref = reference_products(query_lse, scale, cols[:n_query_cols], rows)
+    row_ref, query_ref = reference_products(row_lse, scale), reference_products(query_lse, scale)
     dummy = scale  # stands in for pointers a constexpr flag keeps unused
     bands = [*excluded, (0, 1), (0, 1)][:2]  # unused slots: any valid band (the constexpr skips them)
     row_residual = row_residual and need_rows and rows.dtype.itemsize == 2
