@@ -80,8 +80,6 @@ def ds_panel_kernel(
     col_bias_ptr,
     row_lse_ptr,
     query_lse_ptr,  # [n_query_cols]: column partitions of the query columns
-    row_ref_ptr,  # [n_rows]: each row's reference product, subtracted in τ's sum (NEED_GRAD_SCALE)
-    query_ref_ptr,  # [n_query_cols]: each query column's reference product
     col_mass_lb_ptr,  # [n_cols]: lower bounds of log Σ_i p_ic (FILTER only)
     grad_max_ptr,  # [1]: G = max(|g_row|, |g_col|) (FILTER only)
     row_residual_ptr,  # [panel_blocks, n_rows]: Σ_c (dS − panel entry) per tile row (ROW_RESIDUAL only)
@@ -140,9 +138,6 @@ def ds_panel_kernel(
     # Excluded entries get logit -inf, as in the forward: both weights are 0 there (their rows' and
     # columns' statistics are finite wherever anything is left; `where` below keeps 0·NaN out).
     grad_logits = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    # τ's terms, each line's weights against the line's reference product: the weights' rounding then moves
-    # Σ w·(<a, c> − r) (small where a line's products are close), not Σ w·<a, c>; the caller adds Σ g·r exactly.
-    scale_terms = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     live = row_in[:, None] & col_in[None, :]
     if N_EXCLUDED >= 1:
         live = live & ~band_entries(offs_m, offs_n, excl0_first, excl0_per_row)
@@ -158,9 +153,6 @@ def ds_panel_kernel(
         row_softmax = tl.exp(logits + col_bias[None, :] - row_lse[:, None])
         row_softmax = tl.where(live, row_softmax, 0.0)
         grad_logits += g_row[:, None] * row_softmax
-        if NEED_GRAD_SCALE:
-            row_ref = tl.load(row_ref_ptr + offs_m, mask=row_in, other=0.0).to(ACC_DTYPE)
-            scale_terms += (g_row[:, None] * row_softmax) * (dots - row_ref[:, None])
         if FILTER:
             # Relative to a lower bound of column c's row-softmax mass, exp(col_mass_lb):
             # the factor is clamped at e^80 so that the product stays finite.
@@ -176,13 +168,10 @@ def ds_panel_kernel(
         col_softmax = tl.exp(logits - query_lse[None, :])
         col_softmax = tl.where(live & is_query[None, :], col_softmax, 0.0)
         grad_logits += g_col[None, :] * col_softmax
-        if NEED_GRAD_SCALE:
-            query_ref = tl.load(query_ref_ptr + offs_n, mask=is_query, other=0.0).to(ACC_DTYPE)
-            scale_terms += (g_col[None, :] * col_softmax) * (dots - query_ref[None, :])
         max_weight = tl.maximum(max_weight, tl.max(col_softmax * tl.abs(g_col)[None, :]))
     tile = row_block * panel_blocks + panel_block
     if NEED_GRAD_SCALE:  # every tile, kept or not: grad_τ never depends on the filter
-        tl.store(grad_scale_parts_ptr + tile, tl.sum(scale_terms))
+        tl.store(grad_scale_parts_ptr + tile, tl.sum(grad_logits * dots))
     # (The caller sets FILTER only with HAS_ROW_GRAD, which defines row_softmax and col_bias.)
     skip = False
     if FILTER:
@@ -250,13 +239,6 @@ def ds_scale_for(grad_row_lse: torch.Tensor | None, grad_col_lse: torch.Tensor |
     return torch.exp2(exponent).reshape(1)
 
 
-def reference_products(lse: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Each line's reference product for τ's sum: its partition over τ, which is near the line's largest product
-    where its weights concentrate (0 where that is not finite: an empty line, τ = 0)."""
-    ref = lse.detach() / scale
-    return torch.where(torch.isfinite(ref), ref, 0.0).to(scale.dtype).contiguous()
-
-
 def partitions_backward(
     rows: torch.Tensor,
     cols: torch.Tensor,
@@ -298,15 +280,13 @@ def partitions_backward(
         raise ValueError(f"the Triton backward leaves out at most 2 bands of entries, got {len(excluded)}")
     grad_rows = torch.zeros((n_rows, dim), dtype=stat, device=device) if need_rows else None
     grad_cols = torch.empty((n_cols, dim), dtype=stat, device=device) if need_cols else None
-    # float64: the references' terms are O(1) and τ's gradient is a small difference of them (converged lines).
-    grad_scale = torch.zeros((), dtype=torch.float64, device=device) if need_scale else None
+    grad_scale = torch.zeros((), dtype=stat, device=device) if need_scale else None
     kept_tiles = torch.zeros((), dtype=torch.int64, device=device)
     tiles = n_row_blocks * n_col_blocks
     if not (has_row_grad or has_col_grad) or tiles == 0 or not any(needs):
         if need_cols:
             grad_cols.zero_()
-        return BackwardResult(grad_rows, grad_cols, None if grad_scale is None else grad_scale.to(stat), tiles, None,
-                              kept_tiles)  # fmt: skip
+        return BackwardResult(grad_rows, grad_cols, grad_scale, tiles, None, kept_tiles)
 
     # The filter needs every column's mass bound (unknown: nothing is skipped).
     filtering = filter_eps > 0 and has_row_grad and col_mass_lb.shape[0] >= n_cols
@@ -328,8 +308,6 @@ def partitions_backward(
             grad_max = torch.maximum(grad_max, grad_col_lse.detach().abs().amax().float())
         grad_max = grad_max.to(stat).reshape(1)
     factor = (scale.detach().float() / ds_scale).to(stat)  # τ·2^-e
-    # A line's reference product: its partition over τ (near its largest product where its weights concentrate).
-    row_ref, query_ref = reference_products(row_lse, scale), reference_products(query_lse, scale)
     dummy = scale  # stands in for pointers a constexpr flag keeps unused
     bands = [*excluded, (0, 1), (0, 1)][:2]  # unused slots: any valid band (the constexpr skips them)
     row_residual = row_residual and need_rows and rows.dtype.itemsize == 2
@@ -343,7 +321,6 @@ def partitions_backward(
         blocks = min(panel_width, n_col_blocks - first_block)
         ds_panel_kernel[(n_row_blocks * blocks,)](
             rows, cols, scale, col_bias, row_lse, query_lse if query_lse.numel() else dummy,
-            row_ref, query_ref if query_lse.numel() else dummy,
             mass_lb if filtering else dummy, grad_max if filtering else dummy,
             residual_parts if row_residual else dummy,
             grad_row_lse.contiguous() if has_row_grad else dummy,
@@ -367,10 +344,4 @@ def partitions_backward(
             write_grad_cols(grad_cols, panel, rows, factor, sparse_keep, first_col, blocks, tile, gemm, precision)
         if need_rows:
             add_grad_rows(grad_rows, panel, cols, factor, sparse_keep, first_col, blocks, tile, gemm, precision)
-    if need_scale:  # Σ_j w_ij = g_i for each line (and Σ_i = g_j for each column): the references' terms
-        if has_row_grad:
-            grad_scale += (grad_row_lse.to(stat).double() * row_ref.double()).sum()
-        if has_col_grad:
-            grad_scale += (grad_col_lse.to(stat).double() * query_ref.double()).sum()
-        grad_scale = grad_scale.to(stat)
     return BackwardResult(grad_rows, grad_cols, grad_scale, tiles, residual, kept_tiles)

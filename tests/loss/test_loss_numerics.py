@@ -225,7 +225,7 @@ def test_float32_scale_gradient_where_lines_cancel(backend, batch, dim, n_neg, b
         assert err <= 1e-4, f"{backend}: {name} gradient off by {err:.3g} at loss {loss:.3g}"
 
 
-@pytest.mark.parametrize("backend", [name for name in ("reference", "torch", "cpp", "triton") if name in BACKENDS])
+@pytest.mark.parametrize("backend", [name for name in ("reference", "torch", "cpp") if name in BACKENDS])
 @pytest.mark.parametrize("batch,dim,n_neg,beta,tau,seed", [*SCALE_GRADIENT_CANCELS, (19, 33, 1, 0.25, 30.0, 16)])
 def test_float32_scale_gradient_within_the_logits_rounding(backend, batch, dim, n_neg, beta, tau, seed):
     """docs/contract.md §4: τ's float32 gradient within `max(1e-4, float32 logits' rounding / |∂L/∂τ|)`. On the
