@@ -68,6 +68,9 @@ def _gap_closed(name: str) -> bool:
 # `scale_gradient_bound`): its float32 log-partitions (a rounding of 7.6e-6 at 100) scale each line's weights, and
 # τ's gradient, a sum of per-line terms `g·(E[logit] − positive logit)` that cancel, keeps that error. Measured:
 # 6.2e-4 where the bound is 9.7e-5 (trained_like, B = 4, d = 16, Mn = 2, β = 0.5, τ = 100, seed 37, loss 0.063).
+# Float64 statistics carried into the kernel as a float32 pair, with float64 tile sums, leave 5.3e-4: the error
+# is each line's weight total. Summing each line against a reference product and adding `Σ g·r` exactly gives
+# 3.0e-5, but holds only for a block's own statistics (not the ring's global ones, `Stats.rebased`).
 FLOAT32_SCALE_GRADIENT_PEAKED = _gap_closed("FLOAT32_SCALE_GRADIENT_PEAKED")
 # The cross-rank gradient filter on any trained-like batch (today: only on sharply peaked batches).
 DISTRIBUTED_FILTER_ANY_TRAINED_BATCH = _gap_closed("DISTRIBUTED_FILTER_ANY_TRAINED_BATCH")
