@@ -72,8 +72,6 @@ def _gap_closed(name: str) -> bool:
 # is each line's weight total. Summing each line against a reference product and adding `Σ g·r` exactly gives
 # 3.0e-5, but holds only for a block's own statistics (not the ring's global ones, `Stats.rebased`).
 FLOAT32_SCALE_GRADIENT_PEAKED = _gap_closed("FLOAT32_SCALE_GRADIENT_PEAKED")
-# The cross-rank gradient filter on any trained-like batch (today: only on sharply peaked batches).
-DISTRIBUTED_FILTER_ANY_TRAINED_BATCH = _gap_closed("DISTRIBUTED_FILTER_ANY_TRAINED_BATCH")
 # The cross-rank filter's 0.8x in "ring" mode with open_clip's one-sided gradients (local_loss without
 # gather_with_grad) at 2 ranks, local B = 256, d = 64, 32 x 32 tiles, uniform alignment
 # (tests/distributed/test_distributed_filter.py): 62.5 % skipped against one process's 84.5 % (0.74x). There a
@@ -87,7 +85,6 @@ DISTRIBUTED_FILTER_ONE_SIDED_RING = _gap_closed("DISTRIBUTED_FILTER_ONE_SIDED_RI
 
 GAP_NAMES = (
     "FLOAT32_SCALE_GRADIENT_PEAKED",
-    "DISTRIBUTED_FILTER_ANY_TRAINED_BATCH",
     "DISTRIBUTED_FILTER_ONE_SIDED_RING",
 )
 
@@ -167,14 +164,9 @@ class FilterDraw:
 
 
 def filter_draw() -> FilterDraw:
-    """The cross-rank filter holds today on the `peaked` batch (captions at cos ≈ 0.94, paraphrases ≈ 0.9,
-    negations ≈ 0.7 whatever d) at tests/distributed/test_distributed_filter.py's shape (local B = 96, d = 32, tiles
-    16 × 32); measured on main, smaller shapes of the same recipe already miss 0.8× (2 ranks, local B = 32,
-    d = 18, tiles 16 × 16: a rank skips 0.35 where single process skips 0.46). The switch opens the property to
-    any trained-like batch and shape."""
-    if DISTRIBUTED_FILTER_ANY_TRAINED_BATCH:
-        return FilterDraw(("peaked", "trained_like"), (32, 96), (16, 32), (16, 16))
-    return FilterDraw(("peaked",), (96, 96), (32, 32), (16, 32))
+    """Any trained-like batch and shape: the `peaked` batch (captions at cos ≈ 0.94, paraphrases ≈ 0.9, negations
+    ≈ 0.7 whatever d) and `trained_like`, local B 32..96, d 16..32, 16 × 16 tiles."""
+    return FilterDraw(("peaked", "trained_like"), (32, 96), (16, 32), (16, 16))
 
 
 @dataclass(frozen=True)
