@@ -234,12 +234,14 @@ def _positive_bands(grad_text_pos, grad_para_pos, batch: int, n_para: int, like:
     """The positive bands of the diagonal problem (`positive_bands`' layout) carrying the gradients arriving
     at the positive logits (None: zero)."""
     text = torch.zeros(batch, dtype=like.dtype, device=like.device) if grad_text_pos is None else grad_text_pos
-    bands = (PositiveBand(0, 1, text.detach()[:, None].contiguous()),)
-    if not n_para:
-        return bands
-    para = (torch.zeros(batch, n_para, dtype=like.dtype, device=like.device) if grad_para_pos is None
-            else grad_para_pos.detach())  # fmt: skip
-    return bands + (PositiveBand(batch, n_para, para.contiguous()),)
+    grads = (text.detach()[:, None].contiguous(),)
+    if n_para:
+        para = (torch.zeros(batch, n_para, dtype=like.dtype, device=like.device) if grad_para_pos is None
+                else grad_para_pos.detach())  # fmt: skip
+        grads += (para.contiguous(),)
+    return tuple(
+        PositiveBand(first, per_row, grad) for (first, per_row), grad in zip(positive_bands(batch, n_para), grads)
+    )
 
 
 def _backward(ctx, grad_row_lse, grad_query_lse, grad_text_pos, grad_para_pos):
