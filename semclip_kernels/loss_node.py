@@ -76,13 +76,13 @@ class SemCLIPNode(torch.autograd.Function):
         positive = [text_pos] if para_pos is None else [text_pos, para_pos]
         ctx.save_for_backward(image, text, *present, scale, *positive, stats.row_lse, stats.query_lse,
                               stats.col_mass_lb, *stats.aux)  # fmt: skip
-        ctx.layout = (paraphrase is not None, negation is not None, n_para, len(stats.aux))
+        ctx.layout = (paraphrase is not None, negation is not None, n_para, len(stats.aux), stats.own)
         ctx.settings = (paraphrase_weight, hard_negative_weight, options, backend, directions)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        has_para, has_neg, n_para, n_aux = ctx.layout
+        has_para, has_neg, n_para, n_aux, own_stats = ctx.layout
         paraphrase_weight, hard_negative_weight, options, backend, directions = ctx.settings
         saved = list(ctx.saved_tensors)
         image, text = saved[0], saved[1]
@@ -91,7 +91,7 @@ class SemCLIPNode(torch.autograd.Function):
         scale, text_pos = saved[2], saved[3]
         para_pos = saved[4] if n_para else None
         row_lse, query_lse, col_mass_lb, *aux = saved[4 + (1 if n_para else 0) :]
-        stats = Stats(row_lse, query_lse, col_mass_lb, tuple(aux))
+        stats = Stats(row_lse, query_lse, col_mass_lb, tuple(aux), own_stats)
         batch = image.shape[0]
         problem = _problem(image, text, paraphrase, negation, scale, paraphrase_weight, hard_negative_weight, options,
                            directions)  # fmt: skip

@@ -91,7 +91,7 @@ def forward(problem: Problem) -> Stats:
         rows, cols, float(problem.scale), bias, problem.n_query_cols, *_blocks(problem), _flat(problem.positives),
     )  # fmt: skip
     bounds = column_mass_bounds(problem.col_bias.detach().double(), col_lse, row_lse)
-    return Stats(row_lse, col_lse[: problem.n_query_cols].clone(), bounds, (tile_max,))
+    return Stats(row_lse, col_lse[: problem.n_query_cols].clone(), bounds, (tile_max,), own=True)
 
 
 def stats_like(problem: Problem) -> Stats:
@@ -100,7 +100,7 @@ def stats_like(problem: Problem) -> Stats:
     tile_max = new((_n_blocks(problem.n_rows, block_rows), _n_col_tiles(problem, block_cols)),
                    dtype=problem.stat_dtype)  # fmt: skip
     return Stats(new((problem.n_rows,), dtype=torch.float64), new((problem.n_query_cols,), dtype=torch.float64),
-                 new((problem.n_cols,), dtype=torch.float64), (tile_max,))  # fmt: skip
+                 new((problem.n_cols,), dtype=torch.float64), (tile_max,), own=True)  # fmt: skip
 
 
 def _line_grad(grad: torch.Tensor | None, n: int, dtype: torch.dtype) -> torch.Tensor:

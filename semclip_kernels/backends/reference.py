@@ -76,7 +76,7 @@ def forward(problem: Problem) -> Stats:
         if mask is not None:
             logits.masked_fill_(mask, -math.inf)
         bounds = column_mass_bounds(problem.col_bias, torch.logsumexp(logits, dim=0), row_lse.detach())
-    return Stats(row_lse, query_lse, bounds)
+    return Stats(row_lse, query_lse, bounds, own=True)
 
 
 def stats_like(problem: Problem) -> Stats:

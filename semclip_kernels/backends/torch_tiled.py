@@ -469,13 +469,13 @@ def forward(problem: Problem) -> Stats:
     filter gradients: no column-mass bounds."""
     row_lse, query_lse = _forward_tiles(problem.rows, problem.joined_cols(), problem.scale, problem.col_bias,
                                         problem.n_query_cols, *_blocks(problem), problem.positives)  # fmt: skip
-    return Stats(row_lse, query_lse, row_lse.new_empty((0,)))
+    return Stats(row_lse, query_lse, row_lse.new_empty((0,)), own=True)
 
 
 def stats_like(problem: Problem) -> Stats:
     new = problem.rows.new_empty
     return Stats(new((problem.n_rows,), dtype=_PRECISE), new((problem.n_query_cols,), dtype=_PRECISE),
-                 new((0,), dtype=_PRECISE))  # fmt: skip
+                 new((0,), dtype=_PRECISE), own=True)  # fmt: skip
 
 
 def backward(problem: Problem, stats: Stats, grads: StatGrads, needs: Needs) -> Grads:

@@ -85,7 +85,7 @@ def forward(problem: Problem) -> Stats:
         row_lse, col_lse = lse_forward(problem.rows.detach(), cols.detach(), scale, bias, _tile(problem),
                                        dot_precision(problem.rows.dtype), excluded=problem.positives)  # fmt: skip
     bounds = column_mass_bounds(bias, col_lse, row_lse)
-    return Stats(row_lse, col_lse[: problem.n_query_cols].contiguous(), bounds)
+    return Stats(row_lse, col_lse[: problem.n_query_cols].contiguous(), bounds, own=True)
 
 
 def stats_like(problem: Problem) -> Stats:
@@ -113,7 +113,7 @@ def backward(problem: Problem, stats: Stats, grads: StatGrads, needs: Needs) -> 
             stat_vector(stats.query_lse), stat_vector(stats.col_mass_lb), stat_vector(grads.row),
             stat_vector(grads.query), (needs.rows, needs.cols, needs.scale), dot_precision(rows.dtype), float(eps),
             tile, gemm_config(dim, rows.dtype), excluded=problem.positives,
-            row_residual=bool(problem.positives) and problem.positives[0][1] >= 1,
+            row_residual=bool(problem.positives) and problem.positives[0][1] >= 1, own_stats=stats.own,
         )  # fmt: skip
     if result.row_residual is not None:
         # What the 16-bit panel lost of each row's weights, added back in float32 along the row's first left-out

@@ -149,23 +149,28 @@ class Stats:
         filter then skips no tile holding such a column). Masses of disjoint row sets add: their bounds
         combine by logaddexp.
     aux: backend-private tensors the forward hands its own backward (cpp: each tile's max logit).
+    own: whether `row_lse` and `query_lse` are this problem's own partitions (its forward's), so that each
+        line's weights sum to 1 exactly; False for statistics combined or rebased elsewhere. A backend may
+        then write a line's weight total as its gradient (triton: τ's gradient, `triton_kernels.backward`).
     """
 
     row_lse: torch.Tensor
     query_lse: torch.Tensor
     col_mass_lb: torch.Tensor
     aux: tuple[torch.Tensor, ...] = ()
+    own: bool = False
 
     #: The `StatGrads` field that holds the gradient arriving at each differentiable statistic.
     STAT_GRAD_FIELDS: ClassVar[dict[str, str]] = {"row_lse": "row", "query_lse": "query"}
 
     @staticmethod
     def like(problem: Problem, dtype: torch.dtype | None = None, col_mass_lb: bool = True) -> Stats:
-        """Empty statistics of `problem` in `dtype` (default: the statistics dtype), no `aux`; `col_mass_lb`
-        `[K]`, or `[0]` for a backend without bounds (a kernel's `stats_like`)."""
+        """Empty statistics of `problem`'s forward in `dtype` (default: the statistics dtype), no `aux`;
+        `col_mass_lb` `[K]`, or `[0]` for a backend without bounds (a kernel's `stats_like`)."""
         dtype, new = dtype or problem.stat_dtype, problem.rows.new_empty
         bounds = new((problem.n_cols if col_mass_lb else 0,), dtype=dtype)
-        return Stats(new((problem.n_rows,), dtype=dtype), new((problem.n_query_cols,), dtype=dtype), bounds)
+        return Stats(new((problem.n_rows,), dtype=dtype), new((problem.n_query_cols,), dtype=dtype), bounds,
+                     own=True)  # fmt: skip
 
     def rebased(self, row_lse: torch.Tensor, query_lse: torch.Tensor) -> Stats:
         """These statistics' block against the statistics of a larger (global) batch.

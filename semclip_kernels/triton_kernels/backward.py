@@ -12,12 +12,24 @@ The columns are cut into panels of `panel_blocks·BLOCK_N` columns. Per panel:
 1. `ds_panel_kernel`, one program per tile of the panel: recompute the tile's logits
    (`tl_utils.tile_logits`, the forward's tile: bitwise the forward's logits), form dS,
    decide whether the tile is kept (gradient filter), store `dS·2^e` in the operand
-   dtype into the panel (kept tiles only), its keep bit, and `Σ dS ⊙ dots` (grad_τ's
-   per-tile partial). One product.
+   dtype into the panel (kept tiles only), its keep bit, and grad_τ's per-tile partial
+   (below). One product.
 2. `grad_gemm.write_grad_cols`: `grad_cols[panel] = τ·2^-e · dS_panelᵀ @ A`, one product
    over the kept tiles.
 3. `grad_gemm.add_grad_rows`: `grad_rows += τ·2^-e · dS_panel @ C_panel`, one product
    over the kept tiles.
+
+grad_τ, per line: each line's weights are taken relative to a shift r of its own,
+
+    grad_τ = Σ_ic g_row_i·p_ic·(dots_ic − r_i) + Σ_ic g_col_c·q_ic·(dots_ic − r_c) + Σ_i g_row_i·r_i + Σ_c g_col_c·r_c
+
+exact when the statistics are the problem's own (`Stats.own`: Σ_c p_ic = Σ_i q_ic = 1), with
+r = lse/τ clamped to ±|a|·max|c| (about each line's weighted mean dot). The last two sums are
+taken in float64 on the host. Why: a float32 log-partition is one rounding (7.6e-6 at 100)
+off, which scales all of a line's weights alike; in `Σ p·dots` that error multiplies the
+line's mean dot (~1), in `Σ p·(dots − r)` only the dots' spread around it, which is small
+exactly where τ's gradient is small (a peaked, trained-like batch). Given statistics from
+elsewhere (a distributed batch's global ones) the weights sum to a share only: r = 0 there.
 
 So the backward costs 3 products unfiltered and 1 + 2f with a fraction f of kept tiles.
 Every output element has one owner program; the panels run in order; grad_τ is the sum
@@ -82,6 +94,8 @@ def ds_panel_kernel(
     query_lse_ptr,  # [n_query_cols]: column partitions of the query columns
     col_mass_lb_ptr,  # [n_cols]: lower bounds of log Σ_i p_ic (FILTER only)
     grad_max_ptr,  # [1]: G = max(|g_row|, |g_col|) (FILTER only)
+    row_shift_ptr,  # [n_rows]: each row's shift r of grad_τ's partial (NEED_GRAD_SCALE only)
+    query_shift_ptr,  # [n_query_cols]: each query column's shift (NEED_GRAD_SCALE and HAS_COL_GRAD only)
     row_residual_ptr,  # [panel_blocks, n_rows]: Σ_c (dS − panel entry) per tile row (ROW_RESIDUAL only)
     grad_row_lse_ptr,
     grad_col_lse_ptr,
@@ -144,6 +158,7 @@ def ds_panel_kernel(
     if N_EXCLUDED >= 2:
         live = live & ~band_entries(offs_m, offs_n, excl1_first, excl1_per_row)
     max_weight = tl.zeros((), dtype=ACC_DTYPE)
+    scale_part = tl.zeros((), dtype=ACC_DTYPE)  # grad_τ's partial: Σ weight·(dots − the line's shift)
     if FILTER:
         mass_lb = tl.load(col_mass_lb_ptr + offs_n, mask=col_in, other=0.0).to(ACC_DTYPE)
     if HAS_ROW_GRAD:
@@ -153,6 +168,9 @@ def ds_panel_kernel(
         row_softmax = tl.exp(logits + col_bias[None, :] - row_lse[:, None])
         row_softmax = tl.where(live, row_softmax, 0.0)
         grad_logits += g_row[:, None] * row_softmax
+        if NEED_GRAD_SCALE:
+            row_shift = tl.load(row_shift_ptr + offs_m, mask=row_in, other=0.0).to(ACC_DTYPE)
+            scale_part += tl.sum(g_row[:, None] * row_softmax * (dots - row_shift[:, None]))
         if FILTER:
             # Relative to a lower bound of column c's row-softmax mass, exp(col_mass_lb):
             # the factor is clamped at e^80 so that the product stays finite.
@@ -168,10 +186,13 @@ def ds_panel_kernel(
         col_softmax = tl.exp(logits - query_lse[None, :])
         col_softmax = tl.where(live & is_query[None, :], col_softmax, 0.0)
         grad_logits += g_col[None, :] * col_softmax
+        if NEED_GRAD_SCALE:
+            query_shift = tl.load(query_shift_ptr + offs_n, mask=is_query, other=0.0).to(ACC_DTYPE)
+            scale_part += tl.sum(g_col[None, :] * col_softmax * (dots - query_shift[None, :]))
         max_weight = tl.maximum(max_weight, tl.max(col_softmax * tl.abs(g_col)[None, :]))
     tile = row_block * panel_blocks + panel_block
     if NEED_GRAD_SCALE:  # every tile, kept or not: grad_τ never depends on the filter
-        tl.store(grad_scale_parts_ptr + tile, tl.sum(grad_logits * dots))
+        tl.store(grad_scale_parts_ptr + tile, scale_part)
     # (The caller sets FILTER only with HAS_ROW_GRAD, which defines row_softmax and col_bias.)
     skip = False
     if FILTER:
@@ -239,6 +260,24 @@ def ds_scale_for(grad_row_lse: torch.Tensor | None, grad_col_lse: torch.Tensor |
     return torch.exp2(exponent).reshape(1)
 
 
+def scale_grad_shifts(
+    rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, row_lse: torch.Tensor, query_lse: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's and query column's shift r of grad_τ's partials (module docstring): `lse/τ` (0 where that
+    is not a number), clamped to ±|a|·max|c| so that `dots − r` stays within the dots' own range at any τ."""
+    row_norms = torch.linalg.vector_norm(rows.float(), dim=1).to(row_lse.dtype)
+    col_norms = torch.linalg.vector_norm(cols.float(), dim=1).to(row_lse.dtype)
+
+    def shift(lse: torch.Tensor, norms: torch.Tensor, other_max: torch.Tensor) -> torch.Tensor:
+        bound = norms * other_max
+        return torch.clamp((lse / scale).nan_to_num(0.0), -bound, bound).contiguous()
+
+    row_shift = shift(row_lse, row_norms, col_norms.amax() if col_norms.numel() else col_norms.new_zeros(()))
+    query_shift = shift(query_lse, col_norms[: query_lse.shape[0]], row_norms.amax() if row_norms.numel()
+                        else row_norms.new_zeros(()))  # fmt: skip
+    return row_shift, query_shift
+
+
 def partitions_backward(
     rows: torch.Tensor,
     cols: torch.Tensor,
@@ -258,6 +297,7 @@ def partitions_backward(
     panel_cols: int | None = None,
     excluded: tuple[tuple[int, int], ...] = (),
     row_residual: bool = False,
+    own_stats: bool = False,
 ) -> BackwardResult:
     """Gradients of `Σ g_row·row_lse + Σ g_col·query_lse` for rows, cols and scale.
 
@@ -268,6 +308,8 @@ def partitions_backward(
     sum of what the 16-bit cast of its dS entries lost, in float32 (the caller adds it back along a column the
     row's weights concentrate on: a near-duplicate hard negative's weight is O(1) and its columns are all
     within a few percent of the image, so that sum is the part of the rounding that does not cancel).
+    `own_stats`: `row_lse` and `query_lse` are this problem's own partitions (`Stats.own`): grad_τ is then
+    summed relative to each line's shift (module docstring).
     """
     need_rows, need_cols, need_scale = needs
     n_rows, dim = rows.shape
@@ -280,13 +322,15 @@ def partitions_backward(
         raise ValueError(f"the Triton backward leaves out at most 2 bands of entries, got {len(excluded)}")
     grad_rows = torch.zeros((n_rows, dim), dtype=stat, device=device) if need_rows else None
     grad_cols = torch.empty((n_cols, dim), dtype=stat, device=device) if need_cols else None
-    grad_scale = torch.zeros((), dtype=stat, device=device) if need_scale else None
+    # float64 sum of the per-tile partials (and the shifts' terms), one rounding to `stat` at the end.
+    grad_scale = torch.zeros((), dtype=torch.float64, device=device) if need_scale else None
     kept_tiles = torch.zeros((), dtype=torch.int64, device=device)
     tiles = n_row_blocks * n_col_blocks
     if not (has_row_grad or has_col_grad) or tiles == 0 or not any(needs):
         if need_cols:
             grad_cols.zero_()
-        return BackwardResult(grad_rows, grad_cols, grad_scale, tiles, None, kept_tiles)
+        return BackwardResult(grad_rows, grad_cols, None if grad_scale is None else grad_scale.to(stat), tiles, None,
+                              kept_tiles)  # fmt: skip
 
     # The filter needs every column's mass bound (unknown: nothing is skipped).
     filtering = filter_eps > 0 and has_row_grad and col_mass_lb.shape[0] >= n_cols
@@ -309,6 +353,16 @@ def partitions_backward(
         grad_max = grad_max.to(stat).reshape(1)
     factor = (scale.detach().float() / ds_scale).to(stat)  # τ·2^-e
     dummy = scale  # stands in for pointers a constexpr flag keeps unused
+    row_shift = query_shift = dummy
+    if need_scale:
+        if own_stats:
+            row_shift, query_shift = scale_grad_shifts(rows, cols, scale, row_lse, query_lse)
+            for grad, shift in ((grad_row_lse, row_shift), (grad_col_lse if has_col_grad else None, query_shift)):
+                if grad is not None:
+                    grad_scale += torch.dot(grad.double(), shift.double())
+        else:
+            row_shift = torch.zeros(n_rows, dtype=stat, device=device)
+            query_shift = torch.zeros(max(n_query_cols, 1), dtype=stat, device=device)
     bands = [*excluded, (0, 1), (0, 1)][:2]  # unused slots: any valid band (the constexpr skips them)
     row_residual = row_residual and need_rows and rows.dtype.itemsize == 2
     residual_parts = torch.zeros((panel_width, n_rows), dtype=torch.float32, device=device) if row_residual else None
@@ -321,7 +375,8 @@ def partitions_backward(
         blocks = min(panel_width, n_col_blocks - first_block)
         ds_panel_kernel[(n_row_blocks * blocks,)](
             rows, cols, scale, col_bias, row_lse, query_lse if query_lse.numel() else dummy,
-            mass_lb if filtering else dummy, grad_max if filtering else dummy,
+            mass_lb if filtering else dummy, grad_max if filtering else dummy, row_shift,
+            query_shift if query_shift.numel() else dummy,
             residual_parts if row_residual else dummy,
             grad_row_lse.contiguous() if has_row_grad else dummy,
             grad_col_lse.contiguous() if has_col_grad else dummy,
@@ -337,11 +392,13 @@ def partitions_backward(
             residual += residual_parts[:blocks].sum(0)
             residual_parts.zero_()
         if need_scale:
-            grad_scale += grad_scale_parts.view(-1)[: n_row_blocks * blocks].sum()
+            grad_scale += grad_scale_parts.view(-1)[: n_row_blocks * blocks].double().sum()
         sparse_keep = panel_keep if filtering else None
         first_col = first_block * tile.block_n
         if need_cols:
             write_grad_cols(grad_cols, panel, rows, factor, sparse_keep, first_col, blocks, tile, gemm, precision)
         if need_rows:
             add_grad_rows(grad_rows, panel, cols, factor, sparse_keep, first_col, blocks, tile, gemm, precision)
+    if need_scale:
+        grad_scale = grad_scale.to(stat)
     return BackwardResult(grad_rows, grad_cols, grad_scale, tiles, residual, kept_tiles)
