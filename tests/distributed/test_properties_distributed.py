@@ -216,9 +216,8 @@ def _assert_distributed_equals_single_process(worlds, world: int, task: Task) ->
                                         ("single process", float(single_loss), single_grads)):  # fmt: skip
         err = abs(float(loss) - want_loss) / max(abs(want_loss), 1e-30)
         assert err <= loss_tol, f"world {world} {task}: loss {float(loss)!r} vs {what} {want_loss!r} ({err:.3g})"
-        assert_gradients_within_contract(
-            task.example, grads, want_grads, task.family, task.backend, f"world {world} {task} vs {what}"
-        )
+        assert_gradients_within_contract(task.example, grads, want_grads, task.family,
+                                         f"world {world} {task} vs {what}")  # fmt: skip
 
 
 @given(drawn=tasks("softmax"))
