@@ -1,6 +1,6 @@
 """Property-based tests of the single-process losses (docs/testing.md): hypothesis draws the shapes, the
 extras, the weights, τ, the tiles and the data's seed within each (regime, backend, dtype) case;
-tests/property_regimes.py says what is drawn (every case) and what one switch leaves out.
+tests/property_regimes.py says what is drawn (every case, every gradient checked).
 
 - value and gradients within docs/contract.md §4 of the float64 evaluation (tests/oracle.py) of the same
   (rounded) inputs, softmax and sigmoid families;
