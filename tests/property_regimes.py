@@ -102,10 +102,10 @@ def example_bounds(ex: Example) -> tuple[float, float]:
 
 def scale_gradient_bound(ex: Example, expected: float, family: str = "softmax") -> float:
     """§4's relative bound on τ's gradient `expected` (float64): in float32 (softmax family), at least the
-    rounding of the float32 logits themselves, `oracle.float32_logit_rounding_of_scale_gradient / |∂L/∂τ|`: where
-    a line's terms cancel, `∂L/∂τ` is small against the weights that carry each product's rounding (measured:
-    float32 products followed by exact float64 arithmetic 2.65e-4 off where this bound is 1.6e-3, trained_like,
-    B = 19, d = 33, Mn = 1, β = 0.25, τ = 30, loss 0.039)."""
+    first-order effect of the float32 logits and log-partitions, `oracle.float32_logit_rounding_of_scale_gradient
+    / |∂L/∂τ|`: where a line's terms cancel, `∂L/∂τ` is small against the weights that carry each logit's rounding
+    (measured: float32 products followed by exact float64 arithmetic 2.65e-4 off on a trained_like batch, B = 19,
+    d = 33, Mn = 1, β = 0.25, τ = 30, loss 0.039, where the 1e-4 of the other gradients cannot hold)."""
     grad_tol = bounds(ex.dtype)[1]
     if family != "softmax" or ex.dtype != "float32" or expected == 0:
         return grad_tol
