@@ -171,9 +171,9 @@ def scale_gradient_rounding_terms(
     `H_ij = G_row_ij·(D_ij − d̄_i) + G_col_ij·(D_ij − d̄_j)` (|·| taken per direction), `G_row = P/2B` (P a row's
     softmax over all its columns, positives and log β included), `G_col = w_q·Q/(2B·(1 + w·Pn))` (Q a query
     column's softmax), `d̄` a line's softmax-weighted mean dot (`d̄_off`: over its off-positive entries). Measured
-    (benchmarks/tau_gradient_floor.py, 795 peaked float32 draws): R alone is exceeded by every backend on a
-    near-duplicate batch (reference 1.04 R, triton 1.23 R; the logits' rounding through H is 1.06 R of torch's
-    0.95 R); against this sum the worst is 0.37 (reference)."""
+    (benchmarks/tau_gradient_floor.py, 795 peaked float32 draws): every backend comes within 0.07 of R alone or
+    beyond it on near-duplicate batches (triton 1.23 R, reference 1.04 R, torch 0.98 R, cpp 0.93 R; the logits'
+    rounding through H is 1.06 R of torch's 0.95 R on one of them); against this sum the worst is 0.37 (reference)."""
     image, text = image.detach().double(), text.detach().double()
     w, beta = paraphrase_weight, hard_negative_weight
     paraphrase = None if paraphrase is None or w == 0 else paraphrase.detach().double()
