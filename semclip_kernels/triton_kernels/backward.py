@@ -260,13 +260,21 @@ def ds_scale_for(grad_row_lse: torch.Tensor | None, grad_col_lse: torch.Tensor |
     return torch.exp2(exponent).reshape(1)
 
 
+_NORM_CHUNK = 4096  # rows per float32 chunk of `_line_norms`
+
+
+def _line_norms(features: torch.Tensor) -> torch.Tensor:
+    """Each row's float32 norm, a chunk of rows at a time (no float32 copy of 16-bit features)."""
+    chunks = [torch.linalg.vector_norm(chunk.float(), dim=1) for chunk in features.split(_NORM_CHUNK)]
+    return torch.cat(chunks) if chunks else features.new_zeros(0, dtype=torch.float32)
+
+
 def scale_grad_shifts(
     rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, row_lse: torch.Tensor, query_lse: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's and query column's shift r of grad_τ's partials (module docstring): `lse/τ` (0 where that
     is not a number), clamped to ±|a|·max|c| so that `dots − r` stays within the dots' own range at any τ."""
-    row_norms = torch.linalg.vector_norm(rows.float(), dim=1).to(row_lse.dtype)
-    col_norms = torch.linalg.vector_norm(cols.float(), dim=1).to(row_lse.dtype)
+    row_norms, col_norms = _line_norms(rows).to(row_lse.dtype), _line_norms(cols).to(row_lse.dtype)
 
     def shift(lse: torch.Tensor, norms: torch.Tensor, other_max: torch.Tensor) -> torch.Tensor:
         bound = norms * other_max
