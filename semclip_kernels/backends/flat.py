@@ -13,6 +13,7 @@ a template (a kernel's `stats_like`, `Grads.like`).
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 import zlib
 from collections.abc import Iterator
 from typing import Any, TypeVar
@@ -20,14 +21,34 @@ from typing import Any, TypeVar
 import torch
 
 _TENSOR, _NONE, _INT, _FLOAT, _BOOL, _TUPLE, _VALUE = range(7)
-# Values by a stable key (a hash of the qualified name, the same in every process: compiled graphs keep it).
-_VALUES: dict[int, type] = {}
 T = TypeVar("T")
+
+
+def source_fingerprint(package: pathlib.Path) -> int:
+    """A CRC of the package's Python sources (paths and contents, in a fixed order).
+
+    Every value's key includes it, and the keys are constants of the forward op's call in a compiled graph.
+    torch's compile caches (AOTAutograd, Inductor) key a graph on those constants but treat our custom ops as
+    opaque: the Python autograd formula an op registers, and the value layouts it bakes into the backward graph,
+    are not part of the key. Without the fingerprint, a graph cached under one version of this package would be
+    replayed by another (measured: a backward graph cached before `Stats` gained a field failed to unflatten).
+    """
+    digest = 0
+    for path in sorted(package.rglob("*.py")):
+        digest = zlib.crc32(path.relative_to(package).as_posix().encode(), digest)
+        digest = zlib.crc32(path.read_bytes(), digest)
+    return digest
+
+
+_SOURCE_FINGERPRINT = source_fingerprint(pathlib.Path(__file__).resolve().parents[1])
+# Values by a stable key (the qualified name and the sources' fingerprint: the same in every process running the
+# same sources, as compiled graphs need).
+_VALUES: dict[int, type] = {}
 
 
 def flat_value(cls: type[T]) -> type[T]:
     """Mark a frozen dataclass as a value that may travel through the layer's operators."""
-    key = zlib.crc32(f"{cls.__module__}.{cls.__qualname__}".encode())
+    key = zlib.crc32(f"{cls.__module__}.{cls.__qualname__}".encode(), _SOURCE_FINGERPRINT)
     assert _VALUES.setdefault(key, cls) is cls, f"two values hash alike: {cls} and {_VALUES[key]}"
     cls._flat_key = key
     return cls
