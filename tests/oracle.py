@@ -134,21 +134,6 @@ def max_norm_rel_err(actual: torch.Tensor | None, expected: torch.Tensor | None)
     return float((actual.double() - expected).abs().max() / scale)
 
 
-def float32_logit_rounding_of_scale_gradient(
-    image: torch.Tensor,
-    text: torch.Tensor,
-    logit_scale: float,
-    paraphrase: torch.Tensor | None = None,
-    negation: torch.Tensor | None = None,
-    paraphrase_weight: float = 1.0,
-    hard_negative_weight: float = 1.0,
-) -> float:
-    """`R + R_H + R_K` of `scale_gradient_rounding_terms` (float64, absolute): docs/contract.md §4's floor."""
-    terms = scale_gradient_rounding_terms(image, text, logit_scale, paraphrase, negation, paraphrase_weight,
-                                          hard_negative_weight)  # fmt: skip
-    return sum(terms.values())
-
-
 def scale_gradient_rounding_terms(
     image: torch.Tensor,
     text: torch.Tensor,
@@ -158,9 +143,9 @@ def scale_gradient_rounding_terms(
     paraphrase_weight: float = 1.0,
     hard_negative_weight: float = 1.0,
 ) -> dict[str, float]:
-    """`{"R": …, "R_H": …, "R_K": …}` (float64, absolute): to first order, what float32 logits and log-partitions move
-    `∂L/∂τ = Σ G·D` by (docs/contract.md §4), `G = ∂L/∂S`, `D_ij = <a_i, c_j>`, sums over the entries that are
-    no line's positive (every backend takes the positives' terms in float64):
+    """`{"R": …, "R_H": …, "R_K": …}` (float64, absolute), whose sum is docs/contract.md §4's floor: to first
+    order, what float32 logits and log-partitions move `∂L/∂τ = Σ G·D` by, `G = ∂L/∂S`, `D_ij = <a_i, c_j>`,
+    sums over the entries that are no line's positive (every backend takes the positives' terms in float64):
 
         R   = 2^-24·√d·Σ |G_ij|·|a_i||c_j|                          each product D, a d-term float32 dot, rounded
         R_H = 2^-24·τ·Σ |H_ij|·(|D_ij| + √d·|a_i||c_j|)             the same and τ·D's rounding inside the logit

@@ -102,18 +102,19 @@ def example_bounds(ex: Example) -> tuple[float, float]:
 
 def scale_gradient_bound(ex: Example, expected: float, family: str = "softmax") -> float:
     """§4's relative bound on τ's gradient `expected` (float64): in float32 (softmax family), at least the
-    first-order effect of the float32 logits and log-partitions, `oracle.float32_logit_rounding_of_scale_gradient
-    / |∂L/∂τ|`: where a line's terms cancel, `∂L/∂τ` is small against the weights that carry each logit's rounding
+    first-order effect of the float32 logits and log-partitions, the sum of `oracle.scale_gradient_rounding_terms`
+    over |∂L/∂τ|: where a line's terms cancel, `∂L/∂τ` is small against the weights that carry each logit's rounding
     (measured: float32 products followed by exact float64 arithmetic 2.65e-4 off on a trained_like batch, B = 19,
     d = 33, Mn = 1, β = 0.25, τ = 30, loss 0.039, where the 1e-4 of the other gradients cannot hold)."""
     grad_tol = bounds(ex.dtype)[1]
     if family != "softmax" or ex.dtype != "float32" or expected == 0:
         return grad_tol
-    from oracle import float32_logit_rounding_of_scale_gradient
+    from oracle import scale_gradient_rounding_terms
 
     image, text, para, neg = (None if t is None else t.double() for t in ex.features())
-    rounding = float32_logit_rounding_of_scale_gradient(image, text, ex.tau, para, neg, ex.paraphrase_weight,
-                                                        ex.hard_negative_weight)  # fmt: skip
+    terms = scale_gradient_rounding_terms(image, text, ex.tau, para, neg, ex.paraphrase_weight,
+                                          ex.hard_negative_weight)  # fmt: skip
+    rounding = sum(terms.values())
     return max(grad_tol, rounding / abs(expected))
 
 

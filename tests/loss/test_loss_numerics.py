@@ -233,7 +233,7 @@ def test_float32_scale_gradient_within_the_logits_rounding(backend, batch, dim, 
     third batch (loss 0.039) the rounding bound is 1.6e-3 and float32 products followed by exact float64 arithmetic
     are already 2.65e-4 off: 1e-4 is out of reach of any float32 product there (reference 5.5e-4, torch 2.5e-4,
     cpp 5.0e-4, triton 1.2e-4)."""
-    from oracle import float32_logit_rounding_of_scale_gradient
+    from oracle import scale_gradient_rounding_terms
     from property_regimes import Example
 
     example = Example("trained_like", batch, dim, None, n_neg, 1.0, beta, tau, "float32", None, None, seed)
@@ -241,7 +241,7 @@ def test_float32_scale_gradient_within_the_logits_rounding(backend, batch, dim, 
     scale = torch.tensor(tau, dtype=torch.float64, requires_grad=True)
     image, text, _, negation = features
     semclip_loss_float64(image, text, scale, None, negation, hard_negative_weight=beta).backward()
-    rounding = float32_logit_rounding_of_scale_gradient(image, text, tau, None, negation, hard_negative_weight=beta)
+    rounding = sum(scale_gradient_rounding_terms(image, text, tau, None, negation, hard_negative_weight=beta).values())
     rounding /= abs(float(scale.grad))
     loss, _, grads = errors(backend, features, tau, torch.float32, hard_negative_weight=beta)
     bound = max(1e-4, rounding)
