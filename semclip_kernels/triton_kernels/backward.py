@@ -273,16 +273,16 @@ def scale_grad_shifts(
     rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, row_lse: torch.Tensor, query_lse: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's and query column's shift r of grad_τ's partials (module docstring): `lse/τ` (0 where that
-    is not a number), clamped to ±|a|·max|c| so that `dots − r` stays within the dots' own range at any τ."""
+    is not a number), clamped to ±|a|·max|c| so that `dots − r` stays within the dots' own range at any τ.
+    `rows` and `cols` are not empty (the launcher returns before)."""
     row_norms, col_norms = _line_norms(rows).to(row_lse.dtype), _line_norms(cols).to(row_lse.dtype)
 
     def shift(lse: torch.Tensor, norms: torch.Tensor, other_max: torch.Tensor) -> torch.Tensor:
         bound = norms * other_max
         return torch.clamp((lse / scale).nan_to_num(0.0), -bound, bound).contiguous()
 
-    row_shift = shift(row_lse, row_norms, col_norms.amax() if col_norms.numel() else col_norms.new_zeros(()))
-    query_shift = shift(query_lse, col_norms[: query_lse.shape[0]], row_norms.amax() if row_norms.numel()
-                        else row_norms.new_zeros(()))  # fmt: skip
+    row_shift = shift(row_lse, row_norms, col_norms.amax())
+    query_shift = shift(query_lse, col_norms[: query_lse.shape[0]], row_norms.amax())
     return row_shift, query_shift
 
 
